@@ -1,0 +1,49 @@
+# The whole user interface. `make pretrain` and `make test` set up first when needed.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/tiny.yaml
+ARGS    ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup pretrain test test-fast faults lint bench ablate slurm-local clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: the CPU wheel on this disk satisfies it, while an
+# unpinned resolve would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+pretrain: setup
+	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+faults: setup
+	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check model trainer tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+ablate: setup
+	$(BIN)/python -m benchmarks.ablate $(ARGS)
+
+# A real one-node SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent.
+slurm-local:
+	bash slurm/local_cluster.sh
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,307 @@
+"""The run configuration: one typed tree loaded from YAML (with `extends:`) plus
+`key.sub=value` overrides, validated before anything heavy is imported.
+
+Everything else (DeepSpeed JSON, W&B config, the run dir's config.yaml) is derived
+from this tree, so a value lives in exactly one place.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ModConfig, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user-facing, one-line configuration error."""
+
+
+@dataclass
+class RunSection:
+    name: str = "tiny"
+    out_dir: str = "runs"
+    seed: int = 1337
+    max_steps: int = 200
+    eval_every: int = 50  # 0 = only at the end
+    eval_batches: int = 4
+    max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
+    force_resume: bool = False  # resume even if model/data keys changed since the run started
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | local file or dir | hf:<name>[:<config>]
+    seq_len: int = 256
+    tokenizer: str = ""  # existing SentencePiece .model; "" = train one on the corpus
+    val_fraction: float = 0.01
+    max_docs: int = 0  # 0 = all documents
+    max_tokens: int = 0  # 0 = no cap
+    text_field: str = "text"
+    tokenizer_sample_chars: int = 5_000_000
+    num_proc: int = 1
+    cache_dir: str = ""  # "" = <run.out_dir>/.cache, shared by the runs in that out_dir
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    sp: int = 1  # Ulysses sequence-parallel degree; world = dp × sp
+    micro_batch: int = 8
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # expert pass-through, merged last
+
+
+@dataclass
+class GrowthStage:
+    at_step: int = 0
+    layers: int = 0
+    method: str = "stack"  # stack | interleave | identity
+
+
+@dataclass
+class GrowthConfig:
+    stages: List[GrowthStage] = field(default_factory=list)
+    rewarm_steps: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # 0 = only at the end and on preemption
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "harness"
+    diag_every: int = 0  # depth diagnostics cadence; 0 = off
+    peak_flops: float = 0.0  # per-device peak for MFU; 0 = look up (GPU) or probe (CPU)
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.run.out_dir) / ".cache"
+
+    @property
+    def final_layers(self) -> int:
+        return self.growth.stages[-1].layers if self.growth.stages else self.model.n_layers
+
+
+# Keys whose change makes an existing run's checkpoints meaningless (DESIGN §3).
+FROZEN_ON_RESUME = ("model", "data", "growth", "run.seed")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (give a path to a YAML file, e.g. configs/tiny.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: `extends` forms a cycle through {[str(p) for p in seen]}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_yaml((path.parent / parent), seen + (path.resolve(),))
+    return OmegaConf.to_container(OmegaConf.merge(base, raw))
+
+
+def _one_line(e: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    if "not in" in msg:
+        return ConfigError(f"{origin}: unknown config key '{key}' (see the keys in README.md or trainer/config.py)")
+    return ConfigError(f"{origin}: bad value for '{key}': {msg}")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """YAML file (+ extends) then `key=value` overrides (values parsed as YAML) → validated RunConfig."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        except OmegaConfBaseException as e:
+            raise _one_line(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. optim.lr=1e-3)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _one_line(e, f"override '{item}'") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    run_cfg: RunConfig = OmegaConf.to_object(cfg)
+    validate(run_cfg)
+    return run_cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> RunConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), yaml.safe_load(text)))
+
+
+def _need(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {accepted}")
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _need(value in choices, key, value, f"expected one of {' | '.join(choices)}")
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Cheap checks that need no heavy imports. `world_size` adds the launch-time checks."""
+    m, d, p, r = cfg.model, cfg.data, cfg.parallel, cfg.run
+    for key, v in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                   ("model.vocab_size", m.vocab_size), ("model.max_seq_len", m.max_seq_len),
+                   ("data.seq_len", d.seq_len), ("run.max_steps", r.max_steps),
+                   ("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum),
+                   ("parallel.sp", p.sp), ("model.mod.every", m.mod.every),
+                   ("model.mod.route_chunks", m.mod.route_chunks), ("logging.every", cfg.logging.every),
+                   ("checkpoint.keep", cfg.checkpoint.keep), ("run.max_bad_steps", r.max_bad_steps)]:
+        _need(v > 0, key, v, "must be a positive integer")
+    for key, v in [("run.eval_every", r.eval_every), ("checkpoint.every", cfg.checkpoint.every),
+                   ("logging.diag_every", cfg.logging.diag_every), ("schedule.warmup_steps", cfg.schedule.warmup_steps),
+                   ("growth.rewarm_steps", cfg.growth.rewarm_steps), ("data.max_docs", d.max_docs),
+                   ("data.max_tokens", d.max_tokens), ("run.eval_batches", r.eval_batches)]:
+        _need(v >= 0, key, v, "must be >= 0")
+    _choice("model.norm", m.norm, ("pre", "post", "peri"))
+    _choice("model.norm_type", m.norm_type, ("rmsnorm", "layernorm"))
+    _choice("model.value_residual", m.value_residual, ("none", "fixed", "learned", "shared"))
+    _choice("model.mod.causal", m.mod.causal, ("aux_loss", "predictor"))
+    _choice("parallel.precision", p.precision, ("fp32", "bf16"))
+    _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _choice("schedule.kind", cfg.schedule.kind, ("cosine", "linear", "wsd", "constant"))
+    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+    _need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", p.zero_stage, "expected 0, 1, 2 or 3")
+    _need(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.d_model={m.d_model}")
+    _need(m.head_dim % 2 == 0, "model.n_heads", m.n_heads, f"d_model/n_heads={m.head_dim} must be even for RoPE")
+    _need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _need(not (m.ln_scaling and m.norm == "post"), "model.ln_scaling", m.ln_scaling,
+          "LayerNorm Scaling needs model.norm=pre or peri (post-LN has no sublayer-input norm)")
+    _need(not (m.embed_norm and m.norm != "peri"), "model.embed_norm", m.embed_norm, "only valid with model.norm=peri")
+    _need(m.mod.capacity == 0 or 0 < m.mod.capacity <= 1, "model.mod.capacity", m.mod.capacity,
+          "must be in (0, 1], or 0 to turn Mixture-of-Depths off")
+    _need(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    _need(d.seq_len % m.mod.route_chunks == 0, "model.mod.route_chunks", m.mod.route_chunks,
+          f"must divide data.seq_len={d.seq_len}")
+    _need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _need(math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be a positive number")
+    _need(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 = off)")
+    _need(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", cfg.schedule.min_lr_ratio, "must be in [0, 1]")
+    _need(cfg.logging.peak_flops >= 0, "logging.peak_flops", cfg.logging.peak_flops, "must be >= 0 (0 = auto)")
+    # Ulysses: heads are scattered over the SP group, the sequence is sliced over it.
+    if p.sp > 1:
+        _need(m.n_heads % p.sp == 0, "parallel.sp", p.sp, f"must divide model.n_heads={m.n_heads}")
+        _need(m.kv_heads % p.sp == 0 or p.sp % m.kv_heads == 0, "parallel.sp", p.sp,
+              f"must divide model.n_kv_heads={m.kv_heads} or be a multiple of it")
+        _need(d.seq_len % p.sp == 0, "data.seq_len", d.seq_len, f"must be divisible by parallel.sp={p.sp}")
+        _need(m.mod.capacity == 0 or m.mod.route_chunks % p.sp == 0, "model.mod.route_chunks",
+              m.mod.route_chunks, f"must be a multiple of parallel.sp={p.sp} so routing is layout-independent")
+    if world_size is not None:
+        _need(world_size % p.sp == 0, "parallel.sp", p.sp, f"must divide the world size {world_size}")
+    _validate_growth(cfg)
+    _validate_data_path(d)
+
+
+def _validate_growth(cfg: RunConfig) -> None:
+    prev_step, prev_layers = 0, cfg.model.n_layers
+    for i, st in enumerate(cfg.growth.stages):
+        key = f"growth.stages[{i}]"
+        _choice(f"{key}.method", st.method, ("stack", "interleave", "identity"))
+        _need(st.at_step > prev_step, f"{key}.at_step", st.at_step,
+              f"must be > {prev_step} (stages must be in increasing step order)")
+        _need(st.at_step < cfg.run.max_steps, f"{key}.at_step", st.at_step,
+              f"must be < run.max_steps={cfg.run.max_steps}")
+        _need(st.layers > prev_layers, f"{key}.layers", st.layers, f"must be > the previous depth {prev_layers}")
+        if st.method in ("stack", "interleave"):
+            _need(st.layers % prev_layers == 0, f"{key}.layers", st.layers,
+                  f"{st.method} copies whole layers: must be a multiple of the previous depth {prev_layers}")
+        if cfg.model.mod.capacity > 0 and st.method == "stack":
+            _need(prev_layers % cfg.model.mod.every == 0, f"{key}.method", st.method,
+                  f"stacking {prev_layers} layers breaks the every-{cfg.model.mod.every} MoD pattern; "
+                  f"use a depth that is a multiple of model.mod.every, or interleave/identity")
+        prev_step, prev_layers = st.at_step, st.layers
+
+
+def _validate_data_path(d: DataConfig) -> None:
+    if d.source == "embedded" or d.source.startswith("hf:"):
+        return
+    path = Path(d.source)
+    _need(path.exists(), "data.source", d.source,
+          "path does not exist (give a .txt/.jsonl/.parquet file or a directory of them, 'embedded', or hf:<name>)")
+    if path.is_file():
+        _need(path.stat().st_size > 0, "data.source", d.source, "file is empty")
+    if d.tokenizer:
+        _need(Path(d.tokenizer).is_file(), "data.tokenizer", d.tokenizer, "file does not exist (give a .model file or '')")
+
+
+def resume_diff(old: RunConfig, new: RunConfig) -> list[str]:
+    """Frozen keys that differ between the run's saved config and this launch's."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return sorted(k for k in set(a) | set(b)
+                  if any(k == f or k.startswith(f + ".") for f in FROZEN_ON_RESUME) and a.get(k) != b.get(k))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict) and d:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}

@@ -1,0 +1,123 @@
+"""Process-group setup and the few collectives the loop needs. The only module that
+reads launcher environment variables; everything else receives a `Dist`."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    sp: int  # Ulysses degree; SP groups are contiguous ranks
+    sp_group: Any = None  # torch ProcessGroup of this rank's SP group (None when sp == 1)
+    mpu: Any = None  # module DeepSpeed accepts as `mpu=` for SP-aware gradient reduction
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    def barrier(self) -> None:
+        if tdist.is_initialized() and self.world > 1:
+            tdist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
+        if tdist.is_initialized() and self.world > 1:
+            tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX,
+                                    "min": tdist.ReduceOp.MIN}[op], group=group)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (used for stop/NaN decisions)."""
+        return bool(self.all_reduce(torch.tensor([float(flag)]), "max").item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not (tdist.is_initialized() and self.world > 1):
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict[str, str]:
+    """Normalise torchrun/accelerate/deepspeed/srun/plain-python env to RANK/WORLD_SIZE/...
+
+    torchrun, accelerate and the deepspeed launcher set RANK etc. themselves; under a bare
+    `srun python -m trainer.train` only SLURM_* exist; a plain process gets world size 1.
+    """
+    env = dict(os.environ)
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process launch; use torchrun, accelerate or srun")
+        env["MASTER_PORT"] = str(_free_port())
+    return env
+
+
+def init_distributed(backend: str = "auto", sp: int = 1) -> Dist:
+    env = launcher_env()
+    os.environ.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
+    rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    import deepspeed
+
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    d = Dist(rank=rank, world=world, local_rank=local_rank, device=device, sp=sp)
+    if sp > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+        try:
+            mpu.get_sequence_parallel_group()
+        except AssertionError:
+            mpu.initialize_sequence_parallel(sp)
+        d.sp_group, d.mpu = mpu.get_sequence_parallel_group(), mpu
+    return d
+
+
+def shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def print0(*args: Any, **kw: Any) -> None:
+    """print on global rank 0 only, so call sites never test the rank."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw, flush=True)

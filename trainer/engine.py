@@ -1,0 +1,70 @@
+"""Model construction and the DeepSpeed engine. The DeepSpeed JSON is derived from our
+config here and nowhere else; `parallel.deepspeed` is merged last for expert keys."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from model import Transformer
+from trainer.config import RunConfig
+from trainer.dist import Dist
+from trainer.optim import SkipNonFiniteAdamW, param_groups
+
+
+def deepspeed_config(cfg: RunConfig, dist: Dist) -> dict:
+    p = cfg.parallel
+    ds: dict[str, Any] = {
+        # Batch size lives in one place: global = micro × accum × dp, DeepSpeed derives it.
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": p.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if p.sp > 1:
+        ds["sequence_parallel_size"] = p.sp
+    return _deep_merge(ds, dict(p.deepspeed))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_model(cfg: RunConfig, n_layers: int, attn_core: Optional[Callable] = None) -> Transformer:
+    """Same seed on every rank, so every rank starts from identical weights."""
+    torch.manual_seed(cfg.run.seed)
+    mcfg = dataclasses.replace(cfg.model, n_layers=n_layers)
+    return Transformer(mcfg, attn_core=attn_core, sp_degree=cfg.parallel.sp)
+
+
+def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    optimizer = SkipNonFiniteAdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist), mpu=dist.mpu)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def base_optimizer(engine) -> SkipNonFiniteAdamW:
+    opt = engine.optimizer
+    while not isinstance(opt, SkipNonFiniteAdamW):
+        opt = opt.optimizer
+    return opt

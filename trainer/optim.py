@@ -1,0 +1,38 @@
+"""The optimizer handed to DeepSpeed. DeepSpeed's ZeRO wrappers call the base
+optimizer's `step()` on every rank at the same point, after clipping, with this rank's
+(possibly partitioned) fp32 gradients; that is the one place where skipping a step on a
+non-finite gradient is correct at every ZeRO stage."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and moments untouched when any rank holds a non-finite grad."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_last_step = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        if grads:
+            bad += sum((~torch.isfinite(g)).any().float() for g in grads)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+        self.skipped_last_step = bool(bad.item())
+        if self.skipped_last_step:
+            return None
+        return super().step(closure)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (projections, embeddings); not norms gains, λ scalars or routers' biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

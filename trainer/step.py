@@ -1,0 +1,73 @@
+"""One optimizer step and one evaluation pass, on whatever engine and layout they get."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import RunConfig
+from trainer.dist import Dist
+from trainer.engine import base_optimizer
+from trainer.ulysses import grad_scale, shard_sequence
+
+
+def _fault_steps() -> set[int]:
+    """Test-only fault injection: HARNESS_FAULT_NAN_STEPS=5,6 makes those steps' loss NaN."""
+    raw = os.environ.get("HARNESS_FAULT_NAN_STEPS", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token CE over the global batch
+    grad_norm: float
+    skipped: bool  # non-finite loss or gradient: weights and moments untouched
+
+
+def _token_loss_sum(engine, inputs, labels, pos, cfg: RunConfig, causal: bool = False):
+    logits, aux, _ = engine(inputs, pos, causal_routing=causal, return_aux=True)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    return ce, aux
+
+
+def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResult:
+    p = cfg.parallel
+    # Loss = Σ token losses / tokens of the whole sample: SP ranks each hold a slice, and
+    # DeepSpeed averages over DP (and over micro-steps via engine.backward).
+    tokens_per_micro = p.micro_batch * cfg.data.seq_len
+    scale = grad_scale(p.zero_stage, p.sp) / tokens_per_micro
+    poison = float("nan") if step in _fault_steps() else 1.0
+    ce_total = torch.zeros(1)
+    engine.train()
+    for micro in range(p.grad_accum):
+        x, y = data.train_batch(step, micro, dist.dp_rank, dist.dp_size, p.micro_batch, p.grad_accum)
+        x, y, pos = shard_sequence(x, y, dist)
+        x, y, pos = x.to(dist.device), y.to(dist.device), pos.to(dist.device)
+        ce, aux = _token_loss_sum(engine, x, y, pos, cfg)
+        engine.backward((ce + cfg.model.mod.aux_weight * aux) * scale * poison)
+        engine.step()
+        ce_total += ce.detach().float().cpu() * poison
+    dist.all_reduce(ce_total)
+    loss = ce_total.item() / (tokens_per_micro * p.grad_accum * dist.dp_size)
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else float("nan")
+    skipped = base_optimizer(engine).skipped_last_step or not (torch.isfinite(torch.tensor([loss, norm])).all())
+    return StepResult(loss=loss, grad_norm=norm, skipped=skipped)
+
+
+@torch.no_grad()
+def evaluate(engine, data, dist: Dist, cfg: RunConfig, causal: bool = False) -> float:
+    """Mean validation token loss. `causal` routes MoD blocks with the causal rule."""
+    engine.eval()
+    total, count = torch.zeros(1), 0
+    for x, y in data.val_batches(cfg.run.eval_batches, cfg.parallel.micro_batch):
+        x, y, pos = shard_sequence(x, y, dist)
+        ce, _ = _token_loss_sum(engine, x.to(dist.device), y.to(dist.device), pos.to(dist.device), cfg, causal)
+        total += ce.float().cpu()
+        count += x.numel()
+    dist.all_reduce(total)
+    count = dist.all_reduce(torch.tensor([float(count)]))
+    engine.train()
+    return (total / count).item()

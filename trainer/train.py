@@ -1,0 +1,183 @@
+"""Training entry point: `python -m trainer.train CONFIG [key=value ...] [--dry-run]`.
+
+The same command works under plain python, torchrun, accelerate launch, the deepspeed
+launcher and srun, and re-running it resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer.config import ConfigError, RunConfig, from_yaml_text, load_config, resume_diff, to_yaml, validate
+from trainer.dist import print0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="YAML experiment config, e.g. configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
+    ap.add_argument("--dry-run", action="store_true", help="validate, print model size and FLOPs, exit")
+    ap.add_argument("--world-size", type=int, default=0, help="GPUs assumed by --dry-run's memory estimate")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from trainer.summary import dry_run
+
+            dry_run(cfg, args.world_size)
+            return 0
+        return Trainer(cfg).fit()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print0(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+class Trainer:
+    """Composes the components; each owns its cadence."""
+
+    def __init__(self, cfg: RunConfig):
+        from trainer.checkpoint import Checkpointer, TrainState
+        from trainer.dist import init_distributed
+        from trainer.preemption import StopRequest
+
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.sp)
+        validate(cfg, world_size=self.dist.world)
+        self.run_dir = cfg.run_dir
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist)
+        self.stop = StopRequest.from_env()
+        self.resume_from = self.ckpt.latest()
+        self._check_or_record_config()
+        self.state = TrainState(n_layers=cfg.model.n_layers)
+        if self.resume_from is not None:
+            self.state = Checkpointer.read_state(self.resume_from)[0]
+
+    def _check_or_record_config(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if saved.exists() and self.resume_from is not None:
+            changed = resume_diff(from_yaml_text(saved.read_text()), self.cfg)
+            if changed and not self.cfg.run.force_resume:
+                raise ConfigError(f"run {self.run_dir} was started with different values for {', '.join(changed)}; "
+                                  f"resuming would change the model or data. Use a new run.name, or run.force_resume=true")
+        if self.dist.is_main and (self.resume_from is None or not saved.exists()):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(to_yaml(self.cfg))
+            (self.run_dir / "run_info.json").write_text(json.dumps(_provenance(self.dist.world), indent=1))
+        self.dist.barrier()
+
+    def fit(self) -> int:
+        from trainer import growth
+        from trainer.data import prepare_data
+        from trainer.engine import build_engine, build_model, set_lr
+        from trainer.metrics import make_metrics, measure_peak_flops
+        from trainer.schedule import lr_at
+        from trainer.step import evaluate, train_step
+        from trainer.ulysses import attention_core
+
+        cfg, dist, state = self.cfg, self.dist, self.state
+        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, self.run_dir,
+                            dist.is_main, dist.barrier)
+        core = attention_core(dist)
+        model = build_model(cfg, state.n_layers, core)
+        engine = build_engine(cfg, dist, model)
+        if self.resume_from is not None:
+            state = self.ckpt.load(engine, self.resume_from)
+            print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")
+        metrics = make_metrics(cfg, self.run_dir, state.step, dist.is_main)
+        peak = cfg.logging.peak_flops or measure_peak_flops(dist.device)
+        tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size * cfg.data.seq_len
+        first_loss, last = None, {}
+        exit_code, stopped_by = 0, None
+
+        while state.step < cfg.run.max_steps:
+            engine, grew = growth.maybe_grow(cfg, state, engine, dist, core, self.ckpt, metrics)
+            set_lr(engine, lr_at(cfg, state.step))
+            t0 = time.perf_counter()
+            out = train_step(engine, data, dist, cfg, state.step)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.bad_steps = state.bad_steps + 1 if out.skipped else 0
+            if out.skipped:
+                metrics.message(f"step {state.step}: non-finite loss/grad norm ({out.loss}, {out.grad_norm}); "
+                                f"update skipped ({state.bad_steps}/{cfg.run.max_bad_steps})")
+                metrics.log({"step": state.step, "skipped": True, "loss": _num(out.loss),
+                             "grad_norm": _num(out.grad_norm), "n_layers": state.n_layers})
+                if state.bad_steps >= cfg.run.max_bad_steps:
+                    metrics.message(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps="
+                                    f"{cfg.run.max_bad_steps}); stopping. The last good checkpoint is intact: "
+                                    f"{self.ckpt.complete_steps()[-1] if self.ckpt.complete_steps() else 'none'}")
+                    exit_code = 3
+                    break
+            else:
+                first_loss = out.loss if first_loss is None else first_loss
+                flops_per_token = engine.module.flops_per_token(cfg.data.seq_len)
+                last = {"step": state.step, "loss": out.loss, "lr": lr_at(cfg, state.step - 1),
+                        "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_step / dt,
+                        "mfu": flops_per_token * tokens_per_step / dt / (peak * dist.world),
+                        "n_layers": state.n_layers, "tokens": state.tokens}
+                if state.step % cfg.logging.every == 0 or state.step == 1:
+                    metrics.log(last)
+                metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})
+            if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.max_steps:
+                metrics.log(self._eval_row(engine, data, state, evaluate))
+            stop = dist.any(self.stop.requested)
+            if stop or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) \
+                    or state.step == cfg.run.max_steps:
+                self.ckpt.save(engine, state)
+            if stop:
+                stopped_by = self.stop.signal or "a stop request on another rank"
+                break
+
+        metrics.close()
+        if exit_code == 0:
+            print0(_summary(cfg, state, first_loss, last, stopped_by, self.run_dir))
+        return exit_code
+
+    def _eval_row(self, engine, data, state, evaluate) -> dict:
+        row = {"step": state.step, "val_loss": evaluate(engine, data, self.dist, self.cfg), "n_layers": state.n_layers}
+        row["val_ppl"] = float(min(1e30, 2.718281828459045 ** row["val_loss"]))
+        if self.cfg.model.mod.capacity > 0:  # MoD: the top-k rule (as trained) and the causal rule
+            row["mod_rule"] = "topk"
+            row["val_loss_causal"] = evaluate(engine, data, self.dist, self.cfg, causal=True)
+        return row
+
+
+def _num(x: float):
+    return x if x == x and abs(x) != float("inf") else str(x)
+
+
+def _summary(cfg, state, first_loss, last, stopped_by, run_dir) -> str:
+    head = f"stopped by {stopped_by} after step {state.step}" if stopped_by else f"finished {state.step} steps"
+    loss = f"loss {first_loss:.4f} -> {last.get('loss', float('nan')):.4f}" if first_loss is not None else "no steps run"
+    return (f"{head}: {loss}, {state.tokens:,} tokens, {state.n_layers} layers, "
+            f"{last.get('tokens_per_s', 0):.0f} tok/s; run dir {run_dir} (metrics.jsonl, checkpoints/)")
+
+
+def _provenance(world: int) -> dict:
+    import deepspeed
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"git_commit": commit, "argv": sys.argv, "world_size": world, "python": platform.python_version(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": platform.node()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,11 +20,12 @@ from typing import Optional
 import torch
 
 from trainer.dist import Dist, print0
+from trainer.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A user-facing, one-line checkpoint problem."""
 
 

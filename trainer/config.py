@@ -15,10 +15,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.config import ModConfig, ModelConfig
+from model.config import ModelConfig
+from trainer.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing, one-line configuration error."""
 
 
@@ -27,7 +28,8 @@ class RunSection:
     name: str = "tiny"
     out_dir: str = "runs"
     seed: int = 1337
-    max_steps: int = 200
+    max_steps: int = 200  # the schedule's horizon
+    stop_at: int = 0  # checkpoint and exit cleanly after this step (0 = run to max_steps); the schedule is unchanged
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 4
     max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
@@ -218,7 +220,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for key, v in [("run.eval_every", r.eval_every), ("checkpoint.every", cfg.checkpoint.every),
                    ("logging.diag_every", cfg.logging.diag_every), ("schedule.warmup_steps", cfg.schedule.warmup_steps),
                    ("growth.rewarm_steps", cfg.growth.rewarm_steps), ("data.max_docs", d.max_docs),
-                   ("data.max_tokens", d.max_tokens), ("run.eval_batches", r.eval_batches)]:
+                   ("data.max_tokens", d.max_tokens), ("run.eval_batches", r.eval_batches),
+                   ("run.stop_at", r.stop_at)]:
         _need(v >= 0, key, v, "must be >= 0")
     _choice("model.norm", m.norm, ("pre", "post", "peri"))
     _choice("model.norm_type", m.norm_type, ("rmsnorm", "layernorm"))

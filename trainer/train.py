@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, RunConfig, from_yaml_text, load_config, resume_diff, to_yaml, validate
 from trainer.dist import print0
+from trainer.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,9 +29,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -39,7 +37,7 @@ def main(argv=None) -> int:
             dry_run(cfg, args.world_size)
             return 0
         return Trainer(cfg).fit()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -133,12 +131,13 @@ class Trainer:
                 metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})
             if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.max_steps:
                 metrics.log(self._eval_row(engine, data, state, evaluate))
-            stop = dist.any(self.stop.requested)
+            stop = dist.any(self.stop.requested) or state.step == cfg.run.stop_at
             if stop or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) \
                     or state.step == cfg.run.max_steps:
                 self.ckpt.save(engine, state)
             if stop:
-                stopped_by = self.stop.signal or "a stop request on another rank"
+                stopped_by = self.stop.signal or ("run.stop_at" if state.step == cfg.run.stop_at
+                                                  else "a stop request on another rank")
                 break
 
         metrics.close()

@@ -1,0 +1,165 @@
+"""Llama-style decoder: embedding, blocks (dense or Mixture-of-Depths), final norm, LM head.
+
+Every option is resolved here, once, into the modules it selects (norm slots, value
+module, routed or dense block); `forward` only composes them.
+
+Parameter names (HF Llama name in brackets; `trainer.export` maps them):
+    embed_tokens.weight [model.embed_tokens]      embed_norm.weight (embed_norm only)
+    blocks.{i}.attn_in.weight [input_layernorm]   (.attn_in.norm.weight under ln_scaling)
+    blocks.{i}.attn.{q,k,o}_proj.weight           blocks.{i}.attn.value.v_proj.weight
+    blocks.{i}.attn.value.lambdas (learned)       blocks.{i}.attn_out.weight (peri)
+    blocks.{i}.mlp_in.weight [post_attention_layernorm]
+    blocks.{i}.mlp.{gate,up,down}_proj.weight     blocks.{i}.{attn,mlp}_post.weight (post)
+    blocks.{i}.router.weight, blocks.{i}.causal_rule.fc{1,2}.* (routed blocks)
+    norm.weight [model.norm]                      lm_head.weight (is embed_tokens.weight when tied)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import (Attention, AttentionCore, MixedValue, SharedValue, ValueProjection,
+                        local_attention_core)
+from .block import Block, norm_slots
+from .config import ModelConfig
+from .mlp import SwiGLU
+from .mod import RoutedBlock, Routing, predictor_hidden, tokens_per_chunk
+from .norms import make_norm
+from .rope import Rotary
+
+# FlopCounterMode's SDPA formulas count the backward as 5 T×T matmuls (it recomputes the
+# scores, as flash kernels do) against 2 in the forward, so attention trains at 3.5× its
+# forward FLOPs where dense matmuls train at 3×. flops_per_token follows that convention.
+ATTN_TRAIN_MULT = 3.5
+MATMUL_TRAIN_MULT = 3
+
+
+def build_value(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The value module `model.value_residual` selects for 1-based block `layer`."""
+    kv_dim = cfg.kv_heads * cfg.head_dim
+    later_layers = {
+        "none": lambda: ValueProjection(cfg.d_model, kv_dim),
+        "fixed": lambda: MixedValue(cfg.d_model, kv_dim, learned=False),
+        "learned": lambda: MixedValue(cfg.d_model, kv_dim, learned=True),
+        "shared": SharedValue,
+    }
+    if cfg.value_residual not in later_layers:
+        raise ValueError(f"model.value_residual={cfg.value_residual!r}: expected one of {sorted(later_layers)}")
+    if layer == 1:  # block 1 produces V1
+        return ValueProjection(cfg.d_model, kv_dim)
+    return later_layers[cfg.value_residual]()
+
+
+def build_block(cfg: ModelConfig, layer: int, core: AttentionCore, local_chunks: int) -> Block:
+    attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, build_value(cfg, layer), core)
+    block = Block(attn=attn, mlp=SwiGLU(cfg.d_model, cfg.ffn_dim), **norm_slots(cfg, layer))
+    return RoutedBlock(block, cfg, local_chunks, layer) if cfg.is_routed(layer) else block
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `attn_core` defaults to local causal SDPA; the trainer passes a
+    Ulysses-wrapped core and its `sp_degree` (MoD then routes route_chunks // sp chunks of
+    each rank's local sequence)."""
+
+    def __init__(self, cfg: ModelConfig, attn_core: Optional[AttentionCore] = None, sp_degree: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        core = attn_core or local_attention_core
+        local_chunks = cfg.mod.route_chunks // sp_degree
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else nn.Identity()
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(build_block(cfg, layer, core, local_chunks)
+                                    for layer in range(1, cfg.n_layers + 1))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self) -> None:
+        """normal(0, init_std) for every linear and the embedding, out-projections scaled by
+        1/sqrt(2L) under depth_scaled_init unless ln_scaling (LNS authors: the two together
+        diminish LNS). Out-projections are never zero: under Peri-LN an RMSNorm of a zero
+        vector has a huge Jacobian. Norm gains start at 1, λ at 0.5, biases at 0."""
+        cfg = self.cfg
+        out_std = cfg.init_std
+        if cfg.depth_scaled_init and not cfg.ln_scaling:
+            out_std /= math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *,
+                causal_routing: bool = False, return_aux: bool = False, collect_stats: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (fp32).
+
+        position_ids [T] or [B, T] are global positions (default 0..T-1; under sequence
+        parallelism the trainer passes each rank's slice). causal_routing: MoD blocks use
+        the causal rule instead of top-k. return_aux: return (logits, aux, stats), aux being
+        the MoD causal-rule BCE summed over tokens and routed blocks (a scalar, 0 without
+        MoD; the trainer weights it by mod.aux_weight and divides by the token count) and
+        stats the routing stats (filled only when collect_stats).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary(position_ids)
+        routing = Routing(causal=causal_routing, collect_stats=collect_stats)
+        x = self.embed_norm(self.embed_tokens(input_ids))
+        x, v1 = self.blocks[0](x, rope, None, routing)  # block 1 is dense; its values are V1
+        for block in self.blocks[1:]:
+            x, _ = block(x, rope, v1, routing)
+        logits = self.lm_head(self.norm(x)).float()
+        if not return_aux:
+            return logits
+        aux = torch.stack(routing.aux).sum() if routing.aux else logits.new_zeros(())
+        return logits, aux, routing.stats
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counted once). non_embedding excludes the token
+        embedding and the LM head (Kaplan et al.'s N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if self.lm_head.weight is not self.embed_tokens.weight:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) FLOPs per token at sequence length T = seq_len, 2
+        per multiply-accumulate, counting what `torch.utils.flop_counter` counts:
+
+        - every matmul 3× its forward (input and weight gradients), except the MoD
+          predictor's first layer, whose input is detached (2×);
+        - attention QKᵀ and AV over the full T×T (SDPA computes it; causality not
+          subtracted), trained at ATTN_TRAIN_MULT = 3.5× forward (score recompute);
+        - a routed block runs on K = ceil(capacity·Tc)·route_chunks tokens: projections
+          scale by K/T, attention by K²/T; its router (and predictor) see all T tokens.
+        Norms, RoPE, softmax and elementwise ops are not counted. Assumes sp = 1 chunking.
+        """
+        cfg = self.cfg
+        T, D, Dh = seq_len, cfg.d_model, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * Dh, cfg.kv_heads * Dh
+        per_seq = MATMUL_TRAIN_MULT * 2 * D * cfg.vocab_size * T  # LM head
+        for layer in range(1, cfg.n_layers + 1):
+            has_v_proj = layer == 1 or cfg.value_residual != "shared"
+            macs = D * q_dim + D * kv_dim + has_v_proj * D * kv_dim + q_dim * D + 3 * D * cfg.ffn_dim
+            attn_macs = 2 * cfg.n_heads * Dh  # per (query, key) pair: QKᵀ and AV
+            n = T
+            if cfg.is_routed(layer):
+                C = cfg.mod.route_chunks
+                n = tokens_per_chunk(cfg.mod.capacity, T // C) * C
+                per_seq += MATMUL_TRAIN_MULT * 2 * D * T  # router
+                if cfg.mod.causal == "predictor":
+                    P = predictor_hidden(D)
+                    per_seq += 2 * 2 * D * P * T + MATMUL_TRAIN_MULT * 2 * P * T
+            per_seq += MATMUL_TRAIN_MULT * 2 * macs * n + ATTN_TRAIN_MULT * 2 * attn_macs * n * n
+        return per_seq / T

@@ -1,0 +1,63 @@
+"""Shared test helpers: tiny-run overrides and launching the real entry point."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def tiny_overrides(out_dir: Path, name: str = "t", **extra) -> list[str]:
+    """A model and corpus small enough for a few-second CPU run."""
+    base = {
+        "run.out_dir": str(out_dir), "run.name": name, "run.max_steps": 6, "run.eval_every": 0,
+        "run.eval_batches": 2, "checkpoint.every": 0, "logging.wandb_mode": "disabled",
+        "logging.progress": "false", "logging.every": 1, "model.d_model": 64, "model.n_layers": 2,
+        "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64,
+        "data.seq_len": 64, "data.max_docs": 60, "data.cache_dir": str(out_dir.parent / "cache"),
+        "parallel.micro_batch": 2, "schedule.warmup_steps": 2, "logging.peak_flops": 1e12,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml", env: dict | None = None,
+          check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m trainer.train` (or torchrun with nproc ranks) as a user would."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trainer.train", config, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "trainer.train", config, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r and not r.get("skipped")}

@@ -1,0 +1,104 @@
+"""Config loading, overrides and the one-line errors users see for bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from trainer.config import ConfigError, load_config, resume_diff
+from trainer.train import main
+
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.run.name
+
+
+def test_overrides_are_parsed_as_yaml_into_typed_fields():
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        "optim.lr=1e-4", "growth.stages=[{at_step: 12, layers: 8, method: stack}]", "model.mod.capacity=0.5",
+        "parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
+    assert cfg.optim.lr == 1e-4
+    assert cfg.growth.stages[0].layers == 8 and cfg.growth.stages[0].method == "stack"
+    assert cfg.model.mod.capacity == 0.5
+    assert cfg.parallel.deepspeed["zero_optimization"]["reduce_bucket_size"] == 1000
+
+
+def test_extends_merges_parent_then_child(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {d_model: 128, n_heads: 4}\nrun: {name: base}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun: {name: child}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.run.name, cfg.model.d_model) == ("child", 128)
+
+
+BAD = [
+    (["model.d_modle=64"], "unknown config key 'model.d_modle'"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["model.n_layers=two"], "model.n_layers"),
+    (["model.n_heads=5"], "must divide model.d_model"),
+    (["model.norm=sandwich"], "pre | post | peri"),
+    (["model.mod.capacity=1.5"], "(0, 1]"),
+    (["model.mod.capacity=-0.1"], "(0, 1]"),
+    (["parallel.sp=3"], "must divide model.n_heads"),
+    (["data.seq_len=0"], "data.seq_len=0"),
+    (["data.seq_len=-8"], "positive"),
+    (["data.source=/nonexistent/corpus.txt"], "does not exist"),
+    (["run.max_steps=10", "growth.stages=[{at_step: 20, layers: 8}]"], "must be < run.max_steps"),
+    (["growth.stages=[{at_step: 20, layers: 8}, {at_step: 10, layers: 16}]"], "increasing step order"),
+    (["growth.stages=[{at_step: 20, layers: 2}]"], "previous depth"),
+    (["model.ln_scaling=true", "model.norm=post"], "pre or peri"),
+    (["parallel.zero_stage=4"], "0, 1, 2 or 3"),
+    (["model.value_residual=some"], "none | fixed | learned | shared"),
+    (["parallel.sp=2", "data.seq_len=63", "model.max_seq_len=64"], "divisible by parallel.sp"),
+    (["parallel.sp=2", "model.mod.capacity=0.5"], "multiple of parallel.sp"),
+    (["nonsense"], "key.sub=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_gives_one_clear_line_and_nonzero_exit(overrides, needle, capsys):
+    assert main(["configs/tiny.yaml", *overrides, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_empty_data_file_is_rejected(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["configs/tiny.yaml", f"data.source={empty}", "--dry-run"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_sp_must_divide_world_size():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["parallel.sp=2"])
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError, match="must divide the world size 3"):
+        validate(cfg, world_size=3)
+
+
+def test_cli_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "configs/tiny.yaml", "model.norm=bad", "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "model.norm='bad'" in proc.stderr
+
+
+def test_resume_diff_names_model_and_data_keys_but_not_schedule():
+    a = load_config(ROOT / "configs/tiny.yaml")
+    b = load_config(ROOT / "configs/tiny.yaml", ["model.d_model=512", "data.seq_len=128", "optim.lr=1e-4",
+                                                 "run.max_steps=999"])
+    assert resume_diff(a, b) == ["data.seq_len", "model.d_model"]
+
+
+def test_dry_run_prints_parameters_and_flops(capsys):
+    assert main(["configs/tiny.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "non-embedding" in out and "FLOPs/token" in out

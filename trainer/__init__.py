@@ -1,0 +1,8 @@
+"""The DeepSpeed trainer: config, data, distributed setup, loop, checkpoints, logging."""
+
+
+def load_model(path, step=None):
+    """Trained model from a run dir or checkpoint dir, in eval mode (see trainer.api)."""
+    from trainer.api import load_model as _load
+
+    return _load(path, step)

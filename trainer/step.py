@@ -47,14 +47,25 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
         x, y, pos = x.to(dist.device), y.to(dist.device), pos.to(dist.device)
         ce, aux = _token_loss_sum(engine, x, y, pos, cfg)
         engine.backward((ce + cfg.model.mod.aux_weight * aux) * scale * poison)
+        if engine.is_gradient_accumulation_boundary():
+            plain_norm = _plain_grad_norm(engine)
         engine.step()
         ce_total += ce.detach().float().cpu() * poison
     dist.all_reduce(ce_total)
     loss = ce_total.item() / (tokens_per_micro * p.grad_accum * dist.dp_size)
     norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else float("nan")
+    norm = float(norm) if norm is not None else plain_norm
     skipped = base_optimizer(engine).skipped_last_step or not (torch.isfinite(torch.tensor([loss, norm])).all())
     return StepResult(loss=loss, grad_norm=norm, skipped=skipped)
+
+
+def _plain_grad_norm(engine) -> float:
+    """Without a ZeRO/bf16 optimizer DeepSpeed clips but does not record the norm; the
+    grads are whole and already averaged at the boundary, so take it before the step."""
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        return float("nan")
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item()
 
 
 @torch.no_grad()

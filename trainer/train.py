@@ -82,12 +82,12 @@ class Trainer:
         from trainer.metrics import make_metrics, measure_peak_flops
         from trainer.schedule import lr_at
         from trainer.step import evaluate, train_step
-        from trainer.ulysses import attention_core
+        from trainer.ulysses import all_to_all_bytes_per_layer, attention_core
 
         cfg, dist, state = self.cfg, self.dist, self.state
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, self.run_dir,
                             dist.is_main, dist.barrier)
-        core = attention_core(dist)
+        core = attention_core(dist, cfg.model.kv_heads)
         model = build_model(cfg, state.n_layers, core)
         engine = build_engine(cfg, dist, model)
         if self.resume_from is not None:
@@ -96,6 +96,8 @@ class Trainer:
         metrics = make_metrics(cfg, self.run_dir, state.step, dist.is_main)
         peak = cfg.logging.peak_flops or measure_peak_flops(dist.device)
         tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size * cfg.data.seq_len
+        a2a = all_to_all_bytes_per_layer(cfg.parallel.micro_batch, cfg.data.seq_len, cfg.parallel.sp, cfg.model.n_heads,
+                                         cfg.model.kv_heads, cfg.model.head_dim, 2 if cfg.parallel.precision == "bf16" else 4)
         first_loss, last = None, {}
         exit_code, stopped_by = 0, None
 
@@ -125,7 +127,7 @@ class Trainer:
                 last = {"step": state.step, "loss": out.loss, "lr": lr_at(cfg, state.step - 1),
                         "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_step / dt,
                         "mfu": flops_per_token * tokens_per_step / dt / (peak * dist.world),
-                        "n_layers": state.n_layers, "tokens": state.tokens}
+                        "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a}
                 if state.step % cfg.logging.every == 0 or state.step == 1:
                     metrics.log(last)
                 metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from trainer import faults
 from trainer.dist import Dist, print0
 from trainer.errors import UserError
 
@@ -115,6 +116,7 @@ class Checkpointer:
         self.dist.barrier()
         engine.save_checkpoint(str(self.root), tag=f"{name}.tmp", save_latest=False)
         torch.save({"state": asdict(state), "rng": _rng_state()}, tmp / f"trainer_state_rank{self.dist.rank}.pt")
+        faults.pause_mid_save()
         self.dist.barrier()
         if self.dist.is_main:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())

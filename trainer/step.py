@@ -1,22 +1,16 @@
 """One optimizer step and one evaluation pass, on whatever engine and layout they get."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from trainer import faults
 from trainer.config import RunConfig
 from trainer.dist import Dist
 from trainer.engine import base_optimizer
 from trainer.ulysses import grad_scale, shard_sequence
-
-
-def _fault_steps() -> set[int]:
-    """Test-only fault injection: HARNESS_FAULT_NAN_STEPS=5,6 makes those steps' loss NaN."""
-    raw = os.environ.get("HARNESS_FAULT_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 @dataclass
@@ -38,7 +32,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
     # DeepSpeed averages over DP (and over micro-steps via engine.backward).
     tokens_per_micro = p.micro_batch * cfg.data.seq_len
     scale = grad_scale(p.zero_stage, p.sp) / tokens_per_micro
-    poison = float("nan") if step in _fault_steps() else 1.0
+    poison = float("nan") if step in faults.nan_steps() else 1.0
     ce_total = torch.zeros(1)
     engine.train()
     for micro in range(p.grad_accum):

@@ -317,7 +317,7 @@ class DocumentSplit:
 
     @classmethod
     def of(cls, ds, val_fraction: float, seed: int) -> "DocumentSplit":
-        if val_fraction > 0 and len(ds) * val_fraction >= 1 and len(ds) >= 2:
+        if val_fraction > 0 and len(ds) * val_fraction >= 1 and math.ceil(len(ds) * val_fraction) < len(ds):
             parts = ds.train_test_split(test_size=val_fraction, seed=seed)
             return cls(parts["train"], parts["test"], len(ds), val_fraction)
         return cls(ds, None, len(ds), val_fraction)
@@ -462,7 +462,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve_tokenizer(cfg, vocab_size: int, seed: int, source, cache_dir: Path, split_fn, log) -> tuple:
+def _resolve_tokenizer(cfg, vocab_size: int, seed: int, source, cache_dir: Path, split_fn) -> tuple:
     """(tokenizer, how it was obtained). Trains into the cache only when no cached model exists."""
     if cfg.tokenizer:
         tok, how = Tokenizer.load(cfg.tokenizer), f"given tokenizer {cfg.tokenizer}"
@@ -496,7 +496,7 @@ def build(cfg, vocab_size: int, seed: int, cache_dir: Path, log: Callable[[str],
         split = split or _split(source, cfg, seed, hf_cache)
         return split
 
-    tok, how = _resolve_tokenizer(cfg, vocab_size, seed, source, cache_dir, split_once, log)
+    tok, how = _resolve_tokenizer(cfg, vocab_size, seed, source, cache_dir, split_once)
     log(f"data: {how} ({tok.vocab_size} pieces, eos={tok.eos_id})")
     dtype = token_dtype(vocab_size)
     key = _digest("packed", PACK_VERSION, source.fingerprint, tok.fingerprint, cfg.val_fraction, seed,

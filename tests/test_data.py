@@ -1,0 +1,314 @@
+"""Data pipeline: sources, split, tokenizer cache, packing, and the pure-function sampler."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.config import DataConfig
+from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, EmbeddedSource, PackedData, prepare_data
+from trainer.tokenizer import Tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+VOCAB = 512
+
+
+def cfg(**kw) -> DataConfig:
+    base = {"seq_len": 32, "max_docs": 40, "tokenizer_sample_chars": 400_000}
+    return dataclasses.replace(DataConfig(), **{**base, **kw})
+
+
+def prepare(tmp: Path, data_cfg: DataConfig, vocab: int = VOCAB, seed: int = 0, run: str = "run", logs=None,
+            is_main: bool = True):
+    barriers = []
+    data = prepare_data(data_cfg, vocab, seed, tmp / "cache", tmp / run, is_main, lambda: barriers.append(1),
+                        log=(logs.append if logs is not None else lambda _: None))
+    assert barriers == [1]
+    return data
+
+
+def packed_bytes(data: PackedData) -> tuple[bytes, bytes]:
+    return np.asarray(data._train).tobytes(), np.asarray(data._val).tobytes()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> tuple[Path, PackedData]:
+    tmp = tmp_path_factory.mktemp("embedded")
+    return tmp, prepare(tmp, cfg())
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(embedded) -> str:
+    return str(embedded[0] / "run" / "tokenizer" / "tokenizer.model")
+
+
+def synthetic(n_tokens: int, seq_len: int, seed: int = 0) -> PackedData:
+    """Token t at position t, so a window's first input token names the window."""
+    return PackedData(np.arange(n_tokens, dtype=np.uint32), np.arange(n_tokens // 4, dtype=np.uint32), None,
+                      seq_len, seed)
+
+
+# --------------------------------------------------------------------------- embedded corpus + tokenizer
+
+
+def test_embedded_corpus_is_sorted_stdlib_without_tests_or_site_packages():
+    source = EmbeddedSource.open(cfg(max_docs=0))
+    rel = [p.relative_to(source.root).as_posix() for p in source.files]
+    assert rel == sorted(rel) and all(r.endswith(".py") for r in rel)
+    assert not any(set(r.split("/")[:-1]) & EXCLUDED_STDLIB_DIRS for r in rel)
+    assert "os.py" in rel and source.n_bytes > 1e6
+    assert EmbeddedSource.open(cfg(max_docs=5)).files == source.files[:5]
+
+
+def test_embedded_prepare_is_deterministic(embedded, tmp_path):
+    _, first = embedded
+    again = prepare(tmp_path, cfg())  # fresh cache: the tokenizer is trained again
+    assert packed_bytes(again) == packed_bytes(first)
+    assert again.tokenizer.fingerprint == first.tokenizer.fingerprint
+    assert first.meta["n_docs"] == 40 and first.n_val_tokens > 0
+
+
+def test_tokenizer_round_trips_stdlib_source_and_reserves_ids(embedded):
+    tok = embedded[1].tokenizer
+    source = EmbeddedSource.open(cfg(max_docs=0))
+    texts = [p.read_text(encoding="utf-8") for p in source.files[::60]]
+    assert all(tok.decode(ids) == text for ids, text in zip(tok.encode(texts), texts))
+    assert tok.vocab_size == VOCAB and (tok.eos_id, tok.bos_id, tok.pad_id) == (2, 1, 3)
+    assert tok.encode(["\n\t"]) == [[4, 5]]
+
+
+def test_packed_stream_is_documents_each_ended_by_eos(embedded):
+    _, data = embedded
+    stream = np.concatenate([np.asarray(data._train), np.asarray(data._val)])
+    ends = np.flatnonzero(stream == data.tokenizer.eos_id)
+    assert len(ends) == data.meta["n_docs"] == 40 and ends[-1] == len(stream) - 1
+    corpus = {p.read_text(encoding="utf-8") for p in EmbeddedSource.open(cfg()).files}
+    first_doc = data.tokenizer.decode(np.asarray(data._train)[:ends[0]])
+    assert first_doc in corpus
+
+
+def test_tokenizer_is_cached_and_retrained_for_a_new_vocab(embedded):
+    tmp, data = embedded
+    model = Path(data.meta and next((tmp / "cache" / "tokenizers").glob("*/tokenizer.model")))
+    mtime = model.stat().st_mtime_ns
+    logs: list[str] = []
+    again = prepare(tmp, cfg(), logs=logs)
+    assert model.stat().st_mtime_ns == mtime
+    assert any("cached tokenizer" in line for line in logs) and any("cached packed" in line for line in logs)
+    assert packed_bytes(again) == packed_bytes(data)
+    logs.clear()
+    bigger = prepare(tmp, cfg(), vocab=640, run="run640", logs=logs)
+    assert bigger.tokenizer.vocab_size == 640 and any("trained tokenizer" in line for line in logs)
+    assert len(list((tmp / "cache" / "tokenizers").glob("*/tokenizer.model"))) == 2
+
+
+def test_run_dir_gets_tokenizer_and_other_ranks_open_the_same_data(embedded):
+    tmp, data = embedded
+    assert (tmp / "run" / "tokenizer" / "tokenizer.model").read_bytes() == data.tokenizer.path.read_bytes()
+    assert json.loads((tmp / "run" / "data.json").read_text())["n_train_tokens"] == data.n_train_tokens
+    other = prepare(tmp, cfg(), is_main=False)
+    for args in [(0, 0, 0, 2, 4, 1), (7, 1, 1, 2, 4, 2)]:
+        assert all((a == b).all() for a, b in zip(other.train_batch(*args), data.train_batch(*args)))
+
+
+def test_incomplete_cached_pack_is_rebuilt_not_trusted(tmp_path, tokenizer_path):
+    c = cfg(tokenizer=tokenizer_path)
+    first = packed_bytes(prepare(tmp_path, c))
+    [packed] = (tmp_path / "cache" / "packed").iterdir()
+    with open(packed / "train.bin", "r+b") as f:
+        f.truncate(100)
+    (tmp_path / "cache" / "packed" / ".deadbeef.tmp-1").mkdir()  # what a killed build leaves behind
+    logs: list[str] = []
+    assert packed_bytes(prepare(tmp_path, c, logs=logs)) == first
+    assert not any("cached packed" in line for line in logs)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_batch_is_a_pure_function_of_seed_step_micro_rank():
+    a, b = synthetic(5000, 16, seed=3), synthetic(5000, 16, seed=3)
+    b.train_batch(99, 0, 0, 1, 8, 1)  # other calls in between change nothing
+    for args in [(0, 0, 0, 2, 4, 2), (5, 1, 1, 2, 4, 2), (1000, 0, 1, 2, 4, 2)]:
+        assert all((x == y).all() for x, y in zip(a.train_batch(*args), b.train_batch(*args)))
+    other_seed = synthetic(5000, 16, seed=4)
+    assert not (other_seed.train_batch(0, 0, 0, 1, 8, 1)[0] == a.train_batch(0, 0, 0, 1, 8, 1)[0]).all()
+
+
+def test_ranks_and_micro_steps_get_disjoint_windows():
+    data = synthetic(10_000, 16)
+    seen = [data.train_windows(3, micro, rank, 4, 5, 2) for micro in range(2) for rank in range(4)]
+    flat = np.concatenate(seen)
+    assert len(np.unique(flat)) == len(flat) == 40
+
+
+def test_one_epoch_visits_every_window_once_then_reshuffles():
+    seq_len, n_windows = 8, 21  # 21 windows, 4 per step: epochs straddle steps
+    data = synthetic(n_windows * seq_len + 1, seq_len)
+    assert data.n_train_windows == n_windows
+    order = np.concatenate([data.train_windows(s, 0, r, 2, 2, 1) for s in range(21) for r in range(2)])
+    epochs = order.reshape(4, n_windows)
+    assert all(sorted(e) == list(range(n_windows)) for e in epochs)
+    assert not (epochs[0] == epochs[1]).all()
+    inputs, _ = data.train_batch(0, 0, 0, 1, 4, 1)
+    assert (inputs[:, 0].numpy() // seq_len == data.train_windows(0, 0, 0, 1, 4, 1)).all()
+
+
+def test_labels_are_inputs_shifted_by_one():
+    data = synthetic(3000, 16)
+    inputs, labels = data.train_batch(2, 1, 0, 1, 6, 2)
+    assert inputs.shape == labels.shape == (6, 16) and inputs.dtype == labels.dtype == torch_long()
+    assert (labels == inputs + 1).all()  # token t sits at position t
+    assert (labels[:, :-1] == inputs[:, 1:]).all()
+
+
+def test_val_batches_are_fixed_windows_spread_over_the_val_stream():
+    data = synthetic(8000, 16)  # 2000 val tokens: 124 windows
+    first, second = list(data.val_batches(3, 4)), list(data.val_batches(3, 4))
+    assert len(first) == 3 and all((a[0] == b[0]).all() for a, b in zip(first, second))
+    starts = np.concatenate([x[:, 0].numpy() for x, _ in first])
+    assert len(np.unique(starts)) == 12 and starts.max() > 1500
+    everything = list(data.val_batches(100, 8))
+    assert sum(len(x) for x, _ in everything) == data.n_val_windows == 124
+
+
+def torch_long():
+    import torch
+
+    return torch.long
+
+
+# --------------------------------------------------------------------------- local and hub sources
+
+
+def paragraphs(n: int) -> list[str]:
+    return [f"Paragraph {i} says:\nline one of {i}\nline two, the {i * 7} end." for i in range(n)]
+
+
+def test_local_txt_dir_loads_one_document_per_paragraph(tmp_path, tokenizer_path):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("\n\n".join(paragraphs(150)) + "\n")
+    (tmp_path / "corpus" / "sub" / "b.txt").write_text("\n\n".join(paragraphs(50)))
+    data = prepare(tmp_path, cfg(source=str(tmp_path / "corpus"), tokenizer=tokenizer_path, max_docs=0))
+    assert data.meta["n_docs"] == 200 and data.meta["split"] == "documents" and data.meta["n_val_docs"] == 2
+    text = data.tokenizer.decode(np.asarray(data._train)[:400])
+    assert "Paragraph" in text and "line two, the" in text
+
+
+def test_local_jsonl_uses_text_field_and_few_docs_split_the_token_stream(tmp_path, tokenizer_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": p, "id": i}) for i, p in enumerate(paragraphs(60))))
+    data = prepare(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, text_field="body", max_docs=0))
+    assert data.meta["n_docs"] == 60 and data.meta["split"] == "tokens"  # 60 * 0.01 < 1 document
+    total = data.n_train_tokens + data.n_val_tokens
+    assert data.n_val_tokens == int(np.ceil(0.01 * total))
+    assert data.tokenizer.decode(np.asarray(data._train)[:30]).startswith("Paragraph 0 says:\nline one")
+
+
+def test_local_parquet_loads_and_max_tokens_caps_the_pack(tmp_path, tokenizer_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": paragraphs(300)}).to_parquet(str(tmp_path / "docs.parquet"))
+    data = prepare(tmp_path, cfg(source=str(tmp_path / "docs.parquet"), tokenizer=tokenizer_path, max_docs=0,
+                                 max_tokens=2000, val_fraction=0.1))
+    assert data.meta["n_docs"] == 300 and data.meta["split"] == "documents"
+    assert (data.n_train_tokens, data.n_val_tokens) == (1800, 200)
+
+
+def test_tinyshakespeare_trains_its_own_tokenizer(tmp_path):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is not present on this machine")
+    data = prepare(tmp_path, cfg(source=str(SHAKESPEARE), max_docs=0))
+    assert data.meta["n_docs"] > 5000 and data.meta["split"] == "documents"
+    assert data.tokenizer.vocab_size == VOCAB and data.n_train_tokens > 200_000
+    speech = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert data.tokenizer.decode(data.tokenizer.encode([speech])[0]) == speech
+
+
+def test_hub_source_streams_with_a_document_split(tmp_path, tokenizer_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False, **kw):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"content": paragraphs(500)}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = prepare(tmp_path, cfg(source="hf:org/corpus:sample", tokenizer=tokenizer_path, text_field="content",
+                                 max_docs=0, max_tokens=4000, val_fraction=0.05))
+    assert calls == [("org/corpus", "sample", "train", True)]
+    assert data.meta["split"] == "documents" and (data.n_train_tokens, data.n_val_tokens) == (3800, 200)
+    first_train = data.tokenizer.decode(np.asarray(data._train)[:20])
+    assert first_train.startswith("Paragraph 1 says")  # doc 0 is val: (0 + seed 0) % 20 == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_of(tmp_path: Path, data_cfg: DataConfig, vocab: int = VOCAB) -> str:
+    with pytest.raises(DataError) as e:
+        prepare(tmp_path, data_cfg, vocab=vocab)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_source_path_names_the_path_and_accepted_forms(tmp_path):
+    message = error_of(tmp_path, cfg(source=str(tmp_path / "nope.txt")))
+    assert "nope.txt" in message and "does not exist" in message and "embedded" in message and ".jsonl" in message
+
+
+def test_empty_file_and_empty_dir_are_rejected(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert "is empty" in error_of(tmp_path, cfg(source=str(tmp_path / "empty.txt")))
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "emptydir" / "notes.md").write_text("not a corpus file")
+    assert "contains no .txt/.jsonl/.json/.parquet" in error_of(tmp_path, cfg(source=str(tmp_path / "emptydir")))
+    (tmp_path / "blank.txt").write_text("\n\n\n\n")
+    assert "no non-empty documents" in error_of(tmp_path, cfg(source=str(tmp_path / "blank.txt")))
+
+
+def test_missing_text_field_is_named(tmp_path, tokenizer_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    message = error_of(tmp_path, cfg(source=str(tmp_path / "d.jsonl"), tokenizer=tokenizer_path))
+    assert "'text'" in message and "body" in message and "data.text_field" in message
+
+
+def test_corrupt_tokenizer_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"\x00not a sentencepiece model" * 10)
+    assert error_of(tmp_path, cfg(tokenizer=str(bad))) == f"tokenizer file {bad} is not a valid SentencePiece model"
+    assert "does not exist" in error_of(tmp_path, cfg(tokenizer=str(tmp_path / "absent.model")))
+
+
+def test_tokenizer_vocab_mismatch_says_what_would_work(tmp_path, tokenizer_path):
+    message = error_of(tmp_path, cfg(tokenizer=tokenizer_path), vocab=1024)
+    assert "has 512 pieces" in message and "model.vocab_size=512" in message
+
+
+def test_vocab_too_large_for_corpus_reports_the_maximum(tmp_path):
+    (tmp_path / "small.txt").write_text("\n\n".join(paragraphs(30)))
+    message = error_of(tmp_path, cfg(source=str(tmp_path / "small.txt")), vocab=4096)
+    assert "too large for this corpus" in message and "at most" in message
+
+
+def test_too_few_tokens_for_one_window(tmp_path, tokenizer_path):
+    (tmp_path / "tiny.txt").write_text("a b c")
+    message = error_of(tmp_path, cfg(source=str(tmp_path / "tiny.txt"), tokenizer=tokenizer_path, val_fraction=0))
+    assert "fewer than one window" in message and "data.seq_len" in message
+
+
+def test_hub_failures_are_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kw):
+        raise ConnectionError("Couldn't reach 'org/corpus' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    message = error_of(tmp_path, cfg(source="hf:org/corpus", max_tokens=1000))
+    assert "could not open hub dataset 'org/corpus'" in message and "Couldn't reach" in message
+    assert "needs a bound" in error_of(tmp_path, cfg(source="hf:org/corpus", max_docs=0))

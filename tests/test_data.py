@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from tests.helpers import SHAKESPEARE
 from trainer.config import DataConfig
 from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, EmbeddedSource, PackedData, prepare_data
-from trainer.tokenizer import Tokenizer
+from trainer.tokenizer import Tokenizer, TokenizerError
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 VOCAB = 512
 
 
@@ -80,6 +82,13 @@ def test_tokenizer_round_trips_stdlib_source_and_reserves_ids(embedded):
     assert tok.encode(["\n\t"]) == [[4, 5]]
 
 
+def test_tokenizer_pickles_as_its_file_for_worker_processes(embedded):
+    tok = embedded[1].tokenizer
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.path == tok.path and clone.encode(["def f(x):\n\treturn x"]) == tok.encode(["def f(x):\n\treturn x"])
+    assert len(pickle.dumps(tok)) < 1000
+
+
 def test_packed_stream_is_documents_each_ended_by_eos(embedded):
     _, data = embedded
     stream = np.concatenate([np.asarray(data._train), np.asarray(data._val)])
@@ -92,7 +101,7 @@ def test_packed_stream_is_documents_each_ended_by_eos(embedded):
 
 def test_tokenizer_is_cached_and_retrained_for_a_new_vocab(embedded):
     tmp, data = embedded
-    model = Path(data.meta and next((tmp / "cache" / "tokenizers").glob("*/tokenizer.model")))
+    [model] = (tmp / "cache" / "tokenizers").glob("*/tokenizer.model")
     mtime = model.stat().st_mtime_ns
     logs: list[str] = []
     again = prepare(tmp, cfg(), logs=logs)
@@ -160,7 +169,7 @@ def test_one_epoch_visits_every_window_once_then_reshuffles():
 def test_labels_are_inputs_shifted_by_one():
     data = synthetic(3000, 16)
     inputs, labels = data.train_batch(2, 1, 0, 1, 6, 2)
-    assert inputs.shape == labels.shape == (6, 16) and inputs.dtype == labels.dtype == torch_long()
+    assert inputs.shape == labels.shape == (6, 16) and inputs.dtype == labels.dtype == torch.long
     assert (labels == inputs + 1).all()  # token t sits at position t
     assert (labels[:, :-1] == inputs[:, 1:]).all()
 
@@ -173,12 +182,6 @@ def test_val_batches_are_fixed_windows_spread_over_the_val_stream():
     assert len(np.unique(starts)) == 12 and starts.max() > 1500
     everything = list(data.val_batches(100, 8))
     assert sum(len(x) for x, _ in everything) == data.n_val_windows == 124
-
-
-def torch_long():
-    import torch
-
-    return torch.long
 
 
 # --------------------------------------------------------------------------- local and hub sources
@@ -200,9 +203,9 @@ def test_local_txt_dir_loads_one_document_per_paragraph(tmp_path, tokenizer_path
 
 def test_local_jsonl_uses_text_field_and_few_docs_split_the_token_stream(tmp_path, tokenizer_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"body": p, "id": i}) for i, p in enumerate(paragraphs(60))))
+    path.write_text("\n".join(json.dumps({"body": p, "id": i}) for i, p in enumerate(paragraphs(90))))
     data = prepare(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, text_field="body", max_docs=0))
-    assert data.meta["n_docs"] == 60 and data.meta["split"] == "tokens"  # 60 * 0.01 < 1 document
+    assert data.meta["n_docs"] == 90 and data.meta["split"] == "tokens"  # 90 * 0.01 < 1 document
     total = data.n_train_tokens + data.n_val_tokens
     assert data.n_val_tokens == int(np.ceil(0.01 * total))
     assert data.tokenizer.decode(np.asarray(data._train)[:30]).startswith("Paragraph 0 says:\nline one")
@@ -283,6 +286,8 @@ def test_corrupt_tokenizer_file_is_a_one_line_error(tmp_path):
     bad.write_bytes(b"\x00not a sentencepiece model" * 10)
     assert error_of(tmp_path, cfg(tokenizer=str(bad))) == f"tokenizer file {bad} is not a valid SentencePiece model"
     assert "does not exist" in error_of(tmp_path, cfg(tokenizer=str(tmp_path / "absent.model")))
+    with pytest.raises(TokenizerError, match="not a valid SentencePiece model"):
+        Tokenizer.load(bad)  # outside prepare_data (export, load_model) it is still a one-line UserError
 
 
 def test_tokenizer_vocab_mismatch_says_what_would_work(tmp_path, tokenizer_path):

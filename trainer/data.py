@@ -78,10 +78,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def _log_nothing(_: str) -> None:
-    pass
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -172,6 +168,9 @@ class LocalSource:
             try:
                 ds = load_dataset(builder, data_files=files, split="train", cache_dir=str(hf_cache), **extra)
             except Exception as e:  # datasets raises many types for unreadable files; all mean the same here
+                if "corresponds to no data" in str(e):  # only blank lines: no paragraph survives
+                    raise DataError(f"data.source {self.path} has no non-empty documents; expected {ACCEPTED} "
+                                    f"with text in it") from None
                 raise DataError(f"could not read {self.path} as {builder}: {_first_line(e)}") from None
             field = "text" if builder == "text" else self.text_field
             if field not in ds.column_names:
@@ -394,7 +393,7 @@ class StreamSplit:
                         arr = np.concatenate(docs)[:cap - counts[name] if cap else None]
                         f.write(arr.data)
                         counts[name] += len(arr)
-                if caps.train and counts["train"] >= caps.train:
+                if caps.train and counts["train"] >= caps.train and counts["val"] >= caps.val:
                     break
             for f in (ftrain, fval):
                 f.flush()
@@ -475,7 +474,7 @@ def _resolve_tokenizer(cfg, vocab_size: int, seed: int, source, cache_dir: Path,
         else:
             t0 = time.perf_counter()
             sample = split_fn().tokenizer_sample(cfg.tokenizer_sample_chars)
-            tok = Tokenizer.train(sample, vocab_size, path, num_threads=cfg.num_proc)
+            tok = Tokenizer.train(sample, vocab_size, path)
             how = f"trained tokenizer on {len(sample) / 1e6:.1f}M chars in {time.perf_counter() - t0:.1f} s"
     if tok.vocab_size != vocab_size:
         raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "

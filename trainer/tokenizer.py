@@ -12,10 +12,10 @@ ids; `eos_id` must exist because packing ends every document with it.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -25,6 +25,8 @@ from trainer.errors import UserError
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Bump when the training recipe below changes, so cached tokenizers are not reused.
 RECIPE_VERSION = 1
+# Fixed, not per machine: the thread count is recorded in the model file.
+TRAIN_THREADS = 2
 
 
 class TokenizerError(UserError):
@@ -61,25 +63,26 @@ class Tokenizer:
         return cls(Path(path))
 
     @classmethod
-    def train(cls, sample: str, vocab_size: int, out_path: Path, num_threads: int = 1) -> "Tokenizer":
+    def train(cls, sample: str, vocab_size: int, out_path: Path) -> "Tokenizer":
         """BPE on `sample` (split into lines, SentencePiece's sentences), written atomically to `out_path`."""
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".train-") as tmp:
-            text = Path(tmp) / "sample.txt"
-            text.write_text(sample, encoding="utf-8")
-            try:
-                with open(os.devnull, "w") as quiet:
-                    spm.SentencePieceTrainer.train(
-                        input=str(text), model_prefix=str(Path(tmp) / "spm"), vocab_size=vocab_size,
-                        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-                        normalization_rule_name="identity", remove_extra_whitespaces=False,
-                        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-                        user_defined_symbols=["\n", "\t"], unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                        pad_id=PAD_ID, num_threads=max(1, num_threads), logstream=quiet)
-            except RuntimeError as e:
-                raise TokenizerError(_training_error(str(e), vocab_size, len(sample))) from None
-            os.replace(Path(tmp) / "spm.model", out_path)
+        # Lines in, proto bytes out: no temp paths recorded in the model, so the same sample and
+        # settings give a byte-identical file (and fingerprint) on every machine.
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample.split("\n")), model_writer=model, vocab_size=vocab_size,
+                model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n", "\t"],
+                unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, num_threads=TRAIN_THREADS,
+                minloglevel=2)
+        except RuntimeError as e:
+            raise TokenizerError(_training_error(str(e), vocab_size, len(sample))) from None
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(model.getvalue())
+        os.replace(tmp, out_path)
         return cls(out_path)
 
     @property

@@ -89,13 +89,13 @@ def test_checkpoint_without_complete_marker_is_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_newest_checkpoint_falls_back_to_previous_in_one_line(tmp_path, damage):
+def test_corrupt_newest_checkpoint_falls_back_to_previous_in_one_line(tmp_path, damage):
     over, run = _two_checkpoints(tmp_path)
     victim = max((run / "checkpoints/step-8").glob("*model_states.pt"), key=lambda p: p.stat().st_size)
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF]))
     proc = train(over)
-    notes = [line for line in proc.stdout.splitlines() if "damaged" in line]
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("checkpoint ") and "damaged" in line]
     assert len(notes) == 1 and "step-8" in notes[0] and "falling back" in notes[0], proc.stdout
     assert "resumed from" in proc.stdout and "step-4" in proc.stdout
     assert _steps_logged(run) == 12

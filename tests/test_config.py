@@ -102,3 +102,13 @@ def test_dry_run_prints_parameters_and_flops(capsys):
     assert main(["configs/tiny.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "non-embedding" in out and "FLOPs/token" in out
+
+
+def test_pretrain_1b_dry_run_is_about_1b_parameters(capsys):
+    import re
+
+    assert main(["configs/pretrain_1b.yaml", "--dry-run", "--world-size", "16"]) == 0
+    out = capsys.readouterr().out
+    total = int(re.search(r"parameters\s+([\d,]+) total", out).group(1).replace(",", ""))
+    assert 1.0e9 <= total <= 1.2e9, total
+    assert "262,144 tokens per step" in out and "memory/GPU" in out

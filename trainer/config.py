@@ -283,6 +283,9 @@ def _validate_growth(cfg: RunConfig) -> None:
 
 
 def _validate_data_path(d: DataConfig) -> None:
+    if d.source.startswith("hf:"):
+        _need(d.max_docs > 0 or d.max_tokens > 0, "data.source", d.source,
+              "a streamed hub dataset needs data.max_tokens or data.max_docs (it has no end to wait for)")
     if d.source == "embedded" or d.source.startswith("hf:"):
         return
     path = Path(d.source)

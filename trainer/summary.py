@@ -35,7 +35,7 @@ def dry_run(cfg: RunConfig, world_size: int = 0) -> None:
         model = Transformer(mcfg, sp_degree=1)
     n, n_ne = model.num_params(), model.num_params(non_embedding=True)
     fpt = model.flops_per_token(cfg.data.seq_len)
-    tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_len // cfg.parallel.sp
+    tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_len
     mem = memory_per_gpu(cfg, n, dp)
     gib = 2**30
     depth = f"{cfg.model.n_layers} -> {cfg.final_layers} layers (growth)" if cfg.growth.stages else f"{cfg.model.n_layers} layers"
@@ -44,7 +44,7 @@ def dry_run(cfg: RunConfig, world_size: int = 0) -> None:
            f"norm {mcfg.norm}, ln_scaling {mcfg.ln_scaling}, value_residual {mcfg.value_residual}, "
            f"mod capacity {mcfg.mod.capacity}")
     print0(f"  parameters  {n:,} total, {n_ne:,} non-embedding")
-    print0(f"  FLOPs/token {fpt:,} (training, seq_len {cfg.data.seq_len})")
+    print0(f"  FLOPs/token {fpt:,.0f} (training, seq_len {cfg.data.seq_len})")
     print0(f"  batch       {tokens:,} tokens per step (micro {cfg.parallel.micro_batch} x accum "
            f"{cfg.parallel.grad_accum} x dp {dp}, seq {cfg.data.seq_len}, sp {cfg.parallel.sp}; world {world})")
     print0(f"  memory/GPU  ~{mem['total'] / gib:.1f} GiB (ZeRO-{cfg.parallel.zero_stage} states "

@@ -2,7 +2,6 @@
 input. Run alone with `make faults` (pytest -m faults)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

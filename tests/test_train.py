@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import ROOT, losses, metrics, train, tiny_overrides
+from tests.helpers import losses, metrics, train, tiny_overrides
 
 
 def test_pulse_run_trains_logs_checkpoints_and_summarises(tmp_path):

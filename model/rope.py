@@ -35,6 +35,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, Dh]; cos, sin: [B or 1, T, Dh]. Returns x rotated by its position."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    """x: [B, T, H, Dh]; cos, sin: [B or 1, T, Dh]. Returns x rotated by its position, in
+    x's dtype (fp32 tables would otherwise promote bf16 q/k away from v)."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
     return x * cos + rotate_half(x) * sin

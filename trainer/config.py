@@ -275,6 +275,9 @@ def _validate_growth(cfg: RunConfig) -> None:
         if st.method in ("stack", "interleave"):
             _need(st.layers % prev_layers == 0, f"{key}.layers", st.layers,
                   f"{st.method} copies whole layers: must be a multiple of the previous depth {prev_layers}")
+        _need(not (st.method == "identity" and cfg.model.norm == "post"), f"{key}.method", st.method,
+              "post-LN normalises the residual stream, so no zeroed weight makes a new layer a no-op; "
+              "use stack or interleave, or model.norm=pre or peri")
         if cfg.model.mod.capacity > 0 and st.method == "stack":
             _need(prev_layers % cfg.model.mod.every == 0, f"{key}.method", st.method,
                   f"stacking {prev_layers} layers breaks the every-{cfg.model.mod.every} MoD pattern; "

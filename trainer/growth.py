@@ -1,10 +1,298 @@
-"""Progressive depth growth (DESIGN §6)."""
+"""Progressive depth growth (DESIGN §6): at `growth.stages[i].at_step` the model becomes
+`layers` deep, its weights and Adam moments mapped from the shallower one.
+
+Methods (0-based source block of each new block, old depth L, new depth N):
+    stack       G_stack / StackBERT: [0..L-1, 0..L-1, ...] (the whole stack copied on top)
+    interleave  each block duplicated in place: [0, 0, 1, 1, ...] (N/L copies of each)
+    identity    stack order, so the old blocks keep their absolute positions (their LNS
+                factors and MoD routing are unchanged), and the new blocks L..N-1 are made
+                exact no-ops: pre-LN zeroes their o_proj and down_proj, peri-LN their
+                output-norm gains (attn_out, mlp_out; the sublayer weights stay non-zero, see
+                the Peri-LN pitfall in DESIGN §4). Post-LN cannot be made function
+                preserving this way; config validation rejects it.
+
+Parameters follow their block by name (`blocks.{j}.x` -> `blocks.{i}.x`). A name the new
+block has but its source lacks is fresh, taken from the new model's own initialisation: the
+router and predictor of a routed slot that copies a dense block, and λ of a `learned`
+value-residual block that copies block 1 (block 1 has no λ). A name the source has but the
+new block lacks is dropped: the router of a routed block copied into a dense slot, and
+block 1's v_proj copied to l ≥ 2 under `shared`. Block 0 is always copied from block 0, so
+V1 still comes from the bottom layer. LNS factors and the `fixed` λ are non-persistent
+buffers, recomputed when the deeper model is constructed.
+
+Adam state. Moments (exp_avg, exp_avg_sq) follow the weights: copied for copied parameters,
+zero for fresh and for identity-zeroed ones. Every parameter gets the old optimizer's step
+count t, at every ZeRO stage: ZeRO 1-3 keep one count per flat partition, so a per-parameter
+count is impossible there, and stage 0 does the same so that growth trains identically at
+every stage. Copied moments are therefore bias-corrected exactly as before growth. A
+zero-moment parameter is in effect not bias-corrected: its k-th update after growth is
+(1-β1^k)/sqrt(1-β2^k) times a corrected one, which for the default β = (0.9, 0.95) stays in
+[0.45, 1.1] (a mild built-in warmup); with β2 near 1 (0.999) it would overshoot several-fold
+for hundreds of steps, so pair such β2 with `growth.rewarm_steps`.
+
+Resume. The loop checkpoints after a step, before `maybe_grow` runs at the top of the next,
+so a checkpoint `step-s` always holds the depth *before* any growth due at s. `maybe_grow`
+also saves one at s (unless the loop just did). Resuming from it rebuilds the old depth and
+grows again at s, deterministically (`build_model` reseeds); resuming from a later checkpoint
+rebuilds the grown depth and skips the stage (`layers > state.n_layers` fails).
+"""
 from __future__ import annotations
 
+import gc
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from model.config import ModelConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+METHODS = ("stack", "interleave", "identity")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# Per norm placement, the parameters that turn a block's two residual increments to exactly 0.
+_NO_OP_PARAMS = {"pre": ("attn.o_proj.weight", "mlp.down_proj.weight"),
+                 "peri": ("attn_out.weight", "mlp_out.weight")}
+# Attributes of DeepSpeed's ZeRO-1/2, ZeRO-3 and BF16 optimizers holding the flat fp32 tensors
+# that the base optimizer steps on (its `state` is keyed by them).
+_FLAT_PARTITIONS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+
+
+# ---- the mapping (pure) -------------------------------------------------------------
+
+def source_blocks(old_layers: int, new_layers: int, method: str) -> list[int]:
+    """0-based old block that each new block copies."""
+    if method not in METHODS:
+        raise ValueError(f"growth method {method!r}: expected one of {METHODS}")
+    if new_layers <= old_layers:
+        raise ValueError(f"growth must add layers: {old_layers} -> {new_layers}")
+    if method == "interleave":
+        if new_layers % old_layers:
+            raise ValueError(f"interleave needs a multiple of {old_layers} layers, got {new_layers}")
+        return [i // (new_layers // old_layers) for i in range(new_layers)]
+    return [i % old_layers for i in range(new_layers)]
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """Where each parameter of the deeper model comes from.
+
+    sources: new parameter name -> old name it copies, None = fresh (new model's init).
+    zeroed: identity's no-op parameters (value 0, moments 0).
+    blocks: new 0-based block -> old block it copies.
+
+    The mapped dicts reference the input tensors (a block copied twice shares storage with
+    its source), so growing a large model holds one copy of the old state, not three.
+    """
+
+    sources: dict[str, Optional[str]]
+    zeroed: frozenset[str]
+    blocks: dict[int, Optional[int]]
+
+    def weights(self, old: Mapping[str, Tensor], init: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: torch.zeros_like(init[k]) if k in self.zeroed else
+                (old[src] if src is not None else init[k]).detach()
+                for k, src in self.sources.items()}
+
+    def moments(self, old: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One moment (e.g. exp_avg) of every new parameter; `like` gives fresh shapes."""
+        return {k: old[src].detach() if src is not None and k not in self.zeroed else torch.zeros_like(like[k])
+                for k, src in self.sources.items()}
+
+
+def plan_growth(old_names, new_names, old_layers: int, new_layers: int, method: str,
+                mcfg: ModelConfig) -> GrowthPlan:
+    """Map every name of the deeper model (`new_names`) to a name of the shallower one."""
+    src_block = source_blocks(old_layers, new_layers, method)
+    old_names = set(old_names)
+    sources: dict[str, Optional[str]] = {}
+    for name in new_names:
+        m = _BLOCK_KEY.match(name)
+        src = f"blocks.{src_block[int(m.group(1))]}.{m.group(2)}" if m else name
+        sources[name] = src if src in old_names else None
+    zeroed: set[str] = set()
+    if method == "identity":
+        if mcfg.norm not in _NO_OP_PARAMS:
+            raise ValueError(f"identity growth needs model.norm in {sorted(_NO_OP_PARAMS)}, got {mcfg.norm!r}")
+        zeroed = {f"blocks.{i}.{p}" for i in range(old_layers, new_layers) for p in _NO_OP_PARAMS[mcfg.norm]}
+        assert zeroed <= set(sources), "no-op parameter names do not match the model"
+    return GrowthPlan(sources, frozenset(zeroed), dict(enumerate(src_block)))
+
+
+def grow_state_dict(state: Mapping[str, Tensor], old_layers: int, new_layers: int, method: str,
+                    cfg: ModelConfig, init: Optional[Mapping[str, Tensor]] = None
+                    ) -> tuple[dict[str, Tensor], dict[int, Optional[int]]]:
+    """Weights of an `old_layers`-deep model -> weights of a `new_layers`-deep one.
+
+    `cfg` is the model config (any n_layers). `init` is the deeper model's freshly initialised
+    state dict: it names the parameters to produce and supplies the fresh ones; if omitted a
+    model is constructed for it (consuming the global RNG). Returns (state dict, new block
+    -> old block it copies).
+    """
+    if init is None:
+        from model import Transformer
+
+        init = Transformer(replace(cfg, n_layers=new_layers)).state_dict()
+    plan = plan_growth(state.keys(), init.keys(), old_layers, new_layers, method, cfg)
+    return plan.weights(state, init), plan.blocks
+
+
+# ---- full fp32 weights and Adam moments out of / into a DeepSpeed engine ------------
+
+@dataclass
+class FullState:
+    """Unpartitioned fp32 tensors on CPU, keyed by parameter name (tied weights once).
+
+    step: the optimizer's step count (the tensor AdamW keeps), None before any step.
+    """
+
+    weights: dict[str, Tensor]
+    moments: dict[str, dict[str, Tensor]]  # "exp_avg" | "exp_avg_sq" -> name -> tensor
+    step: Optional[Tensor]
+
+
+def _is_deepspeed_managed(p: Tensor) -> bool:
+    """ZeRO-3 (ds_id) or ZeRO-1/2 / BF16 (fp32 master fragment) parameter."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _step_count(base) -> Optional[Tensor]:
+    steps = [s["step"] for s in base.state.values() if "step" in s]
+    return max(steps, key=float).detach().clone() if steps else None
+
+
+def _link_optimizer_state(engine) -> None:
+    """ZeRO-1/2 and BF16 link each parameter's moment fragments to the flat state after
+    their first step, once; (re)link now so the fragments match the current state."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def gather_full_state(engine) -> FullState:
+    """Full fp32 weights and moments of every parameter, on every rank, at ZeRO 0-3.
+
+    Collective under ZeRO 1-3: every rank must call it (parameters are visited in the same
+    order everywhere)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from trainer.engine import base_optimizer
+
+    base = base_optimizer(engine)
+    step = _step_count(base)
+    if step is not None:
+        _link_optimizer_state(engine)
+    weights: dict[str, Tensor] = {}
+    moments: dict[str, dict[str, Tensor]] = {k: {} for k in MOMENTS}
+    for name, p in engine.module.named_parameters():
+        if _is_deepspeed_managed(p):
+            w = safe_get_full_fp32_param(p)
+            ms = {k: safe_get_full_optimizer_state(p, k) if step is not None else torch.zeros_like(w) for k in MOMENTS}
+        else:  # stage 0 without a DeepSpeed precision wrapper: the base optimizer owns p
+            w, st = p.detach().float(), base.state.get(p, {})
+            ms = {k: st[k] if k in st else torch.zeros_like(w) for k in MOMENTS}
+        weights[name] = w.detach().float().cpu().clone()
+        for k in MOMENTS:
+            moments[k][name] = ms[k].detach().float().cpu().clone()
+    return FullState(weights, moments, step)
+
+
+def _materialise_optimizer_state(engine, step: Tensor) -> None:
+    """AdamW creates its state at its first step; create it now (zero moments, step count
+    `step`) so that moments can be written before the first step on the new engine."""
+    from trainer.engine import base_optimizer
+
+    base = base_optimizer(engine)
+    flats = next((getattr(engine.optimizer, a) for a in _FLAT_PARTITIONS if hasattr(engine.optimizer, a)), None)
+    if flats is None:  # stage 0: the base optimizer steps on the parameters themselves
+        flats = [p for g in base.param_groups for p in g["params"]]
+    for t in flats:
+        base.state[t] = {"step": step.clone(), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
+    _link_optimizer_state(engine)
+
+
+def set_full_state(engine, full: FullState) -> None:
+    """Write full fp32 weights (the fp32 masters under ZeRO/bf16) and moments into `engine`.
+
+    `engine.module` must already hold the same weights (the low-precision copy is not
+    touched). Under ZeRO-3 every rank must call it."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from trainer.engine import base_optimizer
+
+    if full.step is not None:
+        _materialise_optimizer_state(engine, full.step)
+    base = base_optimizer(engine)
+    for name, p in engine.module.named_parameters():
+        if _is_deepspeed_managed(p):
+            device = p.device
+            safe_set_full_fp32_param(p, full.weights[name].to(device))
+            if full.step is not None:
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(p, full.moments[k][name].to(device), k)
+        elif full.step is not None:
+            for k in MOMENTS:
+                base.state[p][k].copy_(full.moments[k][name])
+
+
+# ---- the hook the loop calls ---------------------------------------------------------
 
 def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
-    """Return (engine, grew). Grows when a stage's at_step is reached."""
-    due = [st for st in cfg.growth.stages if st.at_step == state.step and st.layers > state.n_layers]
-    if not due:
+    """Return (engine, grew). Grows when a stage's at_step is reached (see module docstring
+    for the checkpoint and resume semantics)."""
+    from trainer.engine import build_engine, build_model
+
+    stage = next((st for st in cfg.growth.stages if st.at_step == state.step and st.layers > state.n_layers), None)
+    if stage is None:
         return engine, False
-    raise NotImplementedError("growth.stages is not implemented yet")
+    t0 = time.perf_counter()
+    already_saved = dist.broadcast_object(any(p.name == f"step-{state.step}" for p in ckpt.complete_steps())
+                                          if dist.is_main else None)
+    if not already_saved:
+        ckpt.save(engine, state)
+    old = gather_full_state(engine)
+    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+                if hasattr(engine, k)}
+    _release(engine)
+    del engine
+
+    model = build_model(cfg, stage.layers, core)
+    params = dict(model.named_parameters())
+    plan = plan_growth(old.weights, params, state.n_layers, stage.layers, stage.method, cfg.model)
+    # Fresh values are cloned: ZeRO-3 re-points the parameters when it partitions them.
+    fresh = {k: params[k].detach().clone() for k, src in plan.sources.items() if src is None or k in plan.zeroed}
+    weights = plan.weights(old.weights, fresh)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    grown = FullState(weights, {k: plan.moments(old.moments[k], weights) for k in MOMENTS}, old.step)
+    del old
+    engine = build_engine(cfg, dist, model)
+    set_full_state(engine, grown)
+    for k, v in counters.items():
+        setattr(engine, k, v)
+
+    row = {"step": state.step, "event": "growth", "n_layers_from": state.n_layers, "n_layers": stage.layers,
+           "method": stage.method}
+    state.n_layers = stage.layers
+    metrics.log(row)
+    metrics.message(f"step {state.step}: grew {row['n_layers_from']} -> {stage.layers} layers ({stage.method}, "
+                    f"blocks copied from {[plan.blocks[i] for i in range(stage.layers)]}) "
+                    f"in {time.perf_counter() - t0:.1f} s")
+    return engine, True
+
+
+def _release(engine) -> None:
+    """Drop the old engine's hooks and optimizer state before the deeper model is built
+    (the caller's reference keeps its weights alive until maybe_grow returns)."""
+    from trainer.engine import base_optimizer
+
+    base_optimizer(engine).state.clear()
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

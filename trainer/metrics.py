@@ -112,6 +112,8 @@ def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, is_main: bool) 
 
 def _row_step(line: str) -> float:
     try:
-        return json.loads(line).get("step", -1)
+        row = json.loads(line)
     except json.JSONDecodeError:
         return math.inf  # a torn final line from a crash: drop it
+    # A growth event at step s happens after checkpoint s was taken; resuming from s logs it again.
+    return row.get("step", -1) + (0.5 if row.get("event") == "growth" else 0)

@@ -1,0 +1,330 @@
+"""Progressive depth growth (DESIGN §6): the weight mapping pinned at model level, Adam
+moments carried through a real DeepSpeed engine at ZeRO 0-3, and growth through the real
+entry point (event, depth, exact resume across growth, ZeRO parity).
+
+The moment test runs this file as a torchrun worker: `python -m tests.test_growth STAGE OUT`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModConfig, ModelConfig, Transformer
+from model.mod import RoutedBlock
+from model.norms import LayerScaledNorm
+from trainer.growth import GrowthPlan, grow_state_dict, plan_growth, source_blocks
+from tests.helpers import ROOT, _env, free_port, losses, metrics, tiny_overrides, train
+
+B, T, D = 2, 16, 32
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=T), **kw})
+
+
+def trained_like(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A model whose every parameter is perturbed away from its init, so copies are
+    distinguishable from fresh values (gains of 1 and λ of 0.5 would hide mistakes)."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def grown(model: Transformer, new_layers: int, method: str) -> tuple[Transformer, dict]:
+    """The deeper model holding `grow_state_dict`'s weights; fresh values from its own init."""
+    torch.manual_seed(123)
+    deeper = Transformer(dataclasses.replace(model.cfg, n_layers=new_layers))
+    state, blocks = grow_state_dict(model.state_dict(), model.cfg.n_layers, new_layers, method, model.cfg,
+                                    init=deeper.state_dict())
+    deeper.load_state_dict(state, strict=True)
+    return deeper, blocks
+
+
+def q(model: Transformer, i: int) -> torch.Tensor:
+    return model.blocks[i].attn.q_proj.weight
+
+
+# ---------------------------------------------------------------- the mapping
+
+def test_stack_copies_the_whole_stack_on_top():
+    old = trained_like(tiny(n_layers=3))
+    new, blocks = grown(old, 6, "stack")
+    assert blocks == {0: 0, 1: 1, 2: 2, 3: 0, 4: 1, 5: 2}
+    for i, j in blocks.items():
+        assert torch.equal(q(new, i), q(old, j)), (i, j)
+    assert not torch.equal(q(new, 0), q(new, 1))
+    assert torch.equal(new.embed_tokens.weight, old.embed_tokens.weight)
+    assert torch.equal(new.norm.weight, old.norm.weight) and torch.equal(new.lm_head.weight, old.lm_head.weight)
+
+
+def test_interleave_duplicates_each_layer_in_place():
+    old = trained_like(tiny(n_layers=2))
+    new, blocks = grown(old, 6, "interleave")
+    assert blocks == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    for i, j in blocks.items():
+        assert torch.equal(q(new, i), q(old, j)), (i, j)
+        assert torch.equal(new.blocks[i].mlp.down_proj.weight, old.blocks[j].mlp.down_proj.weight)
+
+
+def test_source_blocks_rejects_bad_growth():
+    with pytest.raises(ValueError, match="multiple"):
+        source_blocks(2, 5, "interleave")
+    with pytest.raises(ValueError, match="add layers"):
+        source_blocks(4, 4, "stack")
+    assert source_blocks(2, 5, "identity") == [0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("norm", ["pre", "peri"])
+@pytest.mark.parametrize("new_layers", [4, 5])
+def test_identity_growth_leaves_logits_unchanged(norm, new_layers):
+    cfg = tiny(norm=norm, ln_scaling=True, value_residual="learned", embed_norm=norm == "peri",
+               mod=ModConfig(capacity=0.5, every=2, causal="predictor"))
+    old = trained_like(cfg)
+    new, blocks = grown(old, new_layers, "identity")
+    assert [blocks[i] for i in range(new_layers)] == [i % 2 for i in range(new_layers)]
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.no_grad():
+        for causal in (False, True):
+            ref, got = old(x, causal_routing=causal), new(x, causal_routing=causal)
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    # The new blocks are no-ops only through the zeroed parameters; the rest are copies.
+    zeroed = ("attn.o_proj", "mlp.down_proj") if norm == "pre" else ("attn_out", "mlp_out")
+    for i in range(2, new_layers):
+        for name in zeroed:
+            assert new.get_submodule(f"blocks.{i}.{name}").weight.abs().sum() == 0
+        assert torch.equal(q(new, i), q(old, i % 2))
+
+
+def test_identity_growth_zeroes_the_moments_of_zeroed_parameters_and_copies_the_rest():
+    cfg = tiny(n_layers=2)
+    old = {k: torch.randn_like(v) for k, v in trained_like(cfg).state_dict().items()}
+    deeper = Transformer(dataclasses.replace(cfg, n_layers=4)).state_dict()
+    plan = plan_growth(old, deeper, 2, 4, "identity", cfg)
+    m = plan.moments(old, deeper)
+    assert m["blocks.3.mlp.down_proj.weight"].abs().sum() == 0 and m["blocks.2.attn.o_proj.weight"].abs().sum() == 0
+    assert torch.equal(m["blocks.3.attn.q_proj.weight"], old["blocks.1.attn.q_proj.weight"])
+    assert torch.equal(m["blocks.1.attn.o_proj.weight"], old["blocks.1.attn.o_proj.weight"])
+
+
+def test_post_ln_identity_growth_is_a_config_error():
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="post-LN"):
+        load_config(ROOT / "configs/tiny.yaml", ["model.norm=post", "growth.stages=[{at_step: 5, layers: 8, "
+                                                 "method: identity}]"])
+    with pytest.raises(ValueError, match="identity"):
+        plan_growth([], [], 2, 4, "identity", tiny(norm="post"))
+
+
+def test_mod_every_other_pattern_survives_stack_with_routers_copied():
+    cfg = tiny(n_layers=2, mod=ModConfig(capacity=0.25, every=2, causal="predictor"))
+    old = trained_like(cfg)
+    new, _ = grown(old, 6, "stack")
+    assert [isinstance(b, RoutedBlock) for b in new.blocks] == [False, True, False, True, False, True]
+    for i in (1, 3, 5):  # every routed slot copies routed block 2
+        assert torch.equal(new.blocks[i].router.weight, old.blocks[1].router.weight)
+        assert torch.equal(new.blocks[i].causal_rule.fc1.weight, old.blocks[1].causal_rule.fc1.weight)
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    _, _, stats = new(x, return_aux=True, collect_stats=True)
+    assert sorted(stats) == sorted(f"mod/block{n}/{k}" for n in (2, 4, 6)
+                                   for k in ("selected_frac", "causal_acc", "mean_pos"))
+
+
+def test_interleave_gives_routed_slots_fresh_routers_and_drops_routers_in_dense_slots():
+    cfg = tiny(n_layers=2, mod=ModConfig(capacity=0.25, every=2))
+    old = trained_like(cfg)
+    torch.manual_seed(123)
+    init = Transformer(dataclasses.replace(cfg, n_layers=4)).state_dict()
+    state, blocks = grow_state_dict(old.state_dict(), 2, 4, "interleave", cfg, init=init)
+    assert blocks == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert torch.equal(state["blocks.1.router.weight"], init["blocks.1.router.weight"])  # dense 1 -> routed 2: fresh
+    assert "blocks.2.router.weight" not in state  # routed 2 -> dense 3: dropped
+    assert torch.equal(state["blocks.3.router.weight"], old.blocks[1].router.weight)  # routed -> routed: copied
+    assert torch.equal(state["blocks.1.attn.q_proj.weight"], old.blocks[0].attn.q_proj.weight)
+
+
+def test_value_residual_lambdas_follow_their_block_and_block1_copies_lose_v_proj_when_shared():
+    learned = trained_like(tiny(n_layers=2, value_residual="learned"))
+    new, _ = grown(learned, 4, "stack")
+    assert torch.equal(new.blocks[3].attn.value.lambdas, learned.blocks[1].attn.value.lambdas)
+    assert torch.equal(new.blocks[2].attn.value.lambdas, torch.full((2,), 0.5))  # copy of block 1: fresh λ
+    assert torch.equal(new.blocks[2].attn.value.v_proj.weight, learned.blocks[0].attn.value.v_proj.weight)
+
+    shared = trained_like(tiny(n_layers=2, value_residual="shared"))
+    state, _ = grow_state_dict(shared.state_dict(), 2, 4, "stack", shared.cfg)
+    assert "blocks.0.attn.value.v_proj.weight" in state  # block 1 still produces V1
+    assert not any(k.startswith(f"blocks.{i}.attn.value") for k in state for i in (1, 2, 3))
+    assert torch.equal(state["blocks.0.attn.value.v_proj.weight"], shared.blocks[0].attn.value.v_proj.weight)
+
+
+@pytest.mark.parametrize("method", ["stack", "interleave", "identity"])
+def test_lns_factors_of_grown_model_are_one_over_sqrt_new_position(method):
+    old = trained_like(tiny(n_layers=2, ln_scaling=True, norm="peri"))
+    new, _ = grown(old, 4, method)
+    for i, block in enumerate(new.blocks):
+        for slot in (block.attn_in, block.mlp_in):
+            assert isinstance(slot, LayerScaledNorm)
+            assert slot.scale == torch.tensor(1 / math.sqrt(i + 1))  # fp32, as the model builds it
+    assert "blocks.3.attn_in.scale" not in new.state_dict()  # non-persistent: never carried
+
+
+def test_tied_embeddings_grow_with_the_head_still_tied():
+    old = trained_like(tiny(n_layers=2, tie_embeddings=True))
+    new, _ = grown(old, 4, "stack")
+    assert new.lm_head.weight is new.embed_tokens.weight
+    assert torch.equal(new.embed_tokens.weight, old.embed_tokens.weight)
+
+
+def test_plan_is_a_plain_name_map():
+    plan = plan_growth(["a", "blocks.0.w", "blocks.1.w"], ["a", "blocks.0.w", "blocks.1.w", "blocks.2.w",
+                                                          "blocks.3.w", "blocks.3.extra"], 2, 4, "stack", tiny())
+    assert isinstance(plan, GrowthPlan)
+    assert plan.sources == {"a": "a", "blocks.0.w": "blocks.0.w", "blocks.1.w": "blocks.1.w",
+                            "blocks.2.w": "blocks.0.w", "blocks.3.w": "blocks.1.w", "blocks.3.extra": None}
+
+
+# ---------------------------------------------------------------- Adam moments through an engine
+
+def _moment_worker(stage: int, out: Path) -> None:
+    """Train a 2-layer engine 2 steps, grow it 2 -> 4 (interleave, with MoD and learned λ so
+    some parameters are fresh and some dropped) through `maybe_grow`, and check the new
+    engine's full weights and moments against the old ones, name by name."""
+    import torch.nn.functional as F
+
+    from trainer.checkpoint import Checkpointer, TrainState
+    from trainer.config import load_config
+    from trainer.dist import init_distributed
+    from trainer.engine import build_engine, build_model
+    from trainer.growth import gather_full_state, maybe_grow
+    from trainer.metrics import NullMetrics
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(out, f"m{stage}", **{
+        "parallel.zero_stage": stage, "model.mod.capacity": 0.5, "model.value_residual": "learned",
+        "growth.stages": "[{at_step: 2, layers: 4, method: interleave}]"}))
+    dist = init_distributed()
+    engine = build_engine(cfg, dist, build_model(cfg, 2))
+    g = torch.Generator().manual_seed(dist.rank)
+    for _ in range(2):
+        x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+        loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+    before = gather_full_state(engine)
+    state = TrainState(step=2, n_layers=2)
+    ckpt = Checkpointer(out / f"m{stage}" / "checkpoints", 2, dist)
+    engine, grew = maybe_grow(cfg, state, engine, dist, None, ckpt, NullMetrics())
+    after = gather_full_state(engine)
+    fresh = dict(build_model(cfg, 4).named_parameters())
+
+    assert grew and state.n_layers == 4 and len(engine.module.blocks) == 4
+    assert float(after.step) == float(before.step) == 2.0
+    assert (ckpt.root / "step-2" / "COMPLETE").is_file()
+    src = {0: 0, 1: 0, 2: 1, 3: 1}
+    fresh_names = {"blocks.1.router.weight", "blocks.1.attn.value.lambdas"}  # dense block 1 -> routed slot 2
+    assert "blocks.2.router.weight" not in after.weights  # routed block 2 -> dense slot 3
+    checked = 0
+    for name, w in after.weights.items():
+        parts = name.split(".")
+        old_name = ".".join(["blocks", str(src[int(parts[1])]), *parts[2:]]) if parts[0] == "blocks" else name
+        if name in fresh_names:
+            assert torch.equal(w, fresh[name].detach().float()), name
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert after.moments[k][name].abs().sum() == 0, (name, k)
+            continue
+        assert torch.equal(w, before.weights[old_name]), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert before.moments[k][old_name].abs().sum() > 0, (old_name, k)
+            assert torch.equal(after.moments[k][name], before.moments[k][old_name]), (name, k)
+        checked += 1
+    assert checked == len(after.weights) - len(fresh_names)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+    loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    engine.backward(loss)
+    engine.step()
+    assert math.isfinite(loss.item())
+    if dist.is_main:
+        (out / f"moments-ok-{stage}").write_text(json.dumps({"checked": checked}))
+
+
+@pytest.mark.parametrize("stage,nproc", [(0, 1), (1, 2), (2, 2), (3, 2)])
+def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path, stage, nproc):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "tests.test_growth", str(stage), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((tmp_path / f"moments-ok-{stage}").read_text())["checked"] > 20
+
+
+# ---------------------------------------------------------------- the real entry point
+
+GROW = {"run.max_steps": 8, "growth.stages": "[{at_step: 4, layers: 4, method: stack}]"}
+
+
+def test_growth_run_logs_event_deepens_and_keeps_training(tmp_path):
+    out = tmp_path / "runs"
+    proc = train(tiny_overrides(out, "g", **GROW))
+    rows = metrics(out / "g")
+    events = [r for r in rows if r.get("event") == "growth"]
+    assert events == [{"step": 4, "event": "growth", "n_layers_from": 2, "n_layers": 4, "method": "stack"}]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["n_layers"] for r in train_rows] == [2, 2, 2, 2, 4, 4, 4, 4]
+    assert all(math.isfinite(r["loss"]) for r in train_rows)
+    assert "grew 2 -> 4 layers" in proc.stdout and "4 layers" in proc.stdout.splitlines()[-1]
+    manifest = json.loads((out / "g/checkpoints/step-4/MANIFEST.json").read_text())
+    assert manifest["n_layers"] == 2  # the growth-step checkpoint holds the depth before growth
+
+
+def test_identity_growth_keeps_the_loss_of_the_ungrown_model_at_the_first_step_after_growth(tmp_path):
+    """The first loss after growth is computed by the deeper model before its first update:
+    with identity growth it must equal the shallow run's loss at that step."""
+    out = tmp_path / "runs"
+    peri = {"run.max_steps": 6, "model.norm": "peri", "model.ln_scaling": "true", "model.value_residual": "learned"}
+    train(tiny_overrides(out, "shallow", **peri))
+    train(tiny_overrides(out, "identity", **peri, **{"growth.stages": "[{at_step: 3, layers: 5, method: identity}]"}))
+    ref, got = losses(out / "shallow"), losses(out / "identity")
+    assert [got[s] for s in (1, 2, 3)] == [ref[s] for s in (1, 2, 3)]
+    assert got[4] == pytest.approx(ref[4], abs=1e-6)
+    assert got[6] != ref[6]  # after its first update the deeper model is a different model
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])
+def test_resume_across_growth_is_bit_identical(tmp_path, stop_at):
+    """Stopped exactly at the growth step (the checkpoint predates growth, which runs again
+    on resume) and after it (the checkpoint is already deep)."""
+    out = tmp_path / "runs"
+    train(tiny_overrides(out, "full", **GROW))
+    part = tiny_overrides(out, "part", **GROW)
+    train([*part, f"run.stop_at={stop_at}"])
+    proc = train(part)
+    assert f"step {stop_at}, {2 if stop_at == 4 else 4} layers" in proc.stdout
+    assert losses(out / "part") == losses(out / "full")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]  # noqa: E731
+    assert strip(metrics(out / "part")) == strip(metrics(out / "full"))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage):
+    out = tmp_path / "runs"
+    grow = {"run.max_steps": 6, "growth.stages": "[{at_step: 3, layers: 4, method: stack}]"}
+    train(tiny_overrides(out, "z0", **grow, **{"parallel.zero_stage": 0}), nproc=2)
+    train(tiny_overrides(out, f"z{stage}", **grow, **{"parallel.zero_stage": stage}), nproc=2)
+    ref, got = losses(out / "z0"), losses(out / f"z{stage}")
+    assert list(ref) == [1, 2, 3, 4, 5, 6]
+    assert [r["n_layers"] for r in metrics(out / f"z{stage}") if "loss" in r] == [2, 2, 2, 4, 4, 4]
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-5), (s, ref, got)
+
+
+if __name__ == "__main__":
+    _moment_worker(int(sys.argv[1]), Path(sys.argv[2]))

@@ -68,7 +68,7 @@ def flops_curve(rows: list[dict], tokens_per_step: int, fpt: dict[int, float]) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600, help="baseline steps (sets the FLOP budget)")
+    ap.add_argument("--steps", type=int, default=300, help="baseline steps (sets the FLOP budget)")
     ap.add_argument("--quick", action="store_true", help="a 60-step smoke run")
     ap.add_argument("--out", type=Path, default=RESULTS / "growth_runs")
     args = ap.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     results = {"baseline": {"n_layers": FULL, "steps": steps, "flops": budget, "final_val_loss": target,
                             "command": base_cmd, "curve": base_curve}}
 
-    variants = [(m, f) for m in ("stack", "interleave", "identity") for f in (0.25, 0.35)]
+    variants = [("stack", 0.25), ("stack", 0.35), ("interleave", 0.35), ("identity", 0.35)]
     for method, frac in variants:
         grow_flops = frac * budget  # FLOPs spent shallow before growing
         at_step = int(grow_flops / (fpt[SHALLOW] * tokens_per_step))

@@ -78,6 +78,7 @@ class Trainer:
     def fit(self) -> int:
         from trainer import growth
         from trainer.data import prepare_data
+        from trainer.diagnostics import depth_diagnostics
         from trainer.engine import build_engine, build_model, set_lr
         from trainer.metrics import make_metrics, measure_peak_flops
         from trainer.schedule import lr_at
@@ -133,6 +134,8 @@ class Trainer:
                 metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})
             if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.max_steps:
                 metrics.log(self._eval_row(engine, data, state, evaluate))
+            if cfg.logging.diag_every and state.step % cfg.logging.diag_every == 0:
+                metrics.log(depth_diagnostics(engine, data, dist, cfg, state.step))
             stop = dist.any(self.stop.requested) or state.step == cfg.run.stop_at
             if stop or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) \
                     or state.step == cfg.run.max_steps:

@@ -1,0 +1,131 @@
+# Shared launch helper for the sbatch scripts in slurm/ (sourced, not run).
+#
+#   source slurm/launch.sh
+#   harness_launch DEFAULT_CONFIG [CONFIG] [key=value ...]
+#
+# It starts one torchrun per node with srun; torchrun starts NPROC_PER_NODE trainer
+# processes per node and they meet through a c10d rendezvous on the job's first node.
+# Everything about the run (model, batch, steps, checkpoints) lives in the YAML config
+# and the key=value overrides; this file only wires SLURM to `python -m trainer.train`.
+#
+# Preemption / time limit: submit with `--signal=B:USR1@120 --requeue`. SLURM then sends
+# USR1 to this batch shell only (B:). We cannot let the signal reach torchrun: it has no
+# USR1 handler, would die, and would never pass the signal on to the trainer. Instead the
+# trap touches a stop file on the shared filesystem (HARNESS_STOP_FILE); every rank sees
+# it at its next step, finishes that step, writes a checkpoint and exits 0. Then this
+# shell runs `scontrol requeue`, and the requeued job resumes from that checkpoint
+# because re-running the same command auto-resumes.
+#
+# Env knobs:
+#   NPROC_PER_NODE   processes per node (default: GPUs on the node, else 1)
+#   HARNESS_MASTER_PORT  rendezvous port (default: 20000 + job id % 20000)
+#   HARNESS_STOP_DIR where stop files go (default: runs/.slurm under the submit dir;
+#                    must be on a filesystem every node sees)
+#   HARNESS_NO_REQUEUE=1  on a stop request, checkpoint and exit without requeueing
+
+_hl_log() { echo "[launch $(date '+%F %T')] $*"; }
+
+# Processes per node: NPROC_PER_NODE, else the GPUs SLURM gave us on this node, else the
+# GPUs nvidia-smi sees, else 1 (a CPU node runs one process per node).
+_hl_nproc_per_node() {
+    if [ -n "${NPROC_PER_NODE:-}" ]; then echo "$NPROC_PER_NODE"; return; fi
+    if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" -gt 0 ] 2>/dev/null; then
+        echo "$SLURM_GPUS_ON_NODE"; return
+    fi
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    fi
+    if [ "${n:-0}" -gt 0 ]; then echo "$n"; else echo 1; fi
+}
+
+harness_launch() {
+    local default_config="$1"; shift
+
+    [ -n "${SLURM_JOB_ID:-}" ] || { echo "harness_launch: not inside a SLURM job (submit with sbatch)" >&2; return 2; }
+
+    # The first argument is the config when it looks like one; the rest are overrides.
+    local config="$default_config"
+    case "${1:-}" in
+        *.yaml|*.yml) config="$1"; shift ;;
+    esac
+    [ -f "$config" ] || { echo "harness_launch: config not found: $config (cwd $PWD)" >&2; return 2; }
+
+    # Rendezvous on the job's first node. The port is derived from the job id so that two
+    # jobs sharing a node do not collide, and a requeued job (same id) reuses it.
+    local master_addr
+    master_addr="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    # (HARNESS_MASTER_PORT, not MASTER_PORT: sbatch exports the submitting shell's env,
+    # and a stray MASTER_PORT from an earlier torchrun session must not leak in.)
+    local master_port="${HARNESS_MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
+    local nproc
+    nproc="$(_hl_nproc_per_node)"
+    local nnodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
+
+    # Stop file: named by job id (stable across requeues). A stale one from the previous
+    # (stopped) start would stop this start at its first step, so remove it first.
+    local stop_dir="${HARNESS_STOP_DIR:-$PWD/runs/.slurm}"
+    mkdir -p "$stop_dir"
+    export HARNESS_STOP_FILE="$stop_dir/stop-$SLURM_JOB_ID"
+    rm -f "$HARNESS_STOP_FILE"
+
+    _HL_STOP=0
+    _HL_SIG=""
+    # USR1: SLURM's --signal=B:USR1@N before the time limit, or `scancel -b -s USR1`.
+    # TERM: scancel / preemption; SLURM also signals the job steps and requeues or
+    # kills by itself, so only record it and let the trainer checkpoint.
+    trap '_HL_STOP=1; _HL_SIG=USR1; touch "$HARNESS_STOP_FILE"; _hl_log "USR1: asked the trainer to checkpoint and stop ($HARNESS_STOP_FILE)"' USR1
+    trap '_HL_SIG=TERM; touch "$HARNESS_STOP_FILE"; _hl_log "TERM: asked the trainer to checkpoint and stop"' TERM
+
+    local restarts
+    restarts="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2)"
+    _hl_log "start job=$SLURM_JOB_ID restarts=${restarts:-0} nodes=$nnodes ($SLURM_JOB_NODELIST) nproc_per_node=$nproc" \
+        "rdzv=$master_addr:$master_port config=$config overrides: $*"
+
+    # Unbuffered: the job log (--output) shows progress as it happens.
+    export PYTHONUNBUFFERED=1
+
+    # srun starts one torchrun per node (--ntasks-per-node=1); --kill-on-bad-exit stops
+    # the other nodes when one fails. The node rank must be read on each node, hence the
+    # inner shell (with c10d rendezvous torchrun assigns ranks itself anyway).
+    # --cpus-per-task: give the one task per node all of the node's CPUs (since 22.05
+    # srun does not inherit the batch job's --cpus-per-task), so torchrun and its workers
+    # are not confined to one core where SLURM binds tasks.
+    # SLURM_JOB_CPUS_PER_NODE looks like "64(x2),32": take the smallest node's count.
+    local srun_cpus=() node_cpus
+    node_cpus="$(echo "${SLURM_JOB_CPUS_PER_NODE:-}" | sed 's/(x[0-9]*)//g' | tr ',' '\n' | grep -E '^[0-9]+$' | sort -n | head -n1)"
+    if [ -n "$node_cpus" ]; then srun_cpus=(--cpus-per-task="$node_cpus"); fi
+    # Run in the background and `wait`: bash runs a trap only between commands, so a
+    # foreground srun would delay the USR1 handling until training had ended.
+    srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks-per-node=1 "${srun_cpus[@]}" \
+        bash -c 'exec torchrun --node-rank="$SLURM_NODEID" "$@"' torchrun \
+        --nnodes="$nnodes" --nproc-per-node="$nproc" \
+        --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="$SLURM_JOB_ID" \
+        -m trainer.train "$config" "$@" &
+    local srun_pid=$!
+
+    # `wait` returns early (status > 128) when a trapped signal arrives; keep waiting
+    # until srun itself has exited, then take its status.
+    local rc
+    while :; do
+        wait "$srun_pid"; rc=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    rm -f "$HARNESS_STOP_FILE"
+
+    if [ "$_HL_STOP" = 1 ]; then
+        if [ "${HARNESS_NO_REQUEUE:-0}" = 1 ]; then
+            _hl_log "stopped on $_HL_SIG (srun exit $rc); HARNESS_NO_REQUEUE=1, not requeueing"
+            return "$rc"
+        fi
+        _hl_log "stopped on $_HL_SIG (srun exit $rc); requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            return 0
+        fi
+        _hl_log "scontrol requeue failed (was the job submitted with --requeue? JobRequeue=0?)"
+        return 1
+    fi
+    _hl_log "done (srun exit $rc)"
+    return "$rc"
+}

@@ -1,0 +1,276 @@
+"""Depth diagnostics (DESIGN §8): per-layer numbers that make the seeds' claims visible,
+computed every `logging.diag_every` steps on one fixed batch (the first validation batch).
+
+One row per call, flat keys so W&B plots each as a series; l = 1..L is the 1-based block
+index (as in DESIGN §4 and the MoD stats):
+
+    diag/resid_rms/l{l}       RMS of block l's output, the residual stream after block l;
+                              l0 is the stream entering block 1 (the embedding output)
+    diag/angle/l{l}           mean over tokens of arccos(cos(x_in, x_out)) / π: 0 = block l
+                              leaves the stream's direction alone, 0.5 = orthogonal update
+    diag/grad_norm/l{l}       ‖∂loss/∂θ_l‖ of block l's parameters on the fixed batch
+    diag/attn_entropy/l{l}    softmax(QKᵀ/√Dh + causal mask) entropy in nats, mean over
+                              heads and queries (batch too)
+    diag/lambda1|lambda2/l{l} value-residual mixing weights (fixed or learned modes)
+    diag/mod/selected_frac/l{l}, diag/mod/causal_acc/l{l}
+                              routed block l's `forward(collect_stats=True)` stats for the
+                              top-k rule it trains with: fraction processed, and how often
+                              the causal rule (σ(logit) > 0.5) agrees with top-k
+    diag/mod/causal_frac/l{l} fraction of tokens the causal rule would process
+    diag/mod/mean_pos/l{l}    mean position / T of the top-k tokens (0.5 = no position bias)
+    diag/mod/pos_hist/l{l}/b{j}  fraction of top-k selections in position bin j of POS_BINS
+
+How it stays out of training's way:
+- The forward runs on `engine.module`, not the engine: DeepSpeedEngine.forward registers
+  backward hooks on its output (gradient-accumulation bookkeeping) that must not fire here.
+- Gradients come from `torch.autograd.grad(loss, block params)`. With explicit inputs autograd
+  returns the leaf gradients without running AccumulateGrad, so `.grad` is untouched and
+  DeepSpeed's ZeRO-1/2/3 reduction hooks (`register_post_accumulate_grad_hook`) never fire;
+  tests/test_diagnostics.py checks that the training losses are bit-identical with it on.
+- ZeRO-3: the forward and backward go through the module's own ZeRO-3 hooks, which gather
+  each block's parameters when it runs and release them after, exactly as in training and
+  evaluation; every rank runs it (the gathers are collectives). The λ's are read inside
+  `deepspeed.zero.GatheredParameters` (a no-op below stage 3).
+- Attention probabilities never exist in SDPA, so each block's attention core is swapped, for
+  this one forward, for a wrapper that records q and k (after RoPE, after the MoD gather,
+  before Ulysses' all-to-all) and then calls the real core.
+- No optimizer state, RNG or engine counter is touched; the model has no dropout.
+
+Parallel layouts: data-parallel ranks all see the same fixed batch and compute the same
+numbers, so they need no collective. Under Ulysses each rank holds a slice of the sequence:
+sums and counts (and the gradients, which are summed like training's are) are all-reduced
+over the SP group; entropies use the local queries against the gathered keys; MoD positions
+are global. The row is therefore the same at every ZeRO stage and SP degree (up to float
+rounding), which tests/test_diagnostics.py checks for SP=2.
+Rank 0 logs the row (the caller passes it to `Metrics.log`, a no-op elsewhere).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from model.attention import causal_key_mask
+from trainer.config import RunConfig
+from trainer.dist import Dist
+from trainer.ulysses import gather_sequence, shard_sequence
+
+POS_BINS = 8
+SCORE_ELEMENTS = 2**26  # attention scores materialised at once for the entropy (256 MB in fp32)
+
+
+def fixed_batch(data, dist: Dist, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first validation batch (the train batch of step 0 if there is no val split), as
+    this rank's sequence slice: inputs, labels [B, T/sp], global position ids [T/sp]."""
+    batch = next(iter(data.val_batches(1, cfg.parallel.micro_batch)), None)
+    if batch is None:
+        batch = data.train_batch(0, 0, 0, 1, cfg.parallel.micro_batch, 1)
+    x, y, pos = shard_sequence(*batch, dist)
+    return x.to(dist.device), y.to(dist.device), pos.to(dist.device)
+
+
+def _pair(total, count) -> torch.Tensor:
+    """(sum, count) as a float64 pair, the unit every mean here is reduced in."""
+    return torch.tensor([float(total), float(count)], dtype=torch.float64)
+
+
+class _Sums:
+    """Named float64 accumulators, reduced over the SP group in one all-reduce."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().double().cpu().reshape(-1)
+        self.values[key] = self.values[key] + value if key in self.values else value
+
+    def reduce(self, dist: Dist) -> dict[str, torch.Tensor]:
+        if dist.sp > 1 and self.values:
+            keys = sorted(self.values)
+            flat = torch.cat([self.values[k] for k in keys])
+            dist.all_reduce(flat, group=dist.sp_group)
+            sizes = [self.values[k].numel() for k in keys]
+            self.values = dict(zip(keys, flat.split(sizes)))
+        return self.values
+
+
+def attention_entropy_sum(q: torch.Tensor, k: torch.Tensor, q_offset: int,
+                          key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Σ over (batch, head, query) of the causal attention entropy, and the count.
+
+    q [B, Tq, H, Dh] are queries at global positions q_offset..q_offset+Tq-1 of the sequence
+    k [B, Tk, Hkv, Dh] spans (Tk >= q_offset + Tq); key_mask [B, Tk] bool or None, as the core
+    receives it. GQA: query head h uses kv head h // (H / Hkv), as SDPA's enable_gqa does.
+    Scores are formed for one sample and at most SCORE_ELEMENTS of [H, queries, Tk] at a time,
+    so long sequences (T = 4096, 32 heads) stay within a few hundred MB.
+    """
+    B, Tq, H, Dh = q.shape
+    Tk = k.shape[1]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    if key_mask is None:
+        allowed = torch.ones(Tk, Tk, dtype=torch.bool, device=q.device).tril().expand(B, 1, Tk, Tk)
+    else:
+        allowed = causal_key_mask(key_mask)
+    allowed = allowed[:, :, q_offset:q_offset + Tq]  # [B, 1, Tq, Tk]
+    chunk = max(1, SCORE_ELEMENTS // (H * Tk))
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for lo in range(0, Tq, chunk):
+            scores = torch.einsum("qhd,khd->hqk", q[b, lo:lo + chunk].float(), k[b].float()) / math.sqrt(Dh)
+            p = scores.masked_fill(~allowed[b, :, lo:lo + chunk], float("-inf")).softmax(-1)
+            total += torch.special.entr(p).sum().double().cpu()
+    return total, B * H * Tq
+
+
+def angle_between(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Angle in radians between x and y [..., D] along the last dim, as 2·atan2(‖x̂−ŷ‖, ‖x̂+ŷ‖):
+    exact where arccos(cos) loses everything below ~1e-4 rad to rounding."""
+    x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    y = y / y.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    return 2 * torch.atan2((x - y).norm(dim=-1), (x + y).norm(dim=-1))
+
+
+@contextmanager
+def _recording_cores(blocks, sums: _Sums, dist: Dist) -> Iterator[None]:
+    """Swap each block's attention core for one that also accumulates attention entropy."""
+
+    def recorder(core, layer: int):
+        def core_and_entropy(q, k, v, key_mask=None):
+            with torch.no_grad():
+                qd, kd, mask = q.detach(), k.detach(), key_mask
+                if dist.sp > 1:
+                    kd = gather_sequence(kd, dist)
+                    mask = None if mask is None else gather_sequence(mask, dist)
+                total, count = attention_entropy_sum(qd, kd, dist.sp_rank * q.shape[1], mask)
+                sums.add(f"entropy/{layer}", _pair(total, count))
+            return core(q, k, v, key_mask=key_mask)
+
+        return core_and_entropy
+
+    originals = [block.attn.core for block in blocks]
+    try:
+        for layer, block in enumerate(blocks, start=1):
+            block.attn.core = recorder(block.attn.core, layer)
+        yield
+    finally:
+        for block, core in zip(blocks, originals):
+            block.attn.core = core
+
+
+def _stream_hooks(stack: ExitStack, blocks, sums: _Sums, dist: Dist, seq_len: int) -> None:
+    """Forward hooks: residual RMS and input/output angle per block; for routed blocks the
+    top-k position histogram (global positions) and the causal rule's selected fraction."""
+
+    def on_block(layer: int):
+        def hook(module, args, output):
+            x, y = args[0].detach().double(), output[0].detach().double()
+            if layer == 1:  # the stream entering block 1: the (normed) embedding, "l0"
+                sums.add("sq/0", _pair(x.pow(2).sum(), x.numel()))
+            sums.add(f"sq/{layer}", _pair(y.pow(2).sum(), y.numel()))
+            angle = angle_between(x, y)
+            sums.add(f"angle/{layer}", _pair(angle.sum() / math.pi, angle.numel()))
+        return hook
+
+    def on_router(block, layer: int):
+        def hook(module, args, output):
+            r = output.detach().squeeze(-1)  # [B, T_local]
+            pos = (block.select(r) + dist.sp_rank * r.shape[1]).flatten()
+            sums.add(f"pos_hist/{layer}", torch.bincount(pos * POS_BINS // seq_len, minlength=POS_BINS).double())
+            sums.add(f"mean_pos/{layer}", _pair(pos.sum() / seq_len, pos.numel()))
+        return hook
+
+    def on_causal_rule(layer: int):
+        def hook(module, args, output):
+            sums.add(f"causal_frac/{layer}", _pair((output.detach() > 0).sum(), output.numel()))
+        return hook
+
+    for layer, block in enumerate(blocks, start=1):
+        stack.enter_context(block.register_forward_hook(on_block(layer)))
+        if hasattr(block, "router"):
+            stack.enter_context(block.router.register_forward_hook(on_router(block, layer)))
+            stack.enter_context(block.causal_rule.register_forward_hook(on_causal_rule(layer)))
+
+
+def _lambdas(blocks) -> dict[str, float]:
+    """Value-residual λ1, λ2 of every block that mixes (a parameter under `learned`, a
+    buffer under `fixed`). Gathered first under ZeRO-3, a collective on every rank."""
+    import deepspeed
+
+    mixers = [(layer, block.attn.value) for layer, block in enumerate(blocks, start=1)
+              if hasattr(block.attn.value, "lambdas")]
+    params = [m.lambdas for _, m in mixers if isinstance(m.lambdas, torch.nn.Parameter)]
+    row = {}
+    with deepspeed.zero.GatheredParameters(params):
+        for layer, m in mixers:
+            lam = m.lambdas.detach().float().cpu()
+            row[f"diag/lambda1/l{layer}"], row[f"diag/lambda2/l{layer}"] = lam[0].item(), lam[1].item()
+    return row
+
+
+def _block_grad_norms(loss: torch.Tensor, blocks, dist: Dist) -> dict[str, float]:
+    """‖∂loss/∂θ_l‖ per block without touching `.grad` (see module docstring). Under SP the
+    local gradients are summed over the group, as DeepSpeed sums them in training."""
+    params = [[p for p in block.parameters() if p.requires_grad] for block in blocks]
+    flat = [p for ps in params for p in ps]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    vecs, i = [], 0
+    for ps in params:
+        g = [torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape).flatten() if gi is None
+             else gi.detach().float().cpu().flatten() for p, gi in zip(ps, grads[i:i + len(ps)])]
+        vecs.append(torch.cat(g) if g else torch.zeros(0))
+        i += len(ps)
+    if dist.sp > 1:
+        sizes = [v.numel() for v in vecs]
+        joined = dist.all_reduce(torch.cat(vecs), group=dist.sp_group)
+        vecs = list(joined.split(sizes))
+    return {f"diag/grad_norm/l{layer}": v.norm().item() for layer, v in enumerate(vecs, start=1)}
+
+
+def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> dict:
+    """One diagnostics row for the model in `engine` on the fixed batch; every rank calls it."""
+    model = engine.module
+    blocks = list(model.blocks)
+    x, y, pos = fixed_batch(data, dist, cfg)
+    sums = _Sums()
+    with ExitStack() as stack, torch.enable_grad():
+        stack.enter_context(_recording_cores(blocks, sums, dist))
+        _stream_hooks(stack, blocks, sums, dist, cfg.data.seq_len)
+        logits, aux, stats = model(x, pos, return_aux=True, collect_stats=True)
+        # The training objective on the fixed batch: Σ token CE / tokens of the whole batch.
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        loss = (ce + cfg.model.mod.aux_weight * aux) / (x.shape[0] * cfg.data.seq_len)
+    row: dict = {"step": step, "diag": True, "n_layers": len(blocks)}
+    row.update(_block_grad_norms(loss, blocks, dist))
+    del logits, aux, loss
+
+    for key, value in sorted(stats.items()):  # "mod/block{l}/name" from collect_stats
+        _, block, name = key.split("/")
+        if name != "mean_pos":  # recomputed by the router hook at global positions
+            sums.add(f"stat/{name}/{block[len('block'):]}", _pair(value, 1))
+    for key, v in sums.reduce(dist).items():
+        kind, layer = key.rsplit("/", 1)
+        if kind == "sq":
+            row[f"diag/resid_rms/l{layer}"] = math.sqrt(v[0] / v[1])
+        elif kind == "angle":
+            row[f"diag/angle/l{layer}"] = (v[0] / v[1]).item()
+        elif kind == "entropy":
+            row[f"diag/attn_entropy/l{layer}"] = (v[0] / v[1]).item()
+        elif kind in ("causal_frac", "mean_pos"):
+            row[f"diag/mod/{kind}/l{layer}"] = (v[0] / v[1]).item()
+        elif kind == "pos_hist":
+            for j, frac in enumerate((v / v.sum().clamp(min=1)).tolist()):
+                row[f"diag/mod/pos_hist/l{layer}/b{j}"] = frac
+        elif kind.startswith("stat/"):
+            row[f"diag/mod/{kind[len('stat/'):]}/l{layer}"] = (v[0] / v[1]).item()
+    row.update(_lambdas(blocks))
+    head = {k: row.pop(k) for k in ("step", "diag", "n_layers")}
+    return {**head, **dict(sorted(row.items(), key=_series_order))}
+
+
+def _series_order(item: tuple[str, float]) -> tuple:
+    """Group keys by series, layers in numeric order: diag/angle/l2 before diag/angle/l10."""
+    parts = item[0].split("/")
+    return tuple((0, int(p[1:]), "") if p[:1] in "lb" and p[1:].isdigit() else (1, 0, p) for p in parts)

@@ -6,6 +6,9 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/tiny.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
+# Everything runs with the venv first on PATH, so torch's extension builds (DeepSpeed's CPU
+# shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup pretrain test test-fast faults lint bench ablate slurm-local clean
 

@@ -206,10 +206,11 @@ def engine_train_step(engine, data, dist, cfg) -> Callable[[], None]:
 
 
 def op_profile(steps: dict[str, Callable[[], None]], reps: int = 3, top: int = 15) -> dict:
-    """Per-operator self CPU ms of two steps, profiled `reps` times each (alternating), keeping
-    each operator's minimum over the reps: the profiler times ops by wall clock, and another
-    process taking our core mid-op only ever adds. Also the `phase:*` ranges (inclusive, min)
-    and the operators where the two steps differ most."""
+    """Per-operator self time of two steps, profiled `reps` times each (alternating), keeping
+    each operator's minimum over the reps. The profiler times ops by wall clock, so on a
+    shared core every op is inflated by the share other processes take; the minimum drops
+    spikes, and comparing the two steps' tables op by op stays meaningful. Also the `phase:*`
+    ranges (inclusive, min) and the operators where the two steps differ most."""
     from torch.profiler import ProfilerActivity, profile
 
     tables: dict[str, dict[str, float]] = {n: {} for n in steps}
@@ -226,9 +227,10 @@ def op_profile(steps: dict[str, Callable[[], None]], reps: int = 3, top: int = 1
     keys = set(tables[a]) | set(tables[b])
     diff = sorted(((k, tables[a].get(k, 0.0), tables[b].get(k, 0.0)) for k in keys), key=lambda t: -abs(t[1] - t[2]))
     return {
-        "unit": f"ms per step, each operator's minimum over {reps} profiled steps (profiler overhead included)",
+        "unit": f"wall ms per step, each operator's minimum over {reps} profiled steps (profiler overhead and "
+                "other processes' share of the core included)",
         "total_self_ms": {n: round(sum(t.values()), 1) for n, t in tables.items()},
-        "phases_ms": {n: {k: round(v, 1) for k, v in t.items()} for n, t in phases.items()},
+        "phases_ms": {n: {k: round(v, 1) for k, v in t.items()} for n, t in phases.items() if t},
         "top_self_ms": {n: [[k, round(v, 2)] for k, v in sorted(t.items(), key=lambda kv: -kv[1])[:top]]
                         for n, t in tables.items()},
         f"largest_differences_{a}_vs_{b}": [{"op": k, a: round(x, 2), b: round(y, 2), "diff_ms": round(x - y, 2)}

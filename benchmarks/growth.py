@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300, help="baseline steps (sets the FLOP budget)")
     ap.add_argument("--quick", action="store_true", help="a 60-step smoke run")
+    ap.add_argument("--variants", default="stack:0.25,stack:0.35,interleave:0.35,identity:0.35",
+                    help="method:fraction-of-budget-before-growing, comma separated")
     ap.add_argument("--out", type=Path, default=RESULTS / "growth_runs")
     args = ap.parse_args(argv)
     steps = 60 if args.quick else args.steps
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     results = {"baseline": {"n_layers": FULL, "steps": steps, "flops": budget, "final_val_loss": target,
                             "command": base_cmd, "curve": base_curve}}
 
-    variants = [("stack", 0.25), ("stack", 0.35), ("interleave", 0.35), ("identity", 0.35)]
+    variants = [(m, float(f)) for m, f in (v.split(":") for v in args.variants.split(","))]
     for method, frac in variants:
         grow_flops = frac * budget  # FLOPs spent shallow before growing
         at_step = int(grow_flops / (fpt[SHALLOW] * tokens_per_step))
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     best = min(ok, key=ok.get) if ok else None
     summary = {
         "benchmark": "growth",
-        "command": "python -m benchmarks.growth" + (" --quick" if args.quick else ""),
+        "command": "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": _machine(),
         "data": source,
         "dims": DIMS, "full_layers": FULL, "shallow_layers": SHALLOW,

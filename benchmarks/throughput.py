@@ -36,7 +36,6 @@ from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_
 
 NAME = "throughput"
 DIMS = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=4096, seq_len=256)
-STEPS = ("ours_engine", "hf_engine", "ours_plain", "hf_plain")
 
 
 class HFAdapter(nn.Module):

@@ -70,12 +70,15 @@ harness_launch() {
     rm -f "$HARNESS_STOP_FILE"
 
     _HL_STOP=0
-    _HL_SIG=""
-    # USR1: SLURM's --signal=B:USR1@N before the time limit, or `scancel -b -s USR1`.
-    # TERM: scancel / preemption; SLURM also signals the job steps and requeues or
-    # kills by itself, so only record it and let the trainer checkpoint.
-    trap '_HL_STOP=1; _HL_SIG=USR1; touch "$HARNESS_STOP_FILE"; _hl_log "USR1: asked the trainer to checkpoint and stop ($HARNESS_STOP_FILE)"' USR1
-    trap '_HL_SIG=TERM; touch "$HARNESS_STOP_FILE"; _hl_log "TERM: asked the trainer to checkpoint and stop"' TERM
+    _HL_TERM=0
+    # USR1: SLURM's --signal=B:USR1@N before the time limit, or `scancel -b -s USR1`:
+    # checkpoint, stop, requeue.
+    # TERM: scancel, preemption or a node going away. SLURM signals the job steps too
+    # and then cancels (or itself requeues) the job, so we only ask the trainer to
+    # checkpoint in the KillWait grace period, and never requeue: a requeue here would
+    # resurrect a job the user just cancelled.
+    trap '_HL_STOP=1; touch "$HARNESS_STOP_FILE"; _hl_log "USR1: asked the trainer to checkpoint and stop ($HARNESS_STOP_FILE)"' USR1
+    trap '_HL_TERM=1; touch "$HARNESS_STOP_FILE"; _hl_log "TERM: asked the trainer to checkpoint and stop; no requeue"' TERM
 
     local restarts
     restarts="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2)"
@@ -114,12 +117,16 @@ harness_launch() {
     trap - USR1 TERM
     rm -f "$HARNESS_STOP_FILE"
 
+    if [ "$_HL_TERM" = 1 ]; then
+        _hl_log "terminated (srun exit $rc); not requeueing"
+        return "$rc"
+    fi
     if [ "$_HL_STOP" = 1 ]; then
         if [ "${HARNESS_NO_REQUEUE:-0}" = 1 ]; then
-            _hl_log "stopped on $_HL_SIG (srun exit $rc); HARNESS_NO_REQUEUE=1, not requeueing"
+            _hl_log "stopped on USR1 (srun exit $rc); HARNESS_NO_REQUEUE=1, not requeueing"
             return "$rc"
         fi
-        _hl_log "stopped on $_HL_SIG (srun exit $rc); requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+        _hl_log "stopped on USR1 (srun exit $rc); requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
         if scontrol requeue "$SLURM_JOB_ID"; then
             return 0
         fi

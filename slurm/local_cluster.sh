@@ -34,8 +34,19 @@ node_usable() {
     esac
 }
 
+# True when the pid file names a live process with that command name (a stale pid file
+# from an earlier container may name a reused pid).
+pid_alive() {
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
+
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
 # ---- fast path: already up ---------------------------------------------------------
-if command -v sinfo >/dev/null 2>&1 && [ -f "$CONF" ] && node_usable; then
+if command -v sinfo >/dev/null 2>&1 && [ -f "$CONF" ] && munge_ok \
+        && pid_alive /run/slurm/slurmctld.pid slurmctld && pid_alive /run/slurm/slurmd.pid slurmd && node_usable; then
     log "already up: node $NODE is $(node_state)"
     exit 0
 fi
@@ -51,10 +62,17 @@ if [ "${#need[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install ${need[*]} by hand (Debian/Ubuntu packages)"
     log "installing ${need[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    # Debian's maintainer scripts try to start services through invoke-rc.d; in a
-    # container that fails harmlessly ("policy-rc.d denied"). We start the daemons below.
-    apt-get update -q || die "apt-get update failed"
-    apt-get install -y -q --no-install-recommends "${need[@]}" || die "apt-get install ${need[*]} failed"
+    # In a container without systemd, stop the packages' maintainer scripts from starting
+    # the daemons with their default (absent) config; the standard policy-rc.d "deny"
+    # does that (a policy the image already has is left alone). We start the daemons below.
+    policy_added=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_added=1
+    fi
+    apt_rc=0
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${need[@]}"; } || apt_rc=$?
+    [ "$policy_added" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    [ "$apt_rc" = 0 ] || die "apt-get update/install ${need[*]} failed (exit $apt_rc)"
 fi
 for bin in munged slurmctld slurmd sinfo scontrol sbatch; do
     command -v "$bin" >/dev/null 2>&1 || die "$bin not found after installing slurm-wlm/munge"
@@ -140,9 +158,7 @@ mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
 chmod 0755 /run/munge
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
-
-if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+if ! munge_ok; then
     log "starting munged"
     rm -f /run/munge/munged.pid
     if id munge >/dev/null 2>&1; then
@@ -150,10 +166,7 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     else
         /usr/sbin/munged --force || die "munged failed to start (see /var/log/munge/munged.log)"
     fi
-    for _ in $(seq 1 50); do
-        munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break
-        sleep 0.2
-    done
+    for _ in $(seq 1 50); do munge_ok && break; sleep 0.2; done
     munge -n </dev/null | unmunge >/dev/null || die "munge credential round trip fails (see /var/log/munge/munged.log)"
 fi
 
@@ -161,20 +174,20 @@ fi
 if [ "$conf_changed" = 1 ]; then
     # A running daemon holds the old config: restart it with the new one.
     for d in slurmd slurmctld; do
-        if pid_alive "/run/slurm/$d.pid"; then
+        if pid_alive "/run/slurm/$d.pid" "$d"; then
             log "restarting $d (config changed)"
             kill "$(cat "/run/slurm/$d.pid")" || true
-            for _ in $(seq 1 50); do pid_alive "/run/slurm/$d.pid" || break; sleep 0.2; done
+            for _ in $(seq 1 50); do pid_alive "/run/slurm/$d.pid" "$d" || break; sleep 0.2; done
         fi
     done
 fi
-if ! pid_alive /run/slurm/slurmctld.pid; then
+if ! pid_alive /run/slurm/slurmctld.pid slurmctld; then
     log "starting slurmctld"
     /usr/sbin/slurmctld || die "slurmctld failed to start (see $LOG_DIR/slurmctld.log)"
 fi
 for _ in $(seq 1 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
 scontrol ping 2>/dev/null | grep -q UP || die "slurmctld does not answer 'scontrol ping' (see $LOG_DIR/slurmctld.log)"
-if ! pid_alive /run/slurm/slurmd.pid; then
+if ! pid_alive /run/slurm/slurmd.pid slurmd; then
     log "starting slurmd"
     /usr/sbin/slurmd || die "slurmd failed to start (see $LOG_DIR/slurmd.log)"
 fi

@@ -154,3 +154,33 @@ def test_usr1_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     steps = _train_steps(run)
     assert max(steps) == max_steps and set(steps) == set(range(1, max_steps + 1)), log[-3000:]
     assert not list((tmp_path / "stop").glob("stop-*")), "stale stop file left behind"
+
+
+def test_scancel_cancels_without_requeue(slurm_cluster, tmp_path):
+    """scancel sends TERM: the job must end CANCELLED, not be requeued by the batch script."""
+    out, name = tmp_path / "runs", f"harness-test-{uuid.uuid4().hex[:8]}"
+    run = out / "cx"
+    overrides = tiny_overrides(out, "cx", **{"run.max_steps": 5000, "checkpoint.every": 0})
+    cmd = [*_sbatch_args(tmp_path, name), "--parsable", SCRIPT, "configs/tiny.yaml", *overrides]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path, 2), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+        job_id = proc.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + WAIT_S
+        while len(_train_steps(run)) < 2:
+            assert _job(job_id).get("JobState", "") not in FINAL_STATES, _log(tmp_path)[-4000:]
+            assert time.monotonic() < deadline, f"no training progress within {WAIT_S}s\n{_log(tmp_path)[-4000:]}"
+            time.sleep(0.5)
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=True)
+        # The batch shell logs its decision once srun is gone; then the state must stay put.
+        deadline = time.monotonic() + 90
+        while "not requeueing" not in _log(tmp_path) and _job(job_id).get("JobState") != "CANCELLED":
+            assert time.monotonic() < deadline, f"job not cancelled: {_job(job_id)}\n{_log(tmp_path)[-4000:]}"
+            time.sleep(1)
+        time.sleep(5)
+        info = _job(job_id)
+    finally:
+        _cancel(name)
+    log = _log(tmp_path)
+    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", f"{info}\n{log[-4000:]}"
+    assert "requeueing job" not in log, log[-4000:]

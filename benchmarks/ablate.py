@@ -88,6 +88,41 @@ def plan(paths: list[Path], common: list[str], scale: float) -> tuple[dict, list
     return budget, runs
 
 
+def throughput_probe(runs: list[dict], threads: int, rounds: int = 5, steps: int = 2) -> dict[str, float]:
+    """Forward+backward tokens/s of each variant's model on one random batch, measured in this
+    process in interleaved rounds (median), so that other work on a shared machine slows every
+    variant alike; the training runs' own tokens/s are taken minutes apart."""
+    import torch
+    import torch.nn.functional as F
+
+    from model import Transformer
+    from trainer.config import load_config
+
+    torch.set_num_threads(threads)
+    models, times = {}, {run["variant"]: [] for run in runs}
+    for run in runs:
+        cfg = load_config(ROOT / run["config"], run["overrides"])
+        torch.manual_seed(cfg.run.seed)
+        batch = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
+        models[run["variant"]] = (Transformer(cfg.model), batch, cfg.model.mod.aux_weight)
+
+    def step(model, batch, aux_weight):
+        logits, aux, _ = model(batch, return_aux=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.flatten()) + aux_weight * aux / batch.numel()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for name, args in models.items():
+        step(*args)  # warm-up
+    for _ in range(rounds):
+        for name, args in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(*args)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: models[name][1].numel() / statistics.median(t) for name, t in times.items()}
+
+
 def train(run: dict, out: Path, env: dict) -> float:
     """Fresh run of one variant (an old run dir would be resumed, so it is removed)."""
     run_dir = out / run["run_name"]
@@ -130,17 +165,22 @@ def markdown(report: dict) -> str:
     b = report["budget"]
     lines = [f"# Ablation ({b['tokens']:,} tokens / {b['flops']:.3g} FLOPs per dense run, "
              f"source `{report['source']}`)", "",
-             "| variant | budget | steps | tokens | FLOPs | final val loss | Δ vs pre_ln | best val loss | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | budget | steps | tokens | FLOPs | final val loss | Δ vs pre_ln | best val loss "
+             "| tokens/s (run) | tokens/s (probe) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, v in report["variants"].items():
         delta = v["final_val_loss"] - ref["final_val_loss"] if ref else float("nan")
         causal = f" (causal rule {v['final_val_loss_causal']:.4f})" if "final_val_loss_causal" in v else ""
         speed = f"{v['tokens_per_s_median']:.0f}" if v["tokens_per_s_median"] else "-"
+        probe = v.get("probe_tokens_per_s")
+        probe = f"{probe:.0f} ({probe / ref['probe_tokens_per_s']:.2f}×)" if probe and ref.get("probe_tokens_per_s") else "-"
         lines.append(f"| {name} | {v['budget']} | {v['steps']} | {v['tokens']:,} | {v['total_flops']:.3g} | "
-                     f"{v['final_val_loss']:.4f}{causal} | {delta:+.4f} | {v['best_val_loss']:.4f} | {speed} |")
-    lines += ["", f"Steps scale {report['steps_scale']}, OMP_NUM_THREADS={report['omp_num_threads']}, "
-              f"{report['cpus']} CPUs, load average {report['load_avg_start']} at start and "
-              f"{report['load_avg_end']} at end (tokens/s is sensitive to other work on the machine).", ""]
+                     f"{v['final_val_loss']:.4f}{causal} | {delta:+.4f} | {v['best_val_loss']:.4f} | {speed} | {probe} |")
+    lines += ["", f"tokens/s (run): median over the training run's steps, variants run minutes apart; "
+              f"tokens/s (probe): forward+backward of one batch, all variants interleaved in one process "
+              f"(ratio to {REFERENCE}). Steps scale {report['steps_scale']}, "
+              f"OMP_NUM_THREADS={report['omp_num_threads']}, {report['cpus']} CPUs, 1-min load average "
+              f"{report['load_avg_start']} at start and {report['load_avg_end']} at end.", ""]
     return "\n".join(lines)
 
 
@@ -192,18 +232,30 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     report = {"source": source, "steps_scale": args.steps_scale, "budget": budget, "cpus": os.cpu_count(),
               "omp_num_threads": env["OMP_NUM_THREADS"], "load_avg_start": round(load_start, 2), "variants": {}}
+    previous = json.loads((RESULTS / "ablation.json").read_text()) if args.report_only and \
+        (RESULTS / "ablation.json").is_file() else {}
     for i, run in enumerate(runs, start=1):
         print(f"[{i}/{len(runs)}] {run['variant']}: {run['budget']}, {run['steps']} steps", end="", flush=True)
         if not args.report_only:
-            run["wall_s"] = train(run, out, env)
-        else:
-            run["command"] = " ".join(["python -m trainer.train", run["config"], *run["overrides"]])
+            run["wall_s"] = round(train(run, out, env), 1)
+        else:  # keep what the training pass recorded
+            before = previous.get("variants", {}).get(run["variant"], {})
+            run["command"] = before.get("command") or " ".join(["python -m trainer.train", run["config"],
+                                                                 *run["overrides"]])
+            if "wall_s" in before:
+                run["wall_s"] = before["wall_s"]
         report["variants"][run["variant"]] = summarise(run, out, budget["tokens_per_step"])
         if "wall_s" in run:
-            report["variants"][run["variant"]]["wall_s"] = round(run["wall_s"], 1)
+            report["variants"][run["variant"]]["wall_s"] = run["wall_s"]
         print(f" -> val loss {report['variants'][run['variant']]['final_val_loss']:.4f}"
               + (f" in {run['wall_s']:.0f}s" if "wall_s" in run else ""), flush=True)
-    report["load_avg_end"] = round(os.getloadavg()[0], 2)
+    if previous:
+        report["load_avg_start"], report["load_avg_end"] = previous["load_avg_start"], previous["load_avg_end"]
+    else:
+        report["load_avg_end"] = round(os.getloadavg()[0], 2)
+    print("throughput probe (variants interleaved) ...", flush=True)
+    for name, tps in throughput_probe(runs, int(env["OMP_NUM_THREADS"])).items():
+        report["variants"][name]["probe_tokens_per_s"] = tps
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ablation.json").write_text(json.dumps(report, indent=1))

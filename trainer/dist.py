@@ -112,11 +112,6 @@ def init_distributed(backend: str = "auto", sp: int = 1) -> Dist:
     return d
 
 
-def shutdown() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-
-
 def print0(*args: Any, **kw: Any) -> None:
     """print on global rank 0 only, so call sites never test the rank."""
     if int(os.environ.get("RANK", "0")) == 0:

@@ -61,13 +61,12 @@ def to_llama_state_dict(state: dict) -> dict:
 def export(run_dir: Path, out_dir: Path, step: int | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from trainer.api import load_model
+    from trainer.api import load_model, resolve_checkpoint
 
     model: Transformer = load_model(run_dir, step)
     cfg = model.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(run_dir) if not Path(run_dir).name.startswith("step-") else Path(run_dir).parent.parent
-    tok = run_dir / "tokenizer"
+    tok = resolve_checkpoint(run_dir, step)[0] / "tokenizer"
     tok_ids = {}
     for src in sorted(tok.glob("*.model")):
         import sentencepiece as spm

@@ -95,7 +95,7 @@ def throughput_probe(runs: list[dict], threads: int, rounds: int = 5, steps: int
     import torch
     import torch.nn.functional as F
 
-    from model import Transformer
+    from model import Routing, Transformer
     from trainer.config import load_config
 
     torch.set_num_threads(threads)
@@ -107,7 +107,9 @@ def throughput_probe(runs: list[dict], threads: int, rounds: int = 5, steps: int
         models[run["variant"]] = (Transformer(cfg.model), batch, cfg.model.mod.aux_weight)
 
     def step(model, batch, aux_weight):
-        logits, aux, _ = model(batch, return_aux=True)
+        routing = Routing()
+        logits = model(batch, routing=routing)
+        aux = routing.aux_loss()
         loss = F.cross_entropy(logits.flatten(0, 1), batch.flatten()) + aux_weight * aux / batch.numel()
         loss.backward()
         model.zero_grad(set_to_none=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
+from model import Routing
+
 from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
                                machine_info, median, op_profile, plain_train_step, print_summary, run_config,
                                set_threads, speedups, write_result)
@@ -65,7 +67,9 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
 
     def loss_fn(aux_weight):  # train_step's loss: (Σ CE + aux_weight · aux) / tokens
         def f(model):
-            logits, aux, _ = model(x, return_aux=True)
+            routing = Routing()
+            logits = model(x, routing=routing)
+            aux = routing.aux_loss()
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
             return (ce + aux_weight * aux) / y.numel()
         return f

@@ -45,10 +45,9 @@ class HFAdapter(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, position_ids=None, *, causal_routing=False, return_aux=False, collect_stats=False):
+    def forward(self, input_ids, position_ids=None, routing=None):
         pos = None if position_ids is None else position_ids.expand(input_ids.shape[0], -1)
-        logits = self.hf(input_ids=input_ids, position_ids=pos, use_cache=False).logits
-        return (logits, logits.new_zeros(()), {}) if return_aux else logits
+        return self.hf(input_ids=input_ids, position_ids=pos, use_cache=False).logits
 
 
 def hf_copy(model) -> nn.Module:

@@ -15,32 +15,35 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, select
 from .norms import LayerScaledNorm, make_norm
 
 
+def _none(cfg: ModelConfig, layer: int) -> nn.Module:
+    return nn.Identity()
+
+
+def _norm(cfg: ModelConfig, layer: int) -> nn.Module:
+    return make_norm(cfg)
+
+
+def _input_norm(cfg: ModelConfig, layer: int) -> nn.Module:
+    return LayerScaledNorm(make_norm(cfg), layer) if cfg.ln_scaling else make_norm(cfg)
+
+
+# model.norm -> makers of the (in, out, post) slots, each applied to both sublayers.
+PLACEMENTS: dict[str, tuple[Callable[[ModelConfig, int], nn.Module], ...]] = {
+    "pre": (_input_norm, _none, _none),
+    "post": (_none, _none, _norm),
+    "peri": (_input_norm, _norm, _none),
+}
+
+
 def norm_slots(cfg: ModelConfig, layer: int) -> dict[str, nn.Module]:
-    """The six norm slots of 1-based block `layer` for `cfg.norm` (pre | post | peri)."""
-
-    def none() -> nn.Module:
-        return nn.Identity()
-
-    def norm() -> nn.Module:
-        return make_norm(cfg)
-
-    def input_norm() -> nn.Module:
-        return LayerScaledNorm(make_norm(cfg), layer) if cfg.ln_scaling else make_norm(cfg)
-
-    placements: dict[str, tuple[Callable[[], nn.Module], ...]] = {
-        "pre": (input_norm, none, none),
-        "post": (none, none, norm),
-        "peri": (input_norm, norm, none),
-    }
-    if cfg.norm not in placements:
-        raise ValueError(f"model.norm={cfg.norm!r}: expected one of {sorted(placements)}")
-    make_in, make_out, make_post = placements[cfg.norm]
-    return dict(attn_in=make_in(), attn_out=make_out(), attn_post=make_post(),
-                mlp_in=make_in(), mlp_out=make_out(), mlp_post=make_post())
+    """The six norm slots of 1-based block `layer` for `cfg.norm` (a PLACEMENTS key)."""
+    make_in, make_out, make_post = select(PLACEMENTS, "model.norm", cfg.norm)
+    return {f"{sub}_{slot}": make(cfg, layer) for sub in ("attn", "mlp")
+            for slot, make in (("in", make_in), ("out", make_out), ("post", make_post))}
 
 
 class Block(nn.Module):

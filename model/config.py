@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+def select(registry: dict, key: str, value: str):
+    """registry[value] for option `key`; the one place an unknown model option is reported.
+    Each registry lives next to the classes it selects, and trainer config validation
+    checks the same keys, so this only fires for models built without a validated config."""
+    if value not in registry:
+        raise ValueError(f"{key}={value!r}: expected one of {' | '.join(registry)}")
+    return registry[value]
+
+
 @dataclass
 class ModConfig:
     """Mixture-of-Depths (Raposo et al., 2024). capacity 0 disables routing."""
@@ -29,7 +38,7 @@ class ModelConfig:
     norm: str = "pre"  # pre | post | peri
     norm_type: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
-    embed_norm: bool = False  # Peri-LN's optional norm on the embedding output
+    embed_norm: bool = False  # a norm on the embedding output (Peri-LN's option; also valid as a Pre-LN control)
     ln_scaling: bool = False  # LayerNorm Scaling: sublayer-input norms of block l times 1/sqrt(l)
     value_residual: str = "none"  # none | fixed | learned | shared
     mod: ModConfig = field(default_factory=ModConfig)

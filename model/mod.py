@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
-from .config import ModelConfig
+from .config import ModelConfig, select
 
 
 @dataclass
 class Routing:
-    """Per-forward routing context, created by `Transformer.forward`; dense blocks ignore it.
+    """Per-forward routing context: the caller creates one and passes it to
+    `Transformer.forward(ids, pos, routing)`, then reads `aux_loss()` and `stats` from it
+    (a default one is made when none is passed); dense blocks ignore it.
 
     causal: use the causal rule (σ(logit) > 0.5) instead of top-k (eval / generation).
     collect_stats: fill `stats` with python floats (costs a device sync per routed block).
@@ -37,6 +39,10 @@ class Routing:
     collect_stats: bool = False
     aux: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Σ of the routed blocks' BCE losses (0.0 without MoD)."""
+        return torch.stack(self.aux).sum() if self.aux else 0.0
 
 
 def tokens_per_chunk(capacity: float, chunk_len: int) -> int:
@@ -72,6 +78,7 @@ class PredictorRule(nn.Module):
         return self.fc2(F.silu(self.fc1(x.detach()))).squeeze(-1)
 
 
+# model.mod.causal -> the causal rule fitted for eval/generation.
 CAUSAL_RULES = {"aux_loss": lambda d: AuxLossRule(), "predictor": PredictorRule}
 
 
@@ -85,11 +92,9 @@ class RoutedBlock(Block):
 
     def __init__(self, block: Block, cfg: ModelConfig, local_chunks: int, layer: int):
         super().__init__(**dict(block.named_children()))
-        if cfg.mod.causal not in CAUSAL_RULES:
-            raise ValueError(f"model.mod.causal={cfg.mod.causal!r}: expected one of {sorted(CAUSAL_RULES)}")
         assert local_chunks >= 1, "route_chunks must be a positive multiple of the SP degree"
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
-        self.causal_rule = CAUSAL_RULES[cfg.mod.causal](cfg.d_model)
+        self.causal_rule = select(CAUSAL_RULES, "model.mod.causal", cfg.mod.causal)(cfg.d_model)
         self.capacity = cfg.mod.capacity
         self.local_chunks, self.layer = local_chunks, layer
 

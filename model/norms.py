@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, select
 
 
 class RMSNorm(nn.Module):
@@ -58,11 +58,10 @@ class LayerScaledNorm(nn.Module):
         return self.norm(x) * self.scale
 
 
+# model.norm_type -> norm class (the registry config validation reads).
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """The norm class `model.norm_type` names, at width d_model."""
-    if cfg.norm_type not in NORMS:
-        raise ValueError(f"model.norm_type={cfg.norm_type!r}: expected one of {sorted(NORMS)}")
-    return NORMS[cfg.norm_type](cfg.d_model, cfg.norm_eps)
+    return select(NORMS, "model.norm_type", cfg.norm_type)(cfg.d_model, cfg.norm_eps)

@@ -16,7 +16,7 @@ Parameter names (HF Llama name in brackets; `trainer.export` maps them):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch import nn
 from .attention import (Attention, AttentionCore, MixedValue, SharedValue, ValueProjection,
                         local_attention_core)
 from .block import Block, norm_slots
-from .config import ModelConfig
+from .config import ModelConfig, select
 from .mlp import SwiGLU
 from .mod import RoutedBlock, Routing, predictor_hidden, tokens_per_chunk
 from .norms import make_norm
@@ -37,20 +37,20 @@ ATTN_TRAIN_MULT = 3.5
 MATMUL_TRAIN_MULT = 3
 
 
+# model.value_residual -> the value module of blocks 2..L (block 1 always projects V1).
+VALUE_MODULES: dict[str, Callable[[int, int], nn.Module]] = {
+    "none": lambda d, kv: ValueProjection(d, kv),
+    "fixed": lambda d, kv: MixedValue(d, kv, learned=False),
+    "learned": lambda d, kv: MixedValue(d, kv, learned=True),
+    "shared": lambda d, kv: SharedValue(),
+}
+
+
 def build_value(cfg: ModelConfig, layer: int) -> nn.Module:
     """The value module `model.value_residual` selects for 1-based block `layer`."""
     kv_dim = cfg.kv_heads * cfg.head_dim
-    later_layers = {
-        "none": lambda: ValueProjection(cfg.d_model, kv_dim),
-        "fixed": lambda: MixedValue(cfg.d_model, kv_dim, learned=False),
-        "learned": lambda: MixedValue(cfg.d_model, kv_dim, learned=True),
-        "shared": SharedValue,
-    }
-    if cfg.value_residual not in later_layers:
-        raise ValueError(f"model.value_residual={cfg.value_residual!r}: expected one of {sorted(later_layers)}")
-    if layer == 1:  # block 1 produces V1
-        return ValueProjection(cfg.d_model, kv_dim)
-    return later_layers[cfg.value_residual]()
+    make = select(VALUE_MODULES, "model.value_residual", cfg.value_residual)
+    return ValueProjection(cfg.d_model, kv_dim) if layer == 1 else make(cfg.d_model, kv_dim)
 
 
 def build_block(cfg: ModelConfig, layer: int, core: AttentionCore, local_chunks: int) -> Block:
@@ -98,30 +98,26 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *,
-                causal_routing: bool = False, return_aux: bool = False, collect_stats: bool = False):
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                routing: Optional[Routing] = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (fp32).
 
         position_ids [T] or [B, T] are global positions (default 0..T-1; under sequence
-        parallelism the trainer passes each rank's slice). causal_routing: MoD blocks use
-        the causal rule instead of top-k. return_aux: return (logits, aux, stats), aux being
-        the MoD causal-rule BCE summed over tokens and routed blocks (a scalar, 0 without
-        MoD; the trainer weights it by mod.aux_weight and divides by the token count) and
-        stats the routing stats (filled only when collect_stats).
+        parallelism the trainer passes each rank's slice). routing: the MoD context; the
+        caller passes `Routing(causal=True)` for the causal rule (eval, generation) or
+        `collect_stats=True`, and afterwards reads `routing.aux_loss()` (the causal-rule BCE
+        summed over tokens and routed blocks; the trainer weights it by mod.aux_weight and
+        divides by the token count) and `routing.stats`. None means top-k, nothing kept.
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(position_ids)
-        routing = Routing(causal=causal_routing, collect_stats=collect_stats)
+        routing = Routing() if routing is None else routing
         x = self.embed_norm(self.embed_tokens(input_ids))
         x, v1 = self.blocks[0](x, rope, None, routing)  # block 1 is dense; its values are V1
         for block in self.blocks[1:]:
             x, _ = block(x, rope, v1, routing)
-        logits = self.lm_head(self.norm(x)).float()
-        if not return_aux:
-            return logits
-        aux = torch.stack(routing.aux).sum() if routing.aux else logits.new_zeros(())
-        return logits, aux, routing.stats
+        return self.lm_head(self.norm(x)).float()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counted once). non_embedding excludes the token

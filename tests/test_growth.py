@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import ModConfig, ModelConfig, Transformer
-from model.mod import RoutedBlock
+from model.mod import RoutedBlock, Routing
 from model.norms import LayerScaledNorm
 from trainer.growth import GrowthPlan, grow_state_dict, plan_growth, source_blocks
 from tests.helpers import ROOT, _env, free_port, losses, metrics, tiny_overrides, train
@@ -94,7 +94,7 @@ def test_identity_growth_leaves_logits_unchanged(norm, new_layers):
     x = torch.randint(0, cfg.vocab_size, (B, T))
     with torch.no_grad():
         for causal in (False, True):
-            ref, got = old(x, causal_routing=causal), new(x, causal_routing=causal)
+            ref, got = old(x, routing=Routing(causal=causal)), new(x, routing=Routing(causal=causal))
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     # The new blocks are no-ops only through the zeroed parameters; the rest are copies.
     zeroed = ("attn.o_proj", "mlp.down_proj") if norm == "pre" else ("attn_out", "mlp_out")
@@ -134,7 +134,9 @@ def test_mod_every_other_pattern_survives_stack_with_routers_copied():
         assert torch.equal(new.blocks[i].router.weight, old.blocks[1].router.weight)
         assert torch.equal(new.blocks[i].causal_rule.fc1.weight, old.blocks[1].causal_rule.fc1.weight)
     x = torch.randint(0, cfg.vocab_size, (B, T))
-    _, _, stats = new(x, return_aux=True, collect_stats=True)
+    routing = Routing(collect_stats=True)
+    new(x, routing=routing)
+    stats = routing.stats
     assert sorted(stats) == sorted(f"mod/block{n}/{k}" for n in (2, 4, 6)
                                    for k in ("selected_frac", "causal_acc", "mean_pos"))
 

@@ -40,6 +40,13 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
+def run(model: Transformer, ids: torch.Tensor, causal: bool = False, collect_stats: bool = False):
+    """(logits, aux loss, routing stats) through the one forward contract."""
+    routing = Routing(causal=causal, collect_stats=collect_stats)
+    logits = model(ids, routing=routing)
+    return logits, routing.aux_loss(), routing.stats
+
+
 def rms(x, weight, eps=1e-5):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -296,12 +303,12 @@ def test_mod_predictor_trains_only_itself():
 def test_transformer_forward_returns_aux_and_stats():
     model = build(tiny(mod=mod_cfg(), n_layers=4))
     ids = torch.randint(0, 64, (B, T))
-    logits, aux, stats = model(ids, return_aux=True, collect_stats=True)
+    logits, aux, stats = run(model, ids, collect_stats=True)
     assert logits.shape == (B, T, 64) and logits.dtype == torch.float32
     assert aux.dim() == 0 and aux > 0 and stats["mod/block4/selected_frac"] == 0.25
-    causal_logits, causal_aux, _ = model(ids, causal_routing=True, return_aux=True)
+    causal_logits, causal_aux, _ = run(model, ids, causal=True)
     assert torch.isfinite(causal_logits).all() and causal_aux == 0
-    dense_logits, dense_aux, dense_stats = build(tiny())(ids, return_aux=True)
+    dense_logits, dense_aux, dense_stats = run(build(tiny()), ids)
     assert dense_aux == 0 and dense_stats == {}
 
 
@@ -351,7 +358,7 @@ def test_flops_per_token_matches_torch_flop_counter(name):
     model = build(FLOP_CONFIGS[name])
     ids = torch.randint(0, 64, (B, T))
     with flop_counter() as counter:
-        logits, aux, _ = model(ids, return_aux=True)
+        logits, aux, _ = run(model, ids)
         (logits.sum() + aux).backward()
     assert model.flops_per_token(T) * B * T == pytest.approx(counter.get_total_flops(), rel=1e-12)
 
@@ -392,7 +399,7 @@ def test_option_trains_with_finite_falling_loss(name):
     ids = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(15):
-        logits, aux, _ = model(ids[:, :-1], return_aux=True)
+        logits, aux, _ = run(model, ids[:, :-1])
         aux_weight = model.cfg.mod.aux_weight  # as trainer.step does
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + aux_weight * aux / ids[:, 1:].numel()
         opt.zero_grad()

@@ -9,13 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from model.block import PLACEMENTS
 from model.config import ModelConfig
+from model.mod import CAUSAL_RULES
+from model.norms import NORMS
+from model.transformer import VALUE_MODULES
+from trainer.growth import METHODS as GROWTH_METHODS
+from trainer.schedule import SCHEDULES
 from trainer.errors import UserError
 
 
@@ -202,7 +208,8 @@ def _need(ok: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {accepted}")
 
 
-def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+def _choice(key: str, value: str, choices: Iterable[str]) -> None:
+    """`choices` is the option's registry (its keys are the accepted values) or a tuple."""
     _need(value in choices, key, value, f"expected one of {' | '.join(choices)}")
 
 
@@ -223,13 +230,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                    ("data.max_tokens", d.max_tokens), ("run.eval_batches", r.eval_batches),
                    ("run.stop_at", r.stop_at)]:
         _need(v >= 0, key, v, "must be >= 0")
-    _choice("model.norm", m.norm, ("pre", "post", "peri"))
-    _choice("model.norm_type", m.norm_type, ("rmsnorm", "layernorm"))
-    _choice("model.value_residual", m.value_residual, ("none", "fixed", "learned", "shared"))
-    _choice("model.mod.causal", m.mod.causal, ("aux_loss", "predictor"))
+    _choice("model.norm", m.norm, PLACEMENTS)
+    _choice("model.norm_type", m.norm_type, NORMS)
+    _choice("model.value_residual", m.value_residual, VALUE_MODULES)
+    _choice("model.mod.causal", m.mod.causal, CAUSAL_RULES)
     _choice("parallel.precision", p.precision, ("fp32", "bf16"))
     _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
-    _choice("schedule.kind", cfg.schedule.kind, ("cosine", "linear", "wsd", "constant"))
+    _choice("schedule.kind", cfg.schedule.kind, SCHEDULES)
     _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     _need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", p.zero_stage, "expected 0, 1, 2 or 3")
     _need(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.d_model={m.d_model}")
@@ -237,7 +244,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
     _need(not (m.ln_scaling and m.norm == "post"), "model.ln_scaling", m.ln_scaling,
           "LayerNorm Scaling needs model.norm=pre or peri (post-LN has no sublayer-input norm)")
-    _need(not (m.embed_norm and m.norm != "peri"), "model.embed_norm", m.embed_norm, "only valid with model.norm=peri")
     _need(m.mod.capacity == 0 or 0 < m.mod.capacity <= 1, "model.mod.capacity", m.mod.capacity,
           "must be in (0, 1], or 0 to turn Mixture-of-Depths off")
     _need(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
@@ -266,7 +272,7 @@ def _validate_growth(cfg: RunConfig) -> None:
     prev_step, prev_layers = 0, cfg.model.n_layers
     for i, st in enumerate(cfg.growth.stages):
         key = f"growth.stages[{i}]"
-        _choice(f"{key}.method", st.method, ("stack", "interleave", "identity"))
+        _choice(f"{key}.method", st.method, GROWTH_METHODS)
         _need(st.at_step > prev_step, f"{key}.at_step", st.at_step,
               f"must be > {prev_step} (stages must be in increasing step order)")
         _need(st.at_step < cfg.run.max_steps, f"{key}.at_step", st.at_step,

@@ -13,7 +13,7 @@ index (as in DESIGN §4 and the MoD stats):
                               heads and queries (batch too)
     diag/lambda1|lambda2/l{l} value-residual mixing weights (fixed or learned modes)
     diag/mod/selected_frac/l{l}, diag/mod/causal_acc/l{l}
-                              routed block l's `forward(collect_stats=True)` stats for the
+                              routed block l's `Routing(collect_stats=True)` stats for the
                               top-k rule it trains with: fraction processed, and how often
                               the causal rule (σ(logit) > 0.5) agrees with top-k
     diag/mod/causal_frac/l{l} fraction of tokens the causal rule would process
@@ -53,6 +53,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from model import Routing
 from model.attention import causal_key_mask
 from trainer.config import RunConfig
 from trainer.dist import Dist
@@ -238,7 +239,9 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
     with ExitStack() as stack, torch.enable_grad():
         stack.enter_context(_recording_cores(blocks, sums, dist))
         _stream_hooks(stack, blocks, sums, dist, cfg.data.seq_len)
-        logits, aux, stats = model(x, pos, return_aux=True, collect_stats=True)
+        routing = Routing(collect_stats=True)
+        logits = model(x, pos, routing)
+        aux, stats = routing.aux_loss(), routing.stats
         # The training objective on the fixed batch: Σ token CE / tokens of the whole batch.
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
         loss = (ce + cfg.model.mod.aux_weight * aux) / (x.shape[0] * cfg.data.seq_len)

@@ -47,10 +47,9 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from model.config import ModelConfig
+from model.config import ModelConfig, select
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-METHODS = ("stack", "interleave", "identity")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Per norm placement, the parameters that turn a block's two residual increments to exactly 0.
 _NO_OP_PARAMS = {"pre": ("attn.o_proj.weight", "mlp.down_proj.weight"),
@@ -62,17 +61,26 @@ _FLAT_PARTITIONS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_
 
 # ---- the mapping (pure) -------------------------------------------------------------
 
+def _stack_order(old_layers: int, new_layers: int) -> list[int]:
+    return [i % old_layers for i in range(new_layers)]
+
+
+def _interleave_order(old_layers: int, new_layers: int) -> list[int]:
+    if new_layers % old_layers:
+        raise ValueError(f"interleave needs a multiple of {old_layers} layers, got {new_layers}")
+    return [i // (new_layers // old_layers) for i in range(new_layers)]
+
+
+# growth.stages[].method -> the 0-based old block each new block copies (identity keeps
+# stack order, so old blocks stay at their absolute positions, and zeroes the new ones).
+METHODS = {"stack": _stack_order, "interleave": _interleave_order, "identity": _stack_order}
+
+
 def source_blocks(old_layers: int, new_layers: int, method: str) -> list[int]:
     """0-based old block that each new block copies."""
-    if method not in METHODS:
-        raise ValueError(f"growth method {method!r}: expected one of {METHODS}")
     if new_layers <= old_layers:
         raise ValueError(f"growth must add layers: {old_layers} -> {new_layers}")
-    if method == "interleave":
-        if new_layers % old_layers:
-            raise ValueError(f"interleave needs a multiple of {old_layers} layers, got {new_layers}")
-        return [i // (new_layers // old_layers) for i in range(new_layers)]
-    return [i % old_layers for i in range(new_layers)]
+    return select(METHODS, "growth method", method)(old_layers, new_layers)
 
 
 @dataclass(frozen=True)

@@ -4,26 +4,46 @@ optional short re-warmup after each growth step."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable
 
-from trainer.config import RunConfig
+from model.config import select
+
+if TYPE_CHECKING:  # trainer.config imports SCHEDULES from here to validate schedule.kind
+    from trainer.config import RunConfig, ScheduleConfig
+
+
+def _cosine(s: ScheduleConfig, frac: float) -> float:
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _linear(s: ScheduleConfig, frac: float) -> float:
+    return 1 - (1 - s.min_lr_ratio) * frac
+
+
+def _wsd(s: ScheduleConfig, frac: float) -> float:
+    """Warmup-stable-decay: flat, then linear to the floor over the last decay_fraction."""
+    decay_start = 1.0 - s.decay_fraction
+    if frac < decay_start:
+        return 1.0
+    return 1 - (1 - s.min_lr_ratio) * (frac - decay_start) / max(s.decay_fraction, 1e-9)
+
+
+def _constant(s: ScheduleConfig, frac: float) -> float:
+    return 1.0
+
+
+# schedule.kind -> the LR multiplier after warmup, given the decay progress frac in [0, 1].
+SCHEDULES: dict[str, Callable[[ScheduleConfig, float], float]] = {
+    "cosine": _cosine, "linear": _linear, "wsd": _wsd, "constant": _constant}
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
     s, peak, total = cfg.schedule, cfg.optim.lr, cfg.run.max_steps
-    floor = peak * s.min_lr_ratio
     if step < s.warmup_steps:
         lr = peak * (step + 1) / s.warmup_steps
     else:
         frac = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
-        if s.kind == "cosine":
-            lr = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-        elif s.kind == "linear":
-            lr = peak - (peak - floor) * frac
-        elif s.kind == "wsd":
-            decay_start = 1.0 - s.decay_fraction
-            lr = peak if frac < decay_start else peak - (peak - floor) * (frac - decay_start) / max(s.decay_fraction, 1e-9)
-        else:
-            lr = peak
+        lr = peak * select(SCHEDULES, "schedule.kind", s.kind)(s, frac)
     return lr * _rewarm_factor(cfg, step)
 
 

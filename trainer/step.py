@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import Routing
 from trainer import faults
 from trainer.config import RunConfig
 from trainer.dist import Dist
@@ -21,9 +22,10 @@ class StepResult:
 
 
 def _token_loss_sum(engine, inputs, labels, pos, cfg: RunConfig, causal: bool = False):
-    logits, aux, _ = engine(inputs, pos, causal_routing=causal, return_aux=True)
+    routing = Routing(causal=causal)
+    logits = engine(inputs, pos, routing)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-    return ce, aux
+    return ce, routing.aux_loss()
 
 
 def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResult:

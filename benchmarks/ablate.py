@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import RESULTS, ROOT, flops_per_token
+
 CONFIGS = ROOT / "configs" / "ablations"
-RESULTS = ROOT / "benchmarks" / "results"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 REFERENCE = "pre_ln"  # the variant the table's deltas are relative to
 
@@ -50,16 +50,6 @@ def variant_configs(only: list[str] | None = None) -> list[Path]:
             raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; have {[p.stem for p in paths]}")
         paths = [p for p in paths if p.stem in only]
     return paths
-
-
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token of the model cfg describes (built on the meta device)."""
-    import torch
-
-    from model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(cfg.model).flops_per_token(cfg.data.seq_len)
 
 
 def plan(paths: list[Path], common: list[str], scale: float) -> tuple[dict, list[dict]]:

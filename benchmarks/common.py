@@ -8,13 +8,13 @@ ratio is one that contention did not bend.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch.profiler import record_function
+
+from trainer.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,15 +43,6 @@ def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
     except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
         return None
 
 
@@ -244,6 +237,27 @@ def run_config(overrides: dict):
     from trainer.config import load_config
 
     return load_config(ROOT / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token of the model a RunConfig describes (built on the meta device)."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg.model).flops_per_token(cfg.data.seq_len)
+
+
+def timing_parser(name: str, doc: str | None, batch_help: str = "micro batch") -> argparse.ArgumentParser:
+    """The flags every in-process timing benchmark shares; scripts add their own after."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=(doc or "").splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2, help=batch_help)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every step")
+    ap.add_argument("--warmup", type=int, default=2, help="rounds discarded")
+    ap.add_argument("--reps", type=int, default=8, help="rounds measured")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-operator profile")
+    ap.add_argument("--dims", type=json.loads, default={}, help='JSON overriding DIMS, e.g. \'{"d_model": 64}\'')
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    return ap
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, ROOT, flops_per_token, machine_info, run_config
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 DIMS = {"model.d_model": 128, "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 1024,
@@ -29,16 +29,8 @@ DIMS = {"model.d_model": 128, "model.n_heads": 4, "model.n_kv_heads": 2, "model.
 FULL, SHALLOW = 8, 4
 
 
-def flops_per_token(n_layers: int) -> float:
-    import torch
-
-    from model import ModelConfig, Transformer
-
-    cfg = ModelConfig(d_model=DIMS["model.d_model"], n_layers=n_layers, n_heads=DIMS["model.n_heads"],
-                      n_kv_heads=DIMS["model.n_kv_heads"], vocab_size=DIMS["model.vocab_size"],
-                      max_seq_len=DIMS["model.max_seq_len"])
-    with torch.device("meta"):
-        return Transformer(cfg).flops_per_token(DIMS["data.seq_len"])
+def depth_flops_per_token(n_layers: int) -> float:
+    return flops_per_token(run_config({**DIMS, "model.n_layers": n_layers}))
 
 
 def run(name: str, out: Path, steps: int, eval_every: int, source: str, extra: dict) -> tuple[list[dict], str]:
@@ -77,7 +69,7 @@ def main(argv=None) -> int:
     steps = 60 if args.quick else args.steps
     eval_every = max(5, steps // 30)
     source = str(SHAKESPEARE) if SHAKESPEARE.exists() else "embedded"
-    fpt = {FULL: flops_per_token(FULL), SHALLOW: flops_per_token(SHALLOW)}
+    fpt = {FULL: depth_flops_per_token(FULL), SHALLOW: depth_flops_per_token(SHALLOW)}
     tokens_per_step = DIMS["parallel.micro_batch"] * DIMS["data.seq_len"]
     budget = fpt[FULL] * tokens_per_step * steps
     t0 = time.time()
@@ -110,7 +102,7 @@ def main(argv=None) -> int:
     summary = {
         "benchmark": "growth",
         "command": "python -m benchmarks.growth " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": _machine(),
+        "machine": machine_info(),
         "data": source,
         "dims": DIMS, "full_layers": FULL, "shallow_layers": SHALLOW,
         "flops_ratio_to_target": ok.get(best) if best else None,
@@ -146,15 +138,6 @@ def _plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cores": __import__("os").cpu_count(), "torch": torch.__version__}
 
 
 if __name__ == "__main__":

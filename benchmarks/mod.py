@@ -17,10 +17,7 @@ Writes benchmarks/results/mod.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch.nn.functional as F
 
@@ -28,7 +25,7 @@ from model import Routing
 
 from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
                                machine_info, median, op_profile, plain_train_step, print_summary, run_config,
-                               set_threads, speedups, write_result)
+                               set_threads, speedups, timing_parser, write_result)
 
 NAME = "mod"
 DIMS = dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, vocab_size=4096, seq_len=512)
@@ -116,14 +113,7 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.mod", description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2, help="micro batch")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every step")
-    ap.add_argument("--warmup", type=int, default=2, help="rounds discarded")
-    ap.add_argument("--reps", type=int, default=8, help="rounds measured")
-    ap.add_argument("--no-profile", action="store_true", help="skip the per-operator profile")
-    ap.add_argument("--dims", type=json.loads, default={}, help='JSON overriding DIMS, e.g. \'{"d_model": 64}\'')
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap = timing_parser(NAME, __doc__)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     set_threads(args.threads)

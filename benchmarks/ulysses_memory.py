@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, command_line, machine_info, print_summary, write_result
+from trainer.dist import free_port
 
 NAME = "ulysses_memory"
 DIMS = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=2048)
@@ -144,15 +144,9 @@ def worker(seq: int, sp: int, steps: int, dims: dict, result_file: Path) -> None
     dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(seq: int, sp: int, steps: int, dims: dict, mmap_threshold: bool, timeout: int) -> list[dict]:
     """Run `sp` ranks of `worker` as separate processes; returns their results by rank."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(sp):

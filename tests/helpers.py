@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from trainer.dist import free_port  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -33,12 +34,6 @@ def _env(extra: dict | None = None) -> dict:
         env.pop(k, None)
     env.update(extra or {})
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml", env: dict | None = None,

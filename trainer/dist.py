@@ -59,7 +59,8 @@ class Dist:
         return box[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,7 +83,7 @@ def launcher_env() -> dict[str, str]:
     if "MASTER_PORT" not in env:
         if env["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set for a multi-process launch; use torchrun, accelerate or srun")
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
     return env
 
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from trainer.config import ConfigError, RunConfig, from_yaml_text, load_config, resume_diff, to_yaml, validate
 from trainer.dist import print0
 from trainer.errors import UserError
+from trainer.provenance import run_info
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +70,7 @@ class Trainer:
         if self.dist.is_main and (self.resume_from is None or not saved.exists()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             saved.write_text(to_yaml(self.cfg))
-            (self.run_dir / "run_info.json").write_text(json.dumps(_provenance(self.dist.world), indent=1))
+            (self.run_dir / "run_info.json").write_text(json.dumps(run_info(self.dist.world), indent=1))
         self.dist.barrier()
 
     def fit(self) -> int:
@@ -174,19 +172,6 @@ def _summary(cfg, state, first_loss, last, stopped_by, run_dir) -> str:
     loss = f"loss {first_loss:.4f} -> {last.get('loss', float('nan')):.4f}" if first_loss is not None else "no steps run"
     return (f"{head}: {loss}, {state.tokens:,} tokens, {state.n_layers} layers, "
             f"{last.get('tokens_per_s', 0):.0f} tok/s; run dir {run_dir} (metrics.jsonl, checkpoints/)")
-
-
-def _provenance(world: int) -> dict:
-    import deepspeed
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"git_commit": commit, "argv": sys.argv, "world_size": world, "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": platform.node()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""run_info.json and benchmark results record the commit that produced them, marked dirty
+when the checkout has uncommitted changes."""
+import subprocess
+
+from trainer.provenance import git_commit
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"})
+
+
+def test_git_commit_is_head_and_marks_uncommitted_changes_dirty(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("1")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert git_commit(tmp_path) == head + "-dirty"
+
+
+def test_git_commit_outside_a_checkout_is_none(tmp_path):
+    assert git_commit(tmp_path) is None

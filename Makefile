@@ -41,8 +41,10 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
+# The full protocol (hours on 2 cores); finished runs are skipped, so rerun it to continue.
+ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --sources shakespeare,embedded --settings default,deep
 ablate: setup
-	$(BIN)/python -m benchmarks.ablate $(ARGS)
+	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
 
 # A real one-node SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent.
 slurm-local:

@@ -1,20 +1,32 @@
-"""Architecture ablation: every `configs/ablations/*.yaml` but base, trained by the real entry
-point on the same data and seed, one after another.
+"""Architecture ablation with a protocol: every variant in `configs/ablations/` (and the
+deep-narrow setting in `configs/ablations/deep/`), trained by the real entry point on each
+corpus, at several learning rates and seeds, one run after another.
 
-    python -m benchmarks.ablate [--source PATH] [--steps-scale X] [--only a,b] [--report-only]
+    python -m benchmarks.ablate [--seeds 2] [--lrs 1.5e-3,3e-3,6e-3] [--sources shakespeare,embedded]
+                                [--settings default,deep] [--only a,b] [--steps-scale X] [--report-only]
+
+Protocol. Each (setting, corpus, variant, LR, seed) is one run. The table reports every
+variant at the shared LR (the base config's) and at its own best LR, as papers compare
+them, each as mean ± spread over seeds; a claim is marked reproduced only when the
+difference exceeds the seed spread (benchmarks/ablation_stats.py). The deep setting
+(24 narrow layers) adds the Curse-of-Depth measures: the loss with the last quarter of
+blocks skipped and the last quarter's mean angular update (trainer/diagnostics.py).
 
 Budgets. Dense variants train for base's steps, so they see the same tokens. Variants with
 Mixture-of-Depths (capacity > 0) are iso-FLOP: their steps are base FLOPs / (their
 flops_per_token × tokens per step), computed here from `Transformer.flops_per_token` and
-passed as `run.max_steps`, so the configs hold no hand-computed step count.
+passed as `run.max_steps`, so the configs hold no hand-computed step count. MoD's loss is
+the causal rule's (what generation uses).
 
-Each run's subprocess gets OMP_NUM_THREADS=1 unless the caller sets it: on a 2-core machine
-shared with other work, two OpenMP threads per process measured ~8× slower than one.
+Resumable. Each finished run's summary is written to benchmarks/results/ablation/<setting>/
+<corpus>/<variant>/lr<lr>-seed<seed>.json and a rerun skips it, so a sweep longer than one
+session continues where it stopped (commit the summaries as they finish). Each run's
+subprocess gets OMP_NUM_THREADS=1 unless the caller sets it: on a 2-core machine shared
+with other work, two OpenMP threads per process measured ~8× slower than one.
 
-Writes benchmarks/results/ablation.json (per variant: final and best val loss, median tokens/s,
-total FLOPs, tokens, steps, command), ablation.md (the table), ablation_val_vs_tokens.png,
-ablation_val_vs_flops.png and ablation_diagnostics.png (trainer/diagnostics.py's per-layer
-profiles at each run's last diag step); the runs live in benchmarks/results/ablation_runs/.
+Writes benchmarks/results/ablation.json and ablation.md (the tables), and, from the shared-LR
+first-seed runs of the default setting, ablation_val_vs_tokens.png, ablation_val_vs_flops.png
+and ablation_diagnostics.png; the run dirs live in benchmarks/results/ablation_runs/.
 """
 from __future__ import annotations
 
@@ -28,9 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import ablation_stats
 from benchmarks.common import RESULTS, ROOT, flops_per_token
 
 CONFIGS = ROOT / "configs" / "ablations"
+SUMMARIES = RESULTS / "ablation"
+SETTINGS = {"default": CONFIGS, "deep": CONFIGS / "deep"}
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 REFERENCE = "pre_ln"  # the variant the table's deltas are relative to
 
@@ -40,28 +55,28 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def variant_configs(only: list[str] | None = None) -> list[Path]:
+def variant_configs(only: list[str] | None = None, folder: Path = CONFIGS) -> list[Path]:
     # The reference first and everything-on last, so the table reads as base -> single options -> all.
-    paths = sorted((p for p in CONFIGS.glob("*.yaml") if p.stem != "base"),
+    paths = sorted((p for p in folder.glob("*.yaml") if p.stem != "base"),
                    key=lambda p: (p.stem != REFERENCE, p.stem == "all_on", p.stem))
     if only:
         unknown = set(only) - {p.stem for p in paths}
-        if unknown:
+        if unknown and folder == CONFIGS:
             raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; have {[p.stem for p in paths]}")
         paths = [p for p in paths if p.stem in only]
     return paths
 
 
-def plan(paths: list[Path], common: list[str], scale: float) -> tuple[dict, list[dict]]:
+def plan(paths: list[Path], common: list[str], scale: float, folder: Path = CONFIGS) -> tuple[dict, list[dict]]:
     """The shared budget and, per variant, its steps and overrides."""
     from trainer.config import load_config
 
-    base = load_config(CONFIGS / "base.yaml", common)
+    base = load_config(folder / "base.yaml", common)
     tokens_per_step = base.parallel.micro_batch * base.parallel.grad_accum * base.data.seq_len
     base_steps = max(1, round(base.run.max_steps * scale))
     base_fpt = flops_per_token(base)
     budget = {"steps": base_steps, "tokens_per_step": tokens_per_step, "tokens": base_steps * tokens_per_step,
-              "flops": base_fpt * tokens_per_step * base_steps, "flops_per_token": base_fpt}
+              "flops": base_fpt * tokens_per_step * base_steps, "flops_per_token": base_fpt, "lr": base.optim.lr}
     cadence = {"run.eval_every": max(1, round(base.run.eval_every * scale)),
                "logging.diag_every": max(1, round(base.logging.diag_every * scale)),
                "schedule.warmup_steps": max(1, round(base.schedule.warmup_steps * scale))}
@@ -78,43 +93,6 @@ def plan(paths: list[Path], common: list[str], scale: float) -> tuple[dict, list
     return budget, runs
 
 
-def throughput_probe(runs: list[dict], threads: int, rounds: int = 5, steps: int = 2) -> dict[str, float]:
-    """Forward+backward tokens/s of each variant's model on one random batch, measured in this
-    process in interleaved rounds (median), so that other work on a shared machine slows every
-    variant alike; the training runs' own tokens/s are taken minutes apart."""
-    import torch
-    import torch.nn.functional as F
-
-    from model import Routing, Transformer
-    from trainer.config import load_config
-
-    torch.set_num_threads(threads)
-    models, times = {}, {run["variant"]: [] for run in runs}
-    for run in runs:
-        cfg = load_config(ROOT / run["config"], run["overrides"])
-        torch.manual_seed(cfg.run.seed)
-        batch = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
-        models[run["variant"]] = (Transformer(cfg.model), batch, cfg.model.mod.aux_weight)
-
-    def step(model, batch, aux_weight):
-        routing = Routing()
-        logits = model(batch, routing=routing)
-        aux = routing.aux_loss()
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.flatten()) + aux_weight * aux / batch.numel()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for name, args in models.items():
-        step(*args)  # warm-up
-    for _ in range(rounds):
-        for name, args in models.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(*args)
-            times[name].append((time.perf_counter() - t0) / steps)
-    return {name: models[name][1].numel() / statistics.median(t) for name, t in times.items()}
-
-
 def train(run: dict, out: Path, env: dict) -> float:
     """Fresh run of one variant (an old run dir would be resumed, so it is removed)."""
     run_dir = out / run["run_name"]
@@ -123,10 +101,10 @@ def train(run: dict, out: Path, env: dict) -> float:
     run["command"] = " ".join(["python", *cmd[1:]])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(out / f"{run['variant']}.log", "w") as log:
+    with open(out / f"{run['run_name']}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"{run['variant']} failed (exit {proc.returncode}); see {out / (run['variant'] + '.log')}")
+        raise SystemExit(f"{run['run_name']} failed (exit {proc.returncode}); see {out / (run['run_name'] + '.log')}")
     return time.perf_counter() - t0
 
 
@@ -137,46 +115,30 @@ def summarise(run: dict, out: Path, tokens_per_step: int) -> dict:
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 1]
     steps = max(r["step"] for r in rows)
     fpt = run["flops_per_token"]
+    # MoD: the headline is the causal rule's loss (top-k peeks at later tokens); older runs
+    # logged it as val_loss_causal beside a top-k val_loss.
+    val = [r.get("val_loss_causal", r["val_loss"]) for r in evals]
     res = {k: run[k] for k in ("budget", "steps", "flops_per_token", "config")}
     res.update({
-        "final_val_loss": evals[-1]["val_loss"], "best_val_loss": min(r["val_loss"] for r in evals),
+        "final_val_loss": val[-1], "best_val_loss": min(val),
         "final_train_loss": [r["loss"] for r in rows if "loss" in r][-1],
         "tokens_per_s_median": statistics.median(speeds) if speeds else None,
         "tokens": steps * tokens_per_step, "total_flops": fpt * steps * tokens_per_step,
         "curve": [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
-                   "flops": fpt * r["step"] * tokens_per_step, "val_loss": r["val_loss"]} for r in evals],
+                   "flops": fpt * r["step"] * tokens_per_step, "val_loss": v} for r, v in zip(evals, val)],
         "run_dir": _rel(out / run["run_name"]), "command": run.get("command", ""),
     })
-    if "val_loss_causal" in evals[-1]:  # MoD: the causal routing rule, as generation would use it
-        res["final_val_loss_causal"] = evals[-1]["val_loss_causal"]
+    diag = [r for r in rows if r.get("diag")]
+    if diag and "diag/loss_skip_last_quarter" in diag[-1]:
+        last = diag[-1]
+        n = last["n_layers"]
+        tail = [last[f"diag/angle/l{layer}"] for layer in range(n - n // 4 + 1, n + 1) if f"diag/angle/l{layer}" in last]
+        res["skip_last_quarter_gap"] = last["diag/loss_skip_last_quarter"] - last["diag/loss"]
+        res["last_quarter_angle"] = statistics.fmean(tail) if tail else None
     return res
 
 
-def markdown(report: dict) -> str:
-    ref = report["variants"].get(REFERENCE, {})
-    b = report["budget"]
-    lines = [f"# Ablation ({b['tokens']:,} tokens / {b['flops']:.3g} FLOPs per dense run, "
-             f"source `{report['source']}`)", "",
-             "| variant | budget | steps | tokens | FLOPs | final val loss | Δ vs pre_ln | best val loss "
-             "| tokens/s (run) | tokens/s (probe) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, v in report["variants"].items():
-        delta = v["final_val_loss"] - ref["final_val_loss"] if ref else float("nan")
-        causal = f" (causal rule {v['final_val_loss_causal']:.4f})" if "final_val_loss_causal" in v else ""
-        speed = f"{v['tokens_per_s_median']:.0f}" if v["tokens_per_s_median"] else "-"
-        probe = v.get("probe_tokens_per_s")
-        probe = f"{probe:.0f} ({probe / ref['probe_tokens_per_s']:.2f}×)" if probe and ref.get("probe_tokens_per_s") else "-"
-        lines.append(f"| {name} | {v['budget']} | {v['steps']} | {v['tokens']:,} | {v['total_flops']:.3g} | "
-                     f"{v['final_val_loss']:.4f}{causal} | {delta:+.4f} | {v['best_val_loss']:.4f} | {speed} | {probe} |")
-    lines += ["", f"tokens/s (run): median over the training run's steps, variants run minutes apart; "
-              f"tokens/s (probe): forward+backward of one batch, all variants interleaved in one process "
-              f"(ratio to {REFERENCE}). Steps scale {report['steps_scale']}, "
-              f"OMP_NUM_THREADS={report['omp_num_threads']}, {report['cpus']} CPUs, 1-min load average "
-              f"{report['load_avg_start']} at start and {report['load_avg_end']} at end.", ""]
-    return "\n".join(lines)
-
-
-def plot_curves(report: dict) -> None:
+def plot_curves(report: dict, results: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,74 +155,134 @@ def plot_curves(report: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(RESULTS / name, dpi=110)
+        fig.savefig(results / name, dpi=110)
         plt.close(fig)
+
+
+def source_path(name: str) -> str:
+    """data.source for a corpus name: `shakespeare`, `embedded` (the stdlib sources), or a path."""
+    if name == "shakespeare":
+        if not SHAKESPEARE.exists():
+            raise SystemExit(f"--sources shakespeare: {SHAKESPEARE} not found; pass a path or 'embedded'")
+        return str(SHAKESPEARE)
+    return name
+
+
+def corpus_name(name: str) -> str:
+    return name if name in ("shakespeare", "embedded") else Path(name).stem
+
+
+def summary_path(root: Path, setting: str, corpus: str, variant: str, lr: float, seed: int) -> Path:
+    return root / setting / corpus / variant / f"lr{lr:g}-seed{seed}.json"
+
+
+def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None) -> list[dict]:
+    """Train every missing (setting, corpus, variant, LR, seed) and return all their summaries.
+    A run whose summary exists is skipped; a summary is written atomically, only when its
+    run finished, so an interrupted sweep loses at most the run in progress."""
+    run_fn = run_fn or train
+    found = []
+    for setting in args.settings:
+        folder = SETTINGS[setting]
+        paths = variant_configs(args.only, folder)
+        for source in args.sources:
+            corpus = corpus_name(source)
+            common = [f"run.out_dir={_rel(out)}", f"data.source={source_path(source)}", "logging.progress=false",
+                      "logging.every=1"]
+            budget, runs = plan(paths, common, args.steps_scale, folder)
+            lrs = args.lrs or [budget["lr"]]
+            for run in runs:
+                for lr in lrs:
+                    for seed in range(args.seeds):
+                        path = summary_path(summaries, setting, corpus, run["variant"], lr, seed)
+                        if path.is_file():
+                            found.append(json.loads(path.read_text()))
+                            continue
+                        if args.report_only:
+                            continue
+                        name = f"{setting}-{corpus}-{run['variant']}-lr{lr:g}-s{seed}"
+                        this = {**run, "run_name": name, "overrides": [*run["overrides"], f"run.name={name}",
+                                                                       f"optim.lr={lr}", f"run.seed={1337 + seed}"]}
+                        print(f"{name}: {run['budget']}, {run['steps']} steps", end="", flush=True)
+                        wall = run_fn(this, out, env)
+                        summary = {"setting": setting, "source": corpus, "variant": run["variant"], "lr": lr,
+                                   "seed": seed, "shared_lr": budget["lr"], "steps_scale": args.steps_scale,
+                                   "wall_s": round(wall, 1), **summarise(this, out, budget["tokens_per_step"])}
+                        # The weights are not needed for the report; a sweep keeps hundreds of runs.
+                        shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = path.with_suffix(".tmp")
+                        tmp.write_text(json.dumps(summary, indent=1))
+                        os.replace(tmp, path)
+                        found.append(summary)
+                        print(f" -> val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
+    return found
+
+
+def report(summaries: list[dict], args) -> dict:
+    tables = []
+    for (setting, corpus), variants in ablation_stats.aggregate(summaries).items():
+        shared = next(s["shared_lr"] for s in summaries if s["setting"] == setting and s["source"] == corpus)
+        table = {"setting": setting, "source": corpus, "shared_lr": shared,
+                 "rows": ablation_stats.compare(variants, REFERENCE, shared), "notes": []}
+        if setting == "deep":  # Curse of Depth: do the last layers still matter?
+            gaps = ablation_stats.aggregate(
+                [s for s in summaries if s["setting"] == setting and s["source"] == corpus
+                 and s.get("skip_last_quarter_gap") is not None], metric="skip_last_quarter_gap")
+            for variant, lrs in next(iter(gaps.values()), {}).items():
+                c = lrs.get(shared)
+                if c:
+                    table["notes"].append(f"{variant}: loss rise when the last quarter of blocks is skipped "
+                                          f"{c['mean']:.4f} ± {c['spread'] / 2:.4f} (shared LR, n={c['n']})")
+        tables.append(table)
+    protocol = (f"{args.seeds} seed(s) × LRs {args.lrs or 'shared'} × corpora {args.sources}, settings "
+                f"{args.settings}, steps scale {args.steps_scale}")
+    return {"protocol": protocol, "reference": REFERENCE, "tables": tables, "cpus": os.cpu_count(),
+            "load_avg_end": round(os.getloadavg()[0], 2)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", help="data.source for every variant (default: tinyshakespeare at ../shared/data, "
-                                     "else the embedded corpus)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per variant and LR (default 2)")
+    ap.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                    help="comma-separated learning rates (default: the base config's only)")
+    ap.add_argument("--sources", type=lambda v: v.split(","), default=["shakespeare"],
+                    help="comma-separated corpora: shakespeare, embedded, or paths (default: shakespeare)")
+    ap.add_argument("--settings", type=lambda v: v.split(","), default=["default"],
+                    help=f"comma-separated settings from {list(SETTINGS)} (default: default)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply steps and cadences (e.g. 0.05 to check)")
-    ap.add_argument("--only", help="comma-separated variants to run (default: all)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the report from existing runs")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated variants (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the stored summaries")
     ap.add_argument("--out", type=Path, default=RESULTS / "ablation_runs", help="run.out_dir of the runs")
+    ap.add_argument("--summaries", type=Path, default=SUMMARIES, help="where finished runs' summaries are kept")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where ablation.json/.md and PNGs go")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-
-    if args.source:
-        source = args.source
-    elif SHAKESPEARE.exists():
-        source = str(SHAKESPEARE)
-    else:
-        source = "embedded"
-        print(f"note: {SHAKESPEARE} not found; using the embedded corpus (the stdlib sources) instead")
-    out = args.out.resolve()
-    common = [f"run.out_dir={_rel(out)}", f"data.source={source}", "logging.progress=false", "logging.every=1"]
-    budget, runs = plan(variant_configs(args.only.split(",") if args.only else None), common, args.steps_scale)
+    bad = [s for s in args.settings if s not in SETTINGS]
+    if bad:
+        raise SystemExit(f"--settings: unknown {bad}; expected some of {list(SETTINGS)}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: must be >= 1")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    print(f"budget per dense run: {budget['steps']} steps, {budget['tokens']:,} tokens, {budget['flops']:.3g} FLOPs")
-    load_start = os.getloadavg()[0]
-    report = {"source": source, "steps_scale": args.steps_scale, "budget": budget, "cpus": os.cpu_count(),
-              "omp_num_threads": env["OMP_NUM_THREADS"], "load_avg_start": round(load_start, 2), "variants": {}}
-    previous = json.loads((RESULTS / "ablation.json").read_text()) if args.report_only and \
-        (RESULTS / "ablation.json").is_file() else {}
-    for i, run in enumerate(runs, start=1):
-        print(f"[{i}/{len(runs)}] {run['variant']}: {run['budget']}, {run['steps']} steps", end="", flush=True)
-        if not args.report_only:
-            run["wall_s"] = round(train(run, out, env), 1)
-        else:  # keep what the training pass recorded
-            before = previous.get("variants", {}).get(run["variant"], {})
-            run["command"] = before.get("command") or " ".join(["python -m trainer.train", run["config"],
-                                                                 *run["overrides"]])
-            if "wall_s" in before:
-                run["wall_s"] = before["wall_s"]
-        report["variants"][run["variant"]] = summarise(run, out, budget["tokens_per_step"])
-        if "wall_s" in run:
-            report["variants"][run["variant"]]["wall_s"] = run["wall_s"]
-        print(f" -> val loss {report['variants'][run['variant']]['final_val_loss']:.4f}"
-              + (f" in {run['wall_s']:.0f}s" if "wall_s" in run else ""), flush=True)
-    if previous:
-        report["load_avg_start"], report["load_avg_end"] = previous["load_avg_start"], previous["load_avg_end"]
-    else:
-        report["load_avg_end"] = round(os.getloadavg()[0], 2)
-    print("throughput probe (variants interleaved) ...", flush=True)
-    for name, tps in throughput_probe(runs, int(env["OMP_NUM_THREADS"])).items():
-        report["variants"][name]["probe_tokens_per_s"] = tps
+    out = args.out.resolve()
+    summaries = sweep(args, out, args.summaries, env)
+    if not summaries:
+        raise SystemExit("no finished runs to report (run without --report-only first)")
+    rep = report(summaries, args)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "ablation.json").write_text(json.dumps(rep, indent=1))
+    (args.results / "ablation.md").write_text(ablation_stats.markdown(rep))
+    first = {s["variant"]: s for s in summaries if s["setting"] == "default" and s["seed"] == 0
+             and s["lr"] == s["shared_lr"] and s["source"] == corpus_name(args.sources[0])}
+    if first and not args.report_only:
+        plot_curves({"variants": first}, args.results)
+        from benchmarks.plot_diagnostics import plot_compare
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ablation.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / "ablation.md").write_text(markdown(report))
-    plot_curves(report)
-    from benchmarks.plot_diagnostics import plot_compare, plot_run
-
-    run_dirs = [ROOT / v["run_dir"] for v in report["variants"].values()]
-    for run_dir in run_dirs:
-        plot_run(run_dir)
-    plot_compare(run_dirs, RESULTS / "ablation_diagnostics.png", labels=list(report["variants"]))
-    print(markdown(report))
-    print(f"wrote {RESULTS / 'ablation.json'}, ablation.md and PNGs")
+        run_dirs = [ROOT / v["run_dir"] for v in first.values() if (ROOT / v["run_dir"]).is_dir()]
+        if run_dirs:
+            plot_compare(run_dirs, args.results / "ablation_diagnostics.png", labels=list(first))
+    print(ablation_stats.markdown(rep))
+    print(f"wrote {_rel(args.results / 'ablation.json')} and ablation.md ({len(summaries)} runs)")
     return 0
 
 

@@ -148,3 +148,54 @@ def test_residual_stream_grows_far_more_with_depth_under_pre_ln_than_peri_ln_or_
     assert growth["pre"] > 10 * growth["peri"], growth
     assert growth["pre"] > 1.5 * growth["lns"], growth
     assert deep["pre"] > 1.5 * deep["lns"], deep
+
+
+class _ValOnly:
+    """The one data method diagnostics uses: a fixed validation batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def val_batches(self, n_batches, micro_batch):
+        yield self.x, self.y
+
+
+def _one_process_dist():
+    from trainer.dist import Dist
+
+    return Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
+
+
+def _cfg(n_layers: int):
+    from trainer.config import load_config
+
+    return load_config("configs/tiny.yaml", ["model.d_model=32", f"model.n_layers={n_layers}", "model.n_heads=2",
+                                             "model.vocab_size=64", "model.max_seq_len=16", "data.seq_len=16",
+                                             "parallel.micro_batch=2"])
+
+
+@pytest.mark.parametrize("no_op_tail", [True, False])
+def test_skip_last_quarter_loss_equals_full_loss_exactly_when_the_last_blocks_are_no_ops(no_op_tail):
+    """diag/loss_skip_last_quarter skips blocks 7..8 of 8; with their residual increments zeroed
+    (pre-LN: o_proj and down_proj = 0) those blocks are the identity, so both losses agree."""
+    from types import SimpleNamespace
+
+    from model import Transformer
+
+    cfg = _cfg(8)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    if no_op_tail:
+        for block in model.blocks[6:]:
+            torch.nn.init.zeros_(block.attn.o_proj.weight)
+            torch.nn.init.zeros_(block.mlp.down_proj.weight)
+    ids = torch.randint(0, 64, (2, 17))
+    row = diagnostics.depth_diagnostics(SimpleNamespace(module=model), _ValOnly(ids[:, :-1], ids[:, 1:]),
+                                        _one_process_dist(), cfg, step=1)
+    expect = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert row["diag/loss"] == pytest.approx(expect, rel=1e-6)
+    if no_op_tail:
+        assert row["diag/loss_skip_last_quarter"] == pytest.approx(row["diag/loss"], rel=1e-6)
+    else:
+        assert abs(row["diag/loss_skip_last_quarter"] - row["diag/loss"]) > 1e-4
+    assert len(model.blocks) == 8  # the model is restored

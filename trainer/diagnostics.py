@@ -19,6 +19,10 @@ index (as in DESIGN §4 and the MoD stats):
     diag/mod/causal_frac/l{l} fraction of tokens the causal rule would process
     diag/mod/mean_pos/l{l}    mean position / T of the top-k tokens (0.5 = no position bias)
     diag/mod/pos_hist/l{l}/b{j}  fraction of top-k selections in position bin j of POS_BINS
+    diag/loss                 mean token CE on the fixed batch (MoD: top-k rule, no aux)
+    diag/loss_skip_last_quarter  the same with the last ⌊L/4⌋ blocks skipped (the final norm
+                              and head read block ⌈3L/4⌉'s output): near diag/loss means
+                              the deep layers add little (the Curse-of-Depth measure)
 
 How it stays out of training's way:
 - The forward runs on `engine.module`, not the engine: DeepSpeedEngine.forward registers
@@ -249,6 +253,9 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
     row.update(_block_grad_norms(loss, blocks, dist))
     del logits, aux, loss
 
+    sums.add("loss/full", _pair(ce.item(), y.numel()))
+    keep = blocks[:len(blocks) - len(blocks) // 4]
+    sums.add("loss/skip_last_quarter", _pair(_ce_with_blocks(model, keep, x, y, pos), y.numel()))
     for key, value in sorted(stats.items()):  # "mod/block{l}/name" from collect_stats
         _, block, name = key.split("/")
         if name != "mean_pos":  # recomputed by the router hook at global positions
@@ -266,11 +273,25 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
         elif kind == "pos_hist":
             for j, frac in enumerate((v / v.sum().clamp(min=1)).tolist()):
                 row[f"diag/mod/pos_hist/l{layer}/b{j}"] = frac
+        elif kind == "loss":
+            row["diag/loss" + ("" if layer == "full" else f"_{layer}")] = (v[0] / v[1]).item()
         elif kind.startswith("stat/"):
             row[f"diag/mod/{kind[len('stat/'):]}/l{layer}"] = (v[0] / v[1]).item()
     row.update(_lambdas(blocks))
     head = {k: row.pop(k) for k in ("step", "diag", "n_layers")}
     return {**head, **dict(sorted(row.items(), key=_series_order))}
+
+
+@torch.no_grad()
+def _ce_with_blocks(model, keep: list, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> float:
+    """Σ token CE of `model` with only the blocks in `keep` (a prefix of model.blocks)."""
+    full = model.blocks
+    model.blocks = torch.nn.ModuleList(keep)
+    try:
+        logits = model(x, pos)
+    finally:
+        model.blocks = full
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
 
 
 def _series_order(item: tuple[str, float]) -> tuple:

@@ -1,0 +1,73 @@
+"""The ablation protocol (benchmarks/ablate.py, benchmarks/ablation_stats.py): statistics on
+synthetic summaries, and the runner's resume (finished runs are skipped, nothing retrained)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import ablate, ablation_stats
+
+
+def _s(variant, lr, seed, loss, setting="default", source="c"):
+    return {"setting": setting, "source": source, "variant": variant, "lr": lr, "seed": seed,
+            "final_val_loss": loss, "shared_lr": 3e-3}
+
+
+def test_cell_is_mean_and_range_over_seeds():
+    c = ablation_stats.cell([3.0, 3.2, 3.1])
+    assert c["mean"] == pytest.approx(3.1) and c["spread"] == pytest.approx(0.2) and c["n"] == 3
+
+
+def test_reproduced_needs_a_difference_beyond_both_seed_spreads_and_two_seeds():
+    ref = ablation_stats.cell([4.0, 4.1])  # mean 4.05, spread 0.1
+    assert ablation_stats.reproduced(ablation_stats.cell([3.8, 3.85]), ref)  # 0.225 better > 0.1
+    assert not ablation_stats.reproduced(ablation_stats.cell([3.98, 4.0]), ref)  # 0.06 better < 0.1
+    assert not ablation_stats.reproduced(ablation_stats.cell([3.5, 4.3]), ref)  # within its own spread
+    assert not ablation_stats.reproduced(ablation_stats.cell([4.2, 4.3]), ref)  # worse
+    assert not ablation_stats.reproduced(ablation_stats.cell([3.0]), ablation_stats.cell([4.0]))  # one seed
+
+
+def test_each_variant_is_compared_at_the_shared_lr_and_at_its_own_best_lr():
+    runs = [_s("pre_ln", 3e-3, 0, 4.0), _s("pre_ln", 3e-3, 1, 4.02), _s("pre_ln", 6e-3, 0, 4.2),
+            _s("pre_ln", 6e-3, 1, 4.22), _s("peri", 3e-3, 0, 3.99), _s("peri", 3e-3, 1, 4.03),
+            _s("peri", 6e-3, 0, 3.7), _s("peri", 6e-3, 1, 3.72)]
+    table = ablation_stats.aggregate(runs)[("default", "c")]
+    assert ablation_stats.best_lr(table["peri"]) == 6e-3 and ablation_stats.best_lr(table["pre_ln"]) == 3e-3
+    rows = {r["variant"]: r for r in ablation_stats.compare(table, "pre_ln", 3e-3)}
+    shared, best = rows["peri"]["shared"], rows["peri"]["best"]
+    assert shared["delta"] == pytest.approx(0.0) and shared["reproduced"] is False
+    assert best["lr"] == 6e-3 and best["delta"] == pytest.approx(3.71 - 4.01) and best["reproduced"] is True
+    assert rows["pre_ln"]["best"]["reproduced"] is False  # the reference is never a claim
+    md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln",
+                                  "tables": [{"setting": "default", "source": "c", "rows": list(rows.values())}]})
+    peri_line = next(line for line in md.splitlines() if line.startswith("| peri |"))
+    assert peri_line.endswith("| yes |") and "3.7100 ± 0.0100 (n=2)" in peri_line
+
+
+def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):
+    calls = []
+
+    def fake_train(run, out, env):  # what a finished run leaves: its metrics.jsonl
+        calls.append(run["run_name"])
+        lr = next(float(o.split("=")[1]) for o in run["overrides"] if o.startswith("optim.lr="))
+        run_dir = out / run["run_name"]
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 1, "loss": 5.0, "tokens_per_s": 1.0}, {"step": 2, "val_loss": 4.0 + lr}]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return 1.0
+
+    args = argparse.Namespace(settings=["default"], only=["pre_ln", "lns"], sources=["embedded"],
+                              steps_scale=0.01, lrs=[1e-3, 2e-3], seeds=2, report_only=False)
+    first = ablate.sweep(args, tmp_path / "runs", tmp_path / "summaries", {}, run_fn=fake_train)
+    assert len(calls) == 2 * 2 * 2 and len(first) == 8
+    stored = sorted(p.relative_to(tmp_path / "summaries").as_posix() for p in (tmp_path / "summaries").rglob("*.json"))
+    assert "default/embedded/lns/lr0.002-seed1.json" in stored and len(stored) == 8
+
+    (tmp_path / "summaries/default/embedded/lns/lr0.002-seed1.json").unlink()  # as if interrupted there
+    calls.clear()
+    again = ablate.sweep(args, tmp_path / "runs2", tmp_path / "summaries", {}, run_fn=fake_train)
+    assert calls == ["default-embedded-lns-lr0.002-s1"] and len(again) == 8
+    rep = ablate.report(again, args)
+    assert rep["tables"][0]["shared_lr"] == 3e-3 and {r["variant"] for r in rep["tables"][0]["rows"]} == {"pre_ln", "lns"}

@@ -1,4 +1,6 @@
-"""Data pipeline: sources, split, tokenizer cache, packing, and the pure-function sampler."""
+"""Data pipeline: sources, split, tokenizer cache, packing, and the pure-function sampler.
+
+Sharded preparation, mixtures, eval sets and offline mode: tests/test_prepare.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from tests.helpers import SHAKESPEARE
 from trainer.config import DataConfig
-from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, EmbeddedSource, PackedData, prepare_data
+from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, PackedData, open_source, prepare_data
 from trainer.tokenizer import Tokenizer, TokenizerError
 
 VOCAB = 512
@@ -30,6 +33,17 @@ def prepare(tmp: Path, data_cfg: DataConfig, vocab: int = VOCAB, seed: int = 0, 
                         log=(logs.append if logs is not None else lambda _: None))
     assert barriers == [1]
     return data
+
+
+def stdlib_files(max_docs: int) -> tuple[Path, list[Path]]:
+    source = open_source("embedded", max_docs=max_docs)
+    root = Path(source.units[0].path)
+    return root, [root / f for u in source.units for f in u.files]
+
+
+def hash_is_val(text: str, fraction: float = 0.01) -> bool:
+    """The documented split rule, written out independently of trainer.data."""
+    return xxhash.xxh64_intdigest(text.encode(), 0) < int(fraction * 2**64)
 
 
 def packed_bytes(data: PackedData) -> tuple[bytes, bytes]:
@@ -57,12 +71,12 @@ def synthetic(n_tokens: int, seq_len: int, seed: int = 0) -> PackedData:
 
 
 def test_embedded_corpus_is_sorted_stdlib_without_tests_or_site_packages():
-    source = EmbeddedSource.open(cfg(max_docs=0))
-    rel = [p.relative_to(source.root).as_posix() for p in source.files]
+    root, files = stdlib_files(0)
+    rel = [p.relative_to(root).as_posix() for p in files]
     assert rel == sorted(rel) and all(r.endswith(".py") for r in rel)
     assert not any(set(r.split("/")[:-1]) & EXCLUDED_STDLIB_DIRS for r in rel)
-    assert "os.py" in rel and source.n_bytes > 1e6
-    assert EmbeddedSource.open(cfg(max_docs=5)).files == source.files[:5]
+    assert "os.py" in rel and open_source("embedded").n_bytes > 1e6
+    assert stdlib_files(5)[1] == files[:5]
 
 
 def test_embedded_prepare_is_deterministic(embedded, tmp_path):
@@ -75,8 +89,7 @@ def test_embedded_prepare_is_deterministic(embedded, tmp_path):
 
 def test_tokenizer_round_trips_stdlib_source_and_reserves_ids(embedded):
     tok = embedded[1].tokenizer
-    source = EmbeddedSource.open(cfg(max_docs=0))
-    texts = [p.read_text(encoding="utf-8") for p in source.files[::60]]
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_files(0)[1][::60]]
     assert all(tok.decode(ids) == text for ids, text in zip(tok.encode(texts), texts))
     assert tok.vocab_size == VOCAB and (tok.eos_id, tok.bos_id, tok.pad_id) == (2, 1, 3)
     assert tok.encode(["\n\t"]) == [[4, 5]]
@@ -94,7 +107,7 @@ def test_packed_stream_is_documents_each_ended_by_eos(embedded):
     stream = np.concatenate([np.asarray(data._train), np.asarray(data._val)])
     ends = np.flatnonzero(stream == data.tokenizer.eos_id)
     assert len(ends) == data.meta["n_docs"] == 40 and ends[-1] == len(stream) - 1
-    corpus = {p.read_text(encoding="utf-8") for p in EmbeddedSource.open(cfg()).files}
+    corpus = {p.read_text(encoding="utf-8") for p in stdlib_files(40)[1]}
     first_doc = data.tokenizer.decode(np.asarray(data._train)[:ends[0]])
     assert first_doc in corpus
 
@@ -126,13 +139,12 @@ def test_run_dir_gets_tokenizer_and_other_ranks_open_the_same_data(embedded):
 def test_incomplete_cached_pack_is_rebuilt_not_trusted(tmp_path, tokenizer_path):
     c = cfg(tokenizer=tokenizer_path)
     first = packed_bytes(prepare(tmp_path, c))
-    [packed] = (tmp_path / "cache" / "packed").iterdir()
-    with open(packed / "train.bin", "r+b") as f:
+    [shard] = (tmp_path / "cache" / "shards").glob("*/shards/*.train.bin")
+    with open(shard, "r+b") as f:
         f.truncate(100)
-    (tmp_path / "cache" / "packed" / ".deadbeef.tmp-1").mkdir()  # what a killed build leaves behind
     logs: list[str] = []
     assert packed_bytes(prepare(tmp_path, c, logs=logs)) == first
-    assert not any("cached packed" in line for line in logs)
+    assert not any("cached packed" in line for line in logs) and any("rebuilding" in line for line in logs)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -195,8 +207,10 @@ def test_local_txt_dir_loads_one_document_per_paragraph(tmp_path, tokenizer_path
     (tmp_path / "corpus" / "sub").mkdir(parents=True)
     (tmp_path / "corpus" / "a.txt").write_text("\n\n".join(paragraphs(150)) + "\n")
     (tmp_path / "corpus" / "sub" / "b.txt").write_text("\n\n".join(paragraphs(50)))
-    data = prepare(tmp_path, cfg(source=str(tmp_path / "corpus"), tokenizer=tokenizer_path, max_docs=0))
-    assert data.meta["n_docs"] == 200 and data.meta["split"] == "documents" and data.meta["n_val_docs"] == 2
+    data = prepare(tmp_path, cfg(source=str(tmp_path / "corpus"), tokenizer=tokenizer_path, max_docs=0,
+                                 val_fraction=0.05))
+    n_val = sum(hash_is_val(p, 0.05) for p in paragraphs(150) + paragraphs(50))
+    assert data.meta["n_docs"] == 200 and data.meta["split"] == "documents" and data.meta["n_val_docs"] == n_val > 0
     text = data.tokenizer.decode(np.asarray(data._train)[:400])
     assert "Paragraph" in text and "line two, the" in text
 
@@ -217,7 +231,7 @@ def test_local_parquet_loads_and_max_tokens_caps_the_pack(tmp_path, tokenizer_pa
     datasets.Dataset.from_dict({"text": paragraphs(300)}).to_parquet(str(tmp_path / "docs.parquet"))
     data = prepare(tmp_path, cfg(source=str(tmp_path / "docs.parquet"), tokenizer=tokenizer_path, max_docs=0,
                                  max_tokens=2000, val_fraction=0.1))
-    assert data.meta["n_docs"] == 300 and data.meta["split"] == "documents"
+    assert data.meta["split"] == "documents"  # packing stops once both caps are full
     assert (data.n_train_tokens, data.n_val_tokens) == (1800, 200)
 
 
@@ -243,10 +257,12 @@ def test_hub_source_streams_with_a_document_split(tmp_path, tokenizer_path, monk
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     data = prepare(tmp_path, cfg(source="hf:org/corpus:sample", tokenizer=tokenizer_path, text_field="content",
                                  max_docs=0, max_tokens=4000, val_fraction=0.05))
-    assert calls == [("org/corpus", "sample", "train", True)]
+    assert set(calls) == {("org/corpus", "sample", "train", True)}
     assert data.meta["split"] == "documents" and (data.n_train_tokens, data.n_val_tokens) == (3800, 200)
-    first_train = data.tokenizer.decode(np.asarray(data._train)[:20])
-    assert first_train.startswith("Paragraph 1 says")  # doc 0 is val: (0 + seed 0) % 20 == 0
+    first_train = next(p for p in paragraphs(500) if not hash_is_val(p, 0.05))
+    first_val = next(p for p in paragraphs(500) if hash_is_val(p, 0.05))
+    assert data.tokenizer.decode(np.asarray(data._train)[:60]).startswith(first_train)
+    assert data.tokenizer.decode(np.asarray(data._val)[:60]).startswith(first_val)
 
 
 # --------------------------------------------------------------------------- errors

@@ -32,8 +32,9 @@ class CheckpointError(UserError):
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps done; also the data position (batches are a function of it)
+    step: int = 0  # optimizer steps done
     tokens: int = 0
+    samples: int = 0  # global samples consumed: the data position, whatever the batch layout was
     n_layers: int = 0  # depth the checkpoint was saved at (growth)
     bad_steps: int = 0  # consecutive non-finite steps
 

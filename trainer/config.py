@@ -43,8 +43,15 @@ class RunSection:
 
 
 @dataclass
+class MixEntry:
+    source: str = ""  # any data.source form
+    weight: float = 1.0  # relative share of training samples (> 0; normalised over the mix)
+    name: str = ""  # label in metrics (mix/<name>); "" = derived from the source
+
+
+@dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | local file or dir | hf:<name>[:<config>]
+    source: str = "embedded"  # embedded | local file, dir or glob (.txt/.jsonl/.json/.parquet[.gz|.zst]) | hf:<name>[:<config>]
     seq_len: int = 256
     tokenizer: str = ""  # existing SentencePiece .model; "" = train one on the corpus
     val_fraction: float = 0.01
@@ -52,8 +59,13 @@ class DataConfig:
     max_tokens: int = 0  # 0 = no cap
     text_field: str = "text"
     tokenizer_sample_chars: int = 5_000_000
-    num_proc: int = 1
+    num_proc: int = 1  # prepare worker processes when the job prepares itself (`trainer.prepare --workers`)
     cache_dir: str = ""  # "" = <run.out_dir>/.cache, shared by the runs in that out_dir
+    mix: List[MixEntry] = field(default_factory=list)  # weighted sources; replaces data.source when set
+    eval: Dict[str, str] = field(default_factory=dict)  # extra held-out sets {name: source} -> val/<name>_loss
+    prepare: str = "auto"  # auto: prepare what is missing first | offline: only open prepared shards
+    auto_prepare_mb: float = 256.0  # multi-rank auto jobs prepare at most this much input; larger = offline
+    shard_mb: float = 64.0  # input text per unit of work / token shard
 
 
 @dataclass
@@ -141,6 +153,8 @@ class RunConfig:
 
 # Keys whose change makes an existing run's checkpoints meaningless (DESIGN §3).
 FROZEN_ON_RESUME = ("model", "data", "growth", "run.seed")
+# ...except these data keys, which change how data is prepared or evaluated, not what is trained on.
+RESUMABLE_DATA_KEYS = ("data.prepare", "data.auto_prepare_mb", "data.num_proc", "data.eval", "data.cache_dir")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -292,25 +306,49 @@ def _validate_growth(cfg: RunConfig) -> None:
 
 
 def _validate_data_path(d: DataConfig) -> None:
-    if d.source.startswith("hf:"):
-        _need(d.max_docs > 0 or d.max_tokens > 0, "data.source", d.source,
-              "a streamed hub dataset needs data.max_tokens or data.max_docs (it has no end to wait for)")
-    if d.source == "embedded" or d.source.startswith("hf:"):
-        return
-    path = Path(d.source)
-    _need(path.exists(), "data.source", d.source,
-          "path does not exist (give a .txt/.jsonl/.parquet file or a directory of them, 'embedded', or hf:<name>)")
-    if path.is_file():
-        _need(path.stat().st_size > 0, "data.source", d.source, "file is empty")
+    _choice("data.prepare", d.prepare, ("auto", "offline"))
+    _need(d.shard_mb > 0, "data.shard_mb", d.shard_mb, "must be > 0 (MB of input text per shard)")
+    _need(d.auto_prepare_mb >= 0, "data.auto_prepare_mb", d.auto_prepare_mb, "must be >= 0")
+    _need(d.num_proc > 0, "data.num_proc", d.num_proc, "must be a positive integer")
+    if not d.mix:
+        _validate_source("data.source", d.source, d)
+    for i, m in enumerate(d.mix):
+        _need(math.isfinite(m.weight) and m.weight > 0, f"data.mix[{i}].weight", m.weight,
+              "must be a positive number (weights are relative shares and must sum to a positive number)")
+        _validate_source(f"data.mix[{i}].source", m.source, d)
+    names = [m.name for m in d.mix if m.name]
+    _need(len(set(names)) == len(names), "data.mix", names, "names must be distinct")
+    for name, source in d.eval.items():
+        _need(bool(name) and all(c.isalnum() or c in "_-." for c in name), f"data.eval.{name}", source,
+              "names may use letters, digits, '_', '-' and '.' (it becomes the metric val/<name>_loss)")
+        _validate_source(f"data.eval.{name}", source, d)
     if d.tokenizer:
         _need(Path(d.tokenizer).is_file(), "data.tokenizer", d.tokenizer, "file does not exist (give a .model file or '')")
+
+
+def _validate_source(key: str, source: str, d: DataConfig) -> None:
+    _need(bool(source), key, source, "is empty: give 'embedded', a local path or glob, or hf:<name>")
+    if source.startswith("hf:"):
+        _need(d.max_docs > 0 or d.max_tokens > 0, key, source,
+              "a streamed hub dataset needs data.max_tokens or data.max_docs (it has no end to wait for)")
+    if source == "embedded" or source.startswith("hf:") or any(c in source for c in "*?["):
+        return
+    path = Path(source).expanduser()
+    _need(path.exists(), key, source,
+          "path does not exist (give a .txt/.jsonl/.json/.parquet file, optionally .gz/.zst, a directory or glob "
+          "of them, 'embedded', or hf:<name>)")
+    if path.is_file():
+        _need(path.stat().st_size > 0, key, source, "file is empty")
 
 
 def resume_diff(old: RunConfig, new: RunConfig) -> list[str]:
     """Frozen keys that differ between the run's saved config and this launch's."""
     a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    def under(k: str, roots) -> bool:
+        return any(k == f or k.startswith(f + ".") for f in roots)
+
     return sorted(k for k in set(a) | set(b)
-                  if any(k == f or k.startswith(f + ".") for f in FROZEN_ON_RESUME) and a.get(k) != b.get(k))
+                  if under(k, FROZEN_ON_RESUME) and not under(k, RESUMABLE_DATA_KEYS) and a.get(k) != b.get(k))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:

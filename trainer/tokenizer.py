@@ -25,7 +25,8 @@ from trainer.errors import UserError
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Bump when the training recipe below changes, so cached tokenizers are not reused.
 RECIPE_VERSION = 1
-# Fixed, not per machine: the thread count is recorded in the model file.
+# The thread count SentencePiece records in the model file; training may use more threads,
+# but the file always says this, so it (and its fingerprint) is the same on every machine.
 TRAIN_THREADS = 2
 
 
@@ -60,8 +61,9 @@ class Tokenizer:
         return cls(Path(path))
 
     @classmethod
-    def train(cls, sample: str, vocab_size: int, out_path: Path) -> "Tokenizer":
-        """BPE on `sample` (split into lines, SentencePiece's sentences), written atomically to `out_path`."""
+    def train(cls, sample: str, vocab_size: int, out_path: Path, threads: int = TRAIN_THREADS) -> "Tokenizer":
+        """BPE on `sample` (split into lines, SentencePiece's sentences), written atomically to
+        `out_path`, with SentencePiece's multi-threaded trainer on `threads` threads."""
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         # Lines in, proto bytes out: no temp paths recorded in the model, so the same sample and
@@ -73,12 +75,12 @@ class Tokenizer:
                 model_type="bpe", byte_fallback=True, character_coverage=0.9995,
                 normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                 allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n", "\t"],
-                unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, num_threads=TRAIN_THREADS,
+                unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, num_threads=max(1, threads),
                 minloglevel=2)
         except RuntimeError as e:
             raise TokenizerError(_training_error(str(e), vocab_size, len(sample))) from None
         tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(model.getvalue())
+        tmp.write_bytes(_with_recorded_threads(model.getvalue()))
         os.replace(tmp, out_path)
         return cls(out_path)
 
@@ -118,6 +120,17 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(Path(state["path"]))
+
+
+def _with_recorded_threads(proto: bytes) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(proto)
+    if m.trainer_spec.num_threads == TRAIN_THREADS:
+        return proto
+    m.trainer_spec.num_threads = TRAIN_THREADS
+    return m.SerializeToString()
 
 
 def _training_error(message: str, vocab_size: int, sample_chars: int) -> str:

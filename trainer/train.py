@@ -85,13 +85,17 @@ class Trainer:
 
         cfg, dist, state = self.cfg, self.dist, self.state
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, self.run_dir,
-                            dist.is_main, dist.barrier)
+                            dist.is_main, dist.barrier, world=dist.world, any_rank=dist.any)
         core = attention_core(dist, cfg.model.kv_heads)
         model = build_model(cfg, state.n_layers, core)
         engine = build_engine(cfg, dist, model)
         if self.resume_from is not None:
             state = self.ckpt.load(engine, self.resume_from)
             print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")
+        samples_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size
+        if state.step and not state.samples:  # a checkpoint from before samples were recorded
+            state.samples = state.step * samples_per_step
+        data.seek(state.step, state.samples)
         metrics = make_metrics(cfg, self.run_dir, state.step, dist.is_main)
         peak = cfg.logging.peak_flops or measure_peak_flops(dist.device)
         tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size * cfg.data.seq_len
@@ -108,6 +112,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += tokens_per_step
+            state.samples += samples_per_step
             state.bad_steps = state.bad_steps + 1 if out.skipped else 0
             if out.skipped:
                 if self._bad_step(out, state, metrics):
@@ -118,7 +123,8 @@ class Trainer:
                 last = {"step": state.step, "loss": out.loss, "lr": lr_at(cfg, state.step - 1),
                         "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_step / dt,
                         "mfu": engine.module.flops_per_token(cfg.data.seq_len) * tokens_per_step / dt / (peak * dist.world),
-                        "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a}
+                        "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a,
+                        **data.log_fields(state.samples)}
                 if state.step % cfg.logging.every == 0 or state.step == 1:
                     metrics.log(last)
                 metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})
@@ -160,6 +166,8 @@ class Trainer:
         if self.cfg.model.mod.capacity > 0:  # MoD: the top-k rule (as trained) and the causal rule
             row["mod_rule"] = "topk"
             row["val_loss_causal"] = evaluate(engine, data, self.dist, self.cfg, causal=True)
+        for name, held_out in data.eval_sets.items():  # data.eval: extra held-out sets
+            row[f"val/{name}_loss"] = evaluate(engine, held_out, self.dist, self.cfg)
         return row
 
 

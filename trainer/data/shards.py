@@ -1,0 +1,336 @@
+"""Token shards on disk: the worker that writes them and the read-only view that opens them.
+
+A prepared dataset directory holds:
+- `shards/UUUUU-PPPP.train.bin` and `.val.bin`: flat token ids (uint16 when the vocab fits,
+  else uint32), every document followed by EOS. Unit UUUUU of the source plan writes parts
+  PPPP = 0, 1, ... (a new part every `data.shard_mb` of input text).
+- `shards/UUUUU-PPPP.json`: the sidecar. Tokens, documents and xxh3-64 checksum of both files,
+  the unit (input file and range) and the documents of the unit it covers. It is written
+  atomically, and only once both token files are durable, so a sidecar is proof that its
+  shard is complete: a prepare killed with -9 and run again keeps every part with a sidecar
+  and restarts each unfinished unit after its last complete part.
+- `index.json`, written last: the shards in plan order, with what produced them.
+
+Train/val split by document hash: a document is val when xxh64(its UTF-8 bytes) falls below
+`val_fraction * 2**64`. That depends on nothing but the text, so it is the same for any
+worker count or order, never puts one document in both splits, and sends exact duplicates to
+the same side.
+
+Opening is O(number of shards): the index is read, each file is stat'ed, and token files are
+memory-mapped on first touch. A file whose size differs from its sidecar is refused; one whose
+mtime changed since the index was written is re-hashed and refused on a checksum mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import xxhash
+
+from trainer.data.sources import Unit, documents
+
+FORMAT = 2  # bump when the shard layout or the split rule changes
+ENCODE_BATCH = 512  # documents per SentencePiece call
+HASH_SEED = 0  # the val split must not depend on the run's seed: one prepared set serves every seed
+ALL_VAL = 1 << 64  # threshold that makes every document val (held-out eval sets)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def val_threshold(val_fraction: float) -> int:
+    return min(ALL_VAL, int(val_fraction * ALL_VAL))
+
+
+def is_val(text: str, threshold: int) -> bool:
+    return xxhash.xxh64_intdigest(text.encode("utf-8", errors="replace"), HASH_SEED) < threshold
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomic and durable: a reader sees the old file, or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(unit: int, part: int) -> str:
+    return f"{unit:05d}-{part:04d}"
+
+
+# --------------------------------------------------------------------------- writing (worker side)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one worker process needs to write (the rest of) one unit's shards. Picklable."""
+
+    unit: Unit
+    index: int  # position in the plan
+    out: str  # shards directory
+    tokenizer: str  # SentencePiece .model path
+    dtype: str
+    threshold: int  # val_threshold(val_fraction)
+    shard_bytes: int  # start a new part after this much input text
+    part: int = 0  # first part to write (earlier ones are complete)
+    skip_docs: int = 0  # documents of this unit already in complete parts
+    max_train: int | None = None  # tokens this unit may still add to each split (None = no cap)
+    max_val: int | None = None
+    max_docs: int = 0  # documents this unit may still read (0 = all)
+
+
+class _SplitFile:
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.f = open(path, "wb")
+        self.hash = xxhash.xxh3_64()
+        self.tokens = self.docs = 0
+
+    def write(self, arr: np.ndarray, docs: int) -> None:
+        data = np.ascontiguousarray(arr, self.dtype).data
+        self.f.write(data)
+        self.hash.update(data)
+        self.tokens += len(arr)
+        self.docs += docs
+
+    def close(self) -> dict:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"file": self.path.name, "tokens": self.tokens, "documents": self.docs,
+                "xxh3_64": self.hash.hexdigest()}
+
+
+def _batches(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_unit(job: Job) -> list[dict]:
+    """Tokenize the rest of `job.unit` into shards; returns the sidecars it wrote."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=job.tokenizer)
+    eos, dtype, out = sp.eos_id(), np.dtype(job.dtype), Path(job.out)
+    docs = documents(job.unit)
+    for _ in range(job.skip_docs):
+        next(docs, None)
+    part, doc_at, written = job.part, job.skip_docs, []
+    left = {"train": job.max_train, "val": job.max_val}
+    docs_left = job.max_docs
+
+    def capped(name: str) -> bool:
+        return left[name] is not None and left[name] <= 0
+
+    def open_part():
+        base = out / shard_name(job.index, part)
+        return {s: _SplitFile(base.with_name(f"{base.name}.{s}.bin"), dtype) for s in ("train", "val")}, 0, doc_at
+
+    files, in_bytes, part_start = open_part()
+    done = False
+    for batch in _batches(docs, ENCODE_BATCH):
+        if job.max_docs:
+            batch = batch[:docs_left]
+            docs_left -= len(batch)
+        raw = [t.encode("utf-8", errors="replace") for t in batch]
+        val = [xxhash.xxh64_intdigest(b, HASH_SEED) < job.threshold for b in raw]
+        ids = sp.encode(batch, out_type=int, num_threads=1)
+        for name, want in (("train", False), ("val", True)):
+            chosen = [x for x, v in zip(ids, val) if v == want]
+            if not chosen or capped(name):
+                continue
+            n = sum(map(len, chosen)) + len(chosen)
+            arr = np.empty(n, dtype)
+            pos = 0
+            for x in chosen:  # document, then EOS
+                arr[pos:pos + len(x)] = x
+                arr[pos + len(x)] = eos
+                pos += len(x) + 1
+            if left[name] is not None:
+                arr = arr[:left[name]]
+                left[name] -= len(arr)
+            files[name].write(arr, len(chosen))
+        doc_at += len(batch)
+        in_bytes += sum(map(len, raw))
+        done = (job.max_docs and docs_left <= 0) or (capped("train") and capped("val"))
+        if done:
+            break
+        if in_bytes >= job.shard_bytes:
+            written.append(_seal(job, part, files, part_start, doc_at, in_bytes, last=False))
+            part += 1
+            files, in_bytes, part_start = open_part()
+    written.append(_seal(job, part, files, part_start, doc_at, in_bytes, last=True))
+    return written
+
+
+def _seal(job: Job, part: int, files: dict, doc_start: int, doc_end: int, in_bytes: int, last: bool) -> dict:
+    u = job.unit
+    sidecar = {"format": FORMAT, "unit": job.index, "part": part, "last": last, "source": u.path,
+               "range": list(u.files[:1] + u.files[-1:]) if u.kind == "embedded" else [u.start, u.stop],
+               "kind": u.kind, "doc_start": doc_start, "doc_end": doc_end, "input_bytes": in_bytes,
+               "train": files["train"].close(), "val": files["val"].close()}
+    write_json(Path(job.out) / f"{shard_name(job.index, part)}.json", sidecar)  # last: the shard's commit
+    return sidecar
+
+
+def complete_parts(out: Path, index: int, itemsize: int) -> list[dict]:
+    """The consecutive complete parts of unit `index` already on disk (sidecar present and
+    both token files of the size it states)."""
+    parts = []
+    while True:
+        side = out / f"{shard_name(index, len(parts))}.json"
+        try:
+            meta = json.loads(side.read_text())
+            ok = all((out / meta[s]["file"]).stat().st_size == meta[s]["tokens"] * itemsize for s in ("train", "val"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return parts
+        if not ok:
+            return parts
+        parts.append(meta)
+        if meta["last"]:
+            return parts
+
+
+# --------------------------------------------------------------------------- reading (every rank)
+
+
+class _Mapped:
+    """One token file, memory-mapped on first use (opening many shards costs no memory)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n: int):
+        self.path, self.dtype, self.n = path, dtype, n
+        self._arr = None
+
+    def __getitem__(self, key):
+        if self._arr is None:
+            self._arr = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n,))
+        return self._arr[key]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TokenStream:
+    """A read-only concatenation of token arrays (shards), addressed as one flat stream."""
+
+    def __init__(self, pieces: list, dtype: np.dtype | None = None):
+        self.pieces = [p for p in pieces if len(p)]
+        self.dtype = np.dtype(dtype or (self.pieces[0].dtype if self.pieces else np.uint32))
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.pieces], dtype=np.int64)])
+
+    @classmethod
+    def of(cls, arr) -> "TokenStream":
+        return arr if isinstance(arr, TokenStream) else cls([arr], getattr(arr, "dtype", None))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) as one array (a copy when the range spans shards)."""
+        out, at = [], lo
+        i = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        while at < hi:
+            base = int(self.offsets[i])
+            end = min(hi, int(self.offsets[i + 1]))
+            out.append(np.asarray(self.pieces[i][at - base:end - base]))
+            at, i = end, i + 1
+        return out[0] if len(out) == 1 else np.concatenate(out) if out else np.zeros(0, self.dtype)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length] int64: tokens [s, s+length) for each start."""
+        return np.stack([self.read(int(s), int(s) + length).astype(np.int64) for s in starts]) \
+            if len(starts) else np.zeros((0, length), np.int64)
+
+    def slice(self, lo: int, hi: int) -> "TokenStream":
+        return TokenStream([_View(self, lo, hi)], self.dtype) if hi > lo else TokenStream([], self.dtype)
+
+    def __add__(self, other: "TokenStream") -> "TokenStream":
+        return TokenStream(self.pieces + other.pieces, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.read(0, len(self))
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+class _View:
+    def __init__(self, stream: TokenStream, lo: int, hi: int):
+        self.stream, self.lo, self.hi = stream, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, key: slice):
+        start, stop, _ = key.indices(len(self))
+        return self.stream.read(self.lo + start, self.lo + stop)
+
+
+def file_checksum(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shards(directory: Path, index: dict) -> str | None:
+    """None when every shard file matches the index, else one line naming the first bad one.
+    Files unchanged (size and mtime) since the index was written are not re-read."""
+    itemsize = np.dtype(index["dtype"]).itemsize
+    for shard in index["shards"]:
+        for s in ("train", "val"):
+            meta = shard[s]
+            path = directory / "shards" / meta["file"]
+            try:
+                st = path.stat()
+            except OSError:
+                return f"shard {path} is missing"
+            if st.st_size != meta["tokens"] * itemsize:
+                return f"shard {path} has {st.st_size} bytes, its sidecar says {meta['tokens'] * itemsize}"
+            if st.st_mtime_ns != meta.get("mtime_ns") and file_checksum(path) != meta["xxh3_64"]:
+                return f"shard {path} fails its xxh3-64 checksum (expected {meta['xxh3_64']})"
+    return None
+
+
+def read_index(directory: Path) -> dict | None:
+    try:
+        index = json.loads((directory / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return index if index.get("format") == FORMAT else None
+
+
+def open_streams(directory: Path, index: dict) -> tuple[TokenStream, TokenStream]:
+    dtype = np.dtype(index["dtype"])
+    streams = []
+    for s in ("train", "val"):
+        files = [(directory / "shards" / sh[s]["file"], sh[s]["tokens"]) for sh in index["shards"]]
+        streams.append(TokenStream([_Mapped(p, dtype, n) for p, n in files if n], dtype))
+    return streams[0], streams[1]
+
+
+def publish_index(directory: Path, sidecars: list[dict], meta: dict) -> dict:
+    """Write `index.json` over the finished sidecars (in plan order); the dataset's commit point."""
+    shards = []
+    for side in sidecars:
+        entry = dict(side)
+        for s in ("train", "val"):
+            entry[s] = {**side[s], "mtime_ns": (directory / "shards" / side[s]["file"]).stat().st_mtime_ns}
+        shards.append(entry)
+    totals = {f"n_{s}_{k}": sum(sh[s][k] for sh in shards) for s in ("train", "val") for k in ("tokens", "documents")}
+    index = {"format": FORMAT, **meta, **totals, "n_docs": totals["n_train_documents"] + totals["n_val_documents"],
+             "n_shards": len(shards), "shards": shards}
+    write_json(directory / "index.json", index)
+    return index

@@ -1,0 +1,435 @@
+"""Where documents come from, and how a source is cut into independent units of work.
+
+A source string is one of:
+- `embedded`: the interpreter's standard-library `.py` files, one document per non-empty
+  file, sorted by relative path (site-packages, dist-packages and test/tests/idlelib/lib2to3
+  directories excluded). `max_docs` keeps the first N files of that order.
+- a local `.txt` / `.jsonl` / `.json` / `.parquet` file, optionally compressed as `.gz` or
+  `.zst` (not parquet, which compresses internally), a directory of them (searched
+  recursively, sorted paths) or a glob (`corpus/**/*.jsonl.zst`).
+  - `.txt`: one document per blank-line-separated paragraph (runs of two or more newlines
+    separate documents; the paragraph is stripped of surrounding newlines).
+  - `.jsonl`: one record per line, the document is field `text_field`.
+  - `.json`: a list of records, or JSON lines.
+  - `.parquet`: column `text_field`.
+- `hf:<name>[:<config>]`: a hub dataset's train split, streamed.
+
+A *unit* is a piece of one source that a worker process reads on its own: a byte range of an
+uncompressed `.txt`/`.jsonl` file (cut just after a document separator, so the documents of
+all ranges are exactly the documents of the whole file), a group of row groups of a parquet
+file, a whole compressed or `.json` file, a group of stdlib files, or one shard of a hub
+stream. The plan depends only on the files and `data.shard_mb`, never on the worker count,
+so any number of workers produces the same documents in the same order.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from trainer.errors import UserError
+
+SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".zst")
+ACCEPTED = ("'embedded', a .txt/.jsonl/.json/.parquet file (optionally .gz/.zst), a directory or glob of them, "
+            "or 'hf:<name>[:<config>]'")
+EXCLUDED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+_SEPARATOR = {"text": b"\n\n", "jsonl": b"\n"}
+
+
+class DataError(UserError):
+    """Bad data input: what is wrong and what would be accepted, in one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently readable piece of a source (see the module docstring)."""
+
+    kind: str  # embedded | text | jsonl | json | parquet | hf
+    path: str  # file, or hub name; for embedded the stdlib root
+    start: int = 0  # byte offset / first row group / stream shard index
+    stop: int = -1  # end byte / end row group / number of stream shards (-1: whole file)
+    compression: str = ""  # "", ".gz" or ".zst"
+    files: tuple = ()  # embedded: the files of this unit
+    text_field: str = "text"
+    config: str | None = None  # hub dataset config
+    take: int = 0  # hub: stop after this many documents (0 = all)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "embedded":
+            return f"{len(self.files)} stdlib files from {self.files[0]}"
+        if self.kind == "hf":
+            return f"hf:{self.path} shard {self.start}/{self.stop}"
+        span = f" [{self.start}, {self.stop})" if self.stop >= 0 else ""
+        return f"{self.path}{span}"
+
+
+@dataclass
+class Source:
+    """A checked, fingerprinted source and its unit plan; no document has been read yet."""
+
+    spec: str
+    kind: str  # embedded | local | hf
+    fingerprint: str
+    n_bytes: int  # on disk; 0 when unknown (streams)
+    planner: Callable[[], list[Unit]]  # the unit plan, made only when someone prepares
+    description: str = ""
+    _units: list[Unit] | None = field(default=None, repr=False)
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind == "hf"
+
+    @property
+    def units(self) -> list[Unit]:
+        if self._units is None:
+            self._units = self.planner()
+        return self._units
+
+
+def open_source(spec: str, text_field: str = "text", max_docs: int = 0, shard_mb: float = 64.0,
+                key: str = "data.source") -> Source:
+    """The source named by `spec`, checked and cut into units without reading documents."""
+    if spec == "embedded":
+        return _embedded(max_docs, shard_mb)
+    if spec.startswith("hf:"):
+        return _hub(spec, text_field, max_docs, key)
+    return _local(spec, text_field, shard_mb, key)
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+def _embedded(max_docs: int, shard_mb: float) -> Source:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_STDLIB_DIRS and d != "__pycache__"]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    stats = sorted((p.relative_to(root).as_posix(), p.stat()) for p in found)
+    stats = [(rel, st) for rel, st in stats if st.st_size > 0]
+    if max_docs:
+        stats = stats[:max_docs]
+    if not stats:
+        raise DataError(f"data.source=embedded: no standard-library .py files under {root}; "
+                        f"use a local path or 'hf:<name>' instead")
+    listing = [(rel, st.st_size, st.st_mtime_ns) for rel, st in stats]
+    n_bytes = sum(st.st_size for _, st in stats)
+
+    def units() -> list[Unit]:
+        out, group, size = [], [], 0
+        for rel, st in stats:
+            group.append(rel)
+            size += st.st_size
+            if size >= shard_mb * 2**20:
+                out.append(Unit("embedded", str(root), files=tuple(group)))
+                group, size = [], 0
+        return out + ([Unit("embedded", str(root), files=tuple(group))] if group else [])
+
+    return Source("embedded", "embedded", digest("embedded", sys.version, str(root), listing), n_bytes, units,
+                  f"embedded stdlib corpus {root}: {len(stats)} .py files, {n_bytes / 1e6:.1f} MB")
+
+
+def stdlib_files(unit: Unit) -> list[Path]:
+    return [Path(unit.path) / rel for rel in unit.files]
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def file_kind(path: Path) -> tuple[str, str] | None:
+    """(kind, compression) of a corpus file name, or None when it is not one."""
+    name = path.name.lower()
+    compression = next((c for c in COMPRESSED if name.endswith(c)), "")
+    base = Path(name[:len(name) - len(compression)] if compression else name)
+    kind = SUFFIXES.get(base.suffix)
+    if kind is None or (kind == "parquet" and compression):
+        return None
+    return kind, compression
+
+
+def _list_files(spec: str, key: str) -> list[Path]:
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        files = [p for p in files if p.is_file() and file_kind(p)]
+        if not files:
+            raise DataError(f"{key} {spec} matches no .txt/.jsonl/.json/.parquet files; expected {ACCEPTED}")
+        return files
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{key} {spec} does not exist; expected {ACCEPTED}")
+    if path.is_file():
+        if file_kind(path) is None:
+            raise DataError(f"{key} {path} has an unsupported extension; expected {ACCEPTED}")
+        return [path]
+    files = sorted((p for p in path.rglob("*") if p.is_file() and file_kind(p)
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+        raise DataError(f"{key} {path} contains no .txt/.jsonl/.json/.parquet files; expected {ACCEPTED}")
+    return files
+
+
+def _local(spec: str, text_field: str, shard_mb: float, key: str) -> Source:
+    files = _list_files(spec, key)
+    stats = [(p, p.stat()) for p in files]
+    n_bytes = sum(st.st_size for _, st in stats)
+    if n_bytes == 0:
+        raise DataError(f"{key} {spec} is empty; expected {ACCEPTED} with some text in it")
+    chunk = max(1, int(shard_mb * 2**20))
+
+    def units() -> list[Unit]:
+        return [u for p, st in stats if st.st_size for u in _file_units(p, st.st_size, chunk, text_field, key)]
+
+    listing = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p, st in stats]
+    return Source(spec, "local", digest("local", listing, text_field, shard_mb), n_bytes, units,
+                  f"local corpus {spec}: {len(files)} file(s), {n_bytes / 1e6:.1f} MB")
+
+
+def _file_units(path: Path, size: int, chunk: int, text_field: str, key: str) -> list[Unit]:
+    kind, compression = file_kind(path)
+    if kind == "parquet":
+        return _parquet_units(path, chunk, text_field, key)
+    if compression or kind == "json" or size <= chunk:
+        return [Unit(kind, str(path), 0, -1, compression, text_field=text_field)]
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + chunk < size:
+            cut = _next_cut(f, cuts[-1] + chunk, _SEPARATOR[kind])
+            if cut >= size:
+                break
+            cuts.append(cut)
+    cuts.append(size)
+    return [Unit(kind, str(path), a, b, text_field=text_field) for a, b in zip(cuts, cuts[1:])]
+
+
+def _next_cut(f, pos: int, sep: bytes) -> int:
+    """The offset just after the first `sep` at or after `pos` (the file size if none)."""
+    f.seek(pos)
+    carry = b""
+    while True:
+        block = f.read(1 << 20)
+        if not block:
+            return pos + len(carry)
+        buf = carry + block
+        i = buf.find(sep)
+        if i >= 0:
+            return pos + i + len(sep)
+        keep = len(sep) - 1
+        pos += len(buf) - keep
+        carry = buf[len(buf) - keep:] if keep else b""
+
+
+def _parquet_units(path: Path, chunk: int, text_field: str, key: str) -> list[Unit]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"could not read {path} as parquet: {first_line(e)}") from None
+    units, start, size = [], 0, 0
+    for i in range(meta.num_row_groups):
+        size += meta.row_group(i).total_byte_size
+        if size >= chunk:
+            units.append(Unit("parquet", str(path), start, i + 1, text_field=text_field))
+            start, size = i + 1, 0
+    if start < meta.num_row_groups or not units:
+        units.append(Unit("parquet", str(path), start, meta.num_row_groups, text_field=text_field))
+    return units
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _hub(spec: str, text_field: str, max_docs: int, key: str) -> Source:
+    name, _, config = spec[len("hf:"):].partition(":")
+    if not name:
+        raise DataError(f"{key} {spec!r} names no dataset; expected {ACCEPTED}")
+    def units() -> list[Unit]:
+        # One stream per data file of the dataset, read in parallel; a document cap needs one
+        # ordered stream so that "the first N documents" means what it says.
+        n = 1 if max_docs else _hub_shards(name, config or None)
+        return [Unit("hf", name, i, n, config=config or None, text_field=text_field, take=max_docs) for i in range(n)]
+
+    return Source(spec, "hf", digest("hub", name, config, text_field, max_docs), 0, units,
+                  f"hub dataset {name}" + (f" ({config})" if config else "") + ", streamed")
+
+
+def _load_stream(name: str, config: str | None):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, config, split="train", streaming=True)
+    except Exception as e:  # offline, unknown name, gated: all end the same way for the user
+        raise DataError(f"could not open hub dataset {name!r}: {first_line(e)}; check the name and "
+                        f"network access, or use a local path or 'embedded'") from None
+
+
+def _hub_shards(name: str, config: str | None) -> int:
+    return max(1, min(64, getattr(_load_stream(name, config), "n_shards", 1) or 1))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def documents(unit: Unit) -> Iterator[str]:
+    """The non-empty documents of `unit`, in order."""
+    if unit.kind == "embedded":
+        for p in stdlib_files(unit):
+            text = p.read_text(encoding="utf-8", errors="replace")
+            if text:
+                yield text
+    elif unit.kind == "text":
+        yield from _paragraphs(_text_chunks(unit))
+    elif unit.kind == "jsonl":
+        yield from _records(unit, _lines(_text_chunks(unit)))
+    elif unit.kind == "json":
+        yield from _records(unit, _json_records(unit))
+    elif unit.kind == "parquet":
+        yield from _parquet(unit)
+    elif unit.kind == "hf":
+        yield from _hub_documents(unit)
+    else:
+        raise AssertionError(unit.kind)
+
+
+def _text_chunks(unit: Unit, size: int = 1 << 22) -> Iterator[str]:
+    if unit.compression:
+        with _open_compressed(unit) as f:
+            while chunk := f.read(size):
+                yield chunk
+        return
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        n = (unit.stop if unit.stop >= 0 else os.fstat(f.fileno()).st_size) - unit.start
+        yield f.read(n).decode("utf-8", errors="replace")
+
+
+def _open_compressed(unit: Unit):
+    try:
+        if unit.compression == ".gz":
+            return gzip.open(unit.path, "rt", encoding="utf-8", errors="replace")
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.open(unit.path, "rb"), encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"could not open {unit.path}: {first_line(e)}") from None
+
+
+def _paragraphs(chunks: Iterator[str]) -> Iterator[str]:
+    """Documents separated by runs of 2+ newlines, however the text arrives in chunks."""
+    carry = ""
+    try:
+        for chunk in chunks:
+            parts = (carry + chunk).split("\n\n")
+            carry = parts.pop()
+            for p in parts:
+                p = p.strip("\n")
+                if p.strip():
+                    yield p
+    except (OSError, EOFError) as e:  # truncated or corrupt .gz/.zst
+        raise DataError(f"could not decompress: {first_line(e)}") from None
+    carry = carry.strip("\n")
+    if carry.strip():
+        yield carry
+
+
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    carry = ""
+    try:
+        for chunk in chunks:
+            parts = (carry + chunk).split("\n")
+            carry = parts.pop()
+            yield from parts
+    except (OSError, EOFError) as e:
+        raise DataError(f"could not decompress: {first_line(e)}") from None
+    yield carry
+
+
+def _json_records(unit: Unit) -> Iterator:
+    text = "".join(_text_chunks(unit))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _lines(iter([text]))  # JSON lines in a .json file, as `datasets` accepts
+        return
+    if not isinstance(data, list):
+        raise DataError(f"{unit.path}: expected a JSON list of records (or JSON lines), got {type(data).__name__}")
+    yield from data
+
+
+def _records(unit: Unit, items: Iterator) -> Iterator[str]:
+    f = unit.text_field
+    for n, item in enumerate(items):
+        if isinstance(item, str):
+            if not item.strip():
+                continue
+            try:
+                item = json.loads(item)
+            except json.JSONDecodeError as e:
+                raise DataError(f"could not read {unit.path} as JSON lines: {first_line(e)}") from None
+        if not isinstance(item, dict) or f not in item:
+            fields = ", ".join(item) if isinstance(item, dict) else type(item).__name__
+            raise DataError(f"json records in {unit.path} have no field {f!r} (fields: {fields or 'none'}); "
+                            f"set data.text_field")
+        text = item[f]
+        if text is None:
+            continue
+        text = text if isinstance(text, str) else str(text)
+        if text:
+            yield text
+
+
+def _parquet(unit: Unit) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(unit.path)
+    names = pf.schema_arrow.names
+    if unit.text_field not in names:
+        raise DataError(f"parquet records in {unit.path} have no field {unit.text_field!r} (fields: "
+                        f"{', '.join(names) or 'none'}); set data.text_field")
+    for i in range(unit.start, unit.stop):
+        column = pf.read_row_group(i, columns=[unit.text_field]).column(0)
+        for text in column.cast("string").to_pylist():
+            if text:
+                yield text
+
+
+def _hub_documents(unit: Unit) -> Iterator[str]:
+    stream = _load_stream(unit.path, unit.config)
+    if unit.stop > 1:
+        stream = stream.shard(num_shards=unit.stop, index=unit.start)
+    if unit.take:
+        stream = stream.take(unit.take)
+    try:
+        for ex in stream:
+            text = ex[unit.text_field]
+            if text:
+                yield text
+    except KeyError as e:
+        raise DataError(f"hub records have no field {e}; set data.text_field") from None
+    except DataError:
+        raise
+    except Exception as e:  # connection drops, auth, parse errors: all reported the same way
+        raise DataError(f"reading the hub dataset failed: {first_line(e)}") from None

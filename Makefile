@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pretrain test test-fast faults lint bench ablate slurm-local clean
+.PHONY: setup prepare pretrain test test-fast faults lint bench ablate slurm-local clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Tokenizer + token shards for CONFIG, with WORKERS processes (default: all CPUs). Resumable.
+# `make pretrain` prepares what is missing by itself; cluster recipes expect this to run first.
+WORKERS ?= 0
+prepare: setup
+	$(BIN)/python -m trainer.prepare $(CONFIG) $(ARGS) --workers $(WORKERS)
 
 pretrain: setup
 	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)

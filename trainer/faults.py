@@ -18,3 +18,11 @@ def pause_mid_save() -> None:
     seconds = float(os.environ.get("HARNESS_FAULT_SLOW_SAVE", "0"))
     if seconds:
         time.sleep(seconds)
+
+
+def pause_mid_shard() -> None:
+    """HARNESS_FAULT_SLOW_SHARD=2: sleep inside every shard, after its first tokens are written
+    and before its sidecar, so a test can kill -9 a prepare while a shard is half done."""
+    seconds = float(os.environ.get("HARNESS_FAULT_SLOW_SHARD", "0"))
+    if seconds:
+        time.sleep(seconds)

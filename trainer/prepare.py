@@ -13,8 +13,6 @@ import os
 import sys
 import time
 
-from trainer.config import load_config
-from trainer.data import prepare_all
 from trainer.errors import UserError
 
 
@@ -32,6 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # Imported here, not at the top: worker processes (spawned) import this module again and
+    # need none of the config machinery (which brings in torch).
+    from trainer.config import load_config
+    from trainer.data import prepare_all
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -40,7 +40,7 @@ class Mixture:
         for k in range(self.n_sources - 1):
             a, r, t = self.a[k], self.rest[k], self.phase[k]
             before = (j * a + t) // r
-            hit = open_ & ((j + 1) * a + t) // r > before
+            hit = open_ & (((j + 1) * a + t) // r > before)
             source[hit], within[hit] = k, before[hit]
             j = np.where(open_ & ~hit, j - before, j)
             open_ &= ~hit

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import xxhash
 
+from trainer import faults
 from trainer.data.sources import Unit, documents
 
 FORMAT = 2  # bump when the shard layout or the split rule changes
@@ -163,6 +164,8 @@ def run_unit(job: Job) -> list[dict]:
                 arr = arr[:left[name]]
                 left[name] -= len(arr)
             files[name].write(arr, len(chosen))
+        if doc_at == part_start:
+            faults.pause_mid_shard()
         doc_at += len(batch)
         in_bytes += sum(map(len, raw))
         done = (job.max_docs and docs_left <= 0) or (capped("train") and capped("val"))

@@ -100,6 +100,15 @@ def test_one_and_two_workers_give_identical_shards_and_a_hash_val_split(corpus, 
     assert not set(val_docs) & set(train_docs) and 0 < len(val_docs) < len(train_docs)
 
 
+def test_tokenizer_file_does_not_depend_on_training_threads(tmp_path):
+    from trainer.tokenizer import Tokenizer
+
+    sample = "\n\n".join(paragraphs(3000)) + "\n".join(p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py")))
+    one = Tokenizer.train(sample, 400, tmp_path / "one.model", threads=1)
+    three = Tokenizer.train(sample, 400, tmp_path / "three.model", threads=3)
+    assert one.path.read_bytes() == three.path.read_bytes()
+
+
 def test_sidecars_describe_their_shard(corpus, tokenizer, tmp_path):
     p = prepare_all(cfg(source=str(corpus), tokenizer=tokenizer, shard_mb=0.01), VOCAB, tmp_path, 1, quiet)
     d = p.train[0]
@@ -389,14 +398,14 @@ def test_mixture_and_eval_sets_in_a_real_run(tmp_path):
 
 @pytest.mark.slow
 def test_offline_job_fails_on_every_rank_with_the_prepare_command(tmp_path):
-    out = train(tiny_overrides(tmp_path / "runs", "off", **{"data.prepare": "offline"}), nproc=2, check=False,
+    out = train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline"}), nproc=2, check=False,
                 timeout=300)
     assert out.returncode != 0
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "python -m trainer.prepare" in ln]
     assert lines and "configs/tiny.yaml" in lines[0] and not (tmp_path / "cache" / "shards").exists()
     prep = subprocess.run([sys.executable, "-m", "trainer.prepare", "configs/tiny.yaml",
-                           *tiny_overrides(tmp_path / "runs", "off"), "--workers", "2"], cwd=ROOT, env=_env(),
+                           *tiny_overrides(tmp_path / "runs", "noprep"), "--workers", "2"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr
-    train(tiny_overrides(tmp_path / "runs", "off", **{"data.prepare": "offline", "run.max_steps": 2}), nproc=2)
-    assert os.path.exists(tmp_path / "runs" / "off" / "checkpoints" / "step-2" / "COMPLETE")
+    train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline", "run.max_steps": 2}), nproc=2)
+    assert os.path.exists(tmp_path / "runs" / "noprep" / "checkpoints" / "step-2" / "COMPLETE")

@@ -27,7 +27,7 @@ from typing import Callable
 
 from trainer.data import shards as sh
 from trainer.data.sources import DataError, Source, digest, documents, open_source
-from trainer.tokenizer import RECIPE_VERSION, Tokenizer, TokenizerError
+from trainer.tokenizer import RECIPE_VERSION, TRAIN_THREADS, Tokenizer, TokenizerError
 
 # Bytes per token assumed when sizing a streamed source from its token cap (English BPE ≈ 4).
 STREAM_BYTES_PER_TOKEN = 4
@@ -180,7 +180,7 @@ def prepare_all(cfg, vocab_size: int, cache_dir: Path, workers: int, log: Callab
             raise DataError(f"{', '.join(d.source.spec for d in p.train)} has no non-empty documents; "
                             f"expected text in it")
         try:
-            tok = Tokenizer.train(sample, vocab_size, p.tokenizer_path, threads=workers)
+            tok = Tokenizer.train(sample, vocab_size, p.tokenizer_path, threads=max(TRAIN_THREADS, workers))
         except TokenizerError as e:
             raise DataError(str(e)) from None
         log(f"data: trained tokenizer on {len(sample) / 1e6:.1f}M chars in {time.perf_counter() - t0:.1f} s "

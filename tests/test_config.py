@@ -112,4 +112,4 @@ def test_pretrain_1b_dry_run_is_about_1b_parameters(capsys):
     out = capsys.readouterr().out
     total = int(re.search(r"parameters\s+([\d,]+) total", out).group(1).replace(",", ""))
     assert 1.0e9 <= total <= 1.2e9, total
-    assert "262,144 tokens per step" in out and "memory/GPU" in out
+    assert "2,097,152 tokens per step" in out and "memory/GPU" in out

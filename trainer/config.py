@@ -40,6 +40,7 @@ class RunSection:
     eval_batches: int = 4
     max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
     force_resume: bool = False  # resume even if model/data keys changed since the run started
+    init_from: str = ""  # run dir or checkpoints/step-N dir: a fresh run starts from its weights (not optimizer/step)
 
 
 @dataclass

@@ -1,52 +1,266 @@
-"""`--dry-run`: validate a config and say what it would cost, without data or hardware."""
+"""`--dry-run`, the planner: validate a config and say what the run would cost, without data
+or hardware.
+
+    python -m trainer.train CONFIG --dry-run [--world-size N] [--gpu H100] [--mfu 0.4]
+
+It builds the model on the meta device (no memory, no compute) and prints the parameters,
+training FLOPs per token, the batch and token budget, memory per GPU by component, and the
+wall time on the named GPU at the assumed MFU.
+
+Memory per GPU (bytes; N parameters, shard = world size, because DeepSpeed partitions ZeRO
+state over the whole data × sequence-parallel group):
+
+- weights: N × (2 under bf16, else 4), / shard at ZeRO-3;
+- gradients: N × 4 (accumulated in fp32 under bf16 too), / shard at ZeRO ≥ 2;
+- optimizer: N × (8 for AdamW's two fp32 moments, + 4 for the fp32 master under bf16),
+  / shard at ZeRO ≥ 1;
+- activations: what autograd keeps for the backward, counted tensor by tensor for this
+  model's implementation (see `block_activation_bytes`), for micro_batch × seq_len / sp
+  tokens per rank; with full activation checkpointing only each block's input is kept, plus
+  one block's activations while it is recomputed;
+- logits: the fp32 log-probabilities the loss keeps and, at the start of the backward, the
+  gradients of the log-probabilities and logits (12 bytes per vocabulary entry per token).
+
+Not counted: DeepSpeed's communication buckets, the CUDA context and allocator
+fragmentation (budget ~10-20% on top), and the optimizer step's temporaries.
+`tests/test_summary.py` checks the arithmetic against tensor allocations tracked by torch's
+`MemTracker` during a real forward, backward and AdamW step on CPU.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from model import Transformer
+from model.config import ModelConfig
+from model.mod import predictor_hidden, tokens_per_chunk
 from trainer.config import RunConfig
 from trainer.dist import print0
+from trainer.errors import UserError
+
+GIB = 2**30
 
 
-def memory_per_gpu(cfg: RunConfig, n_params: int, dp: int) -> dict[str, float]:
-    """Rough bytes per GPU: weights, grads and AdamW states by ZeRO stage, plus activations
-    (Korthikanti et al. 2022, ~34·s·b·d bytes per layer in 16-bit with flash attention,
-    sequence split over SP, no activation checkpointing)."""
-    p = cfg.parallel
-    w = 2 if p.precision == "bf16" else 4
-    g = w
-    o = 12 if p.precision == "bf16" else 8  # (fp32 master +) two fp32 moments
-    z = p.zero_stage
-    per_param = {0: w + g + o, 1: w + g + o / dp, 2: w + (g + o) / dp, 3: (w + g + o) / dp}[z]
-    states = per_param * n_params
-    tokens = p.micro_batch * cfg.data.seq_len / p.sp
-    acts = 34 * tokens * cfg.model.d_model * cfg.final_layers * (w / 2)
-    logits = tokens * cfg.model.vocab_size * 4 * 2  # fp32 logits and their grad
-    return {"states": states, "activations": acts + logits, "total": states + acts + logits}
+@dataclass(frozen=True)
+class GPU:
+    bf16_flops: float  # dense tensor-core peak per GPU, FLOP/s
+    fp32_flops: float  # plain fp32 (no TF32) peak
+    memory_gib: float  # nominal HBM capacity
 
 
-def dry_run(cfg: RunConfig, world_size: int = 0) -> None:
-    world = world_size or cfg.parallel.sp
-    dp = max(1, world // cfg.parallel.sp)
-    mcfg = dataclasses.replace(cfg.model, n_layers=cfg.final_layers)
+# Datasheet peaks, dense (no sparsity). SXM parts unless the name says otherwise.
+GPUS: dict[str, GPU] = {
+    "H100": GPU(989e12, 67e12, 80),
+    "H100-PCIE": GPU(756e12, 51e12, 80),
+    "H100-NVL": GPU(835e12, 60e12, 94),
+    "H200": GPU(989e12, 67e12, 141),
+    "B200": GPU(2250e12, 80e12, 180),
+    "A100": GPU(312e12, 19.5e12, 80),
+    "A100-40GB": GPU(312e12, 19.5e12, 40),
+    "L40S": GPU(362e12, 91.6e12, 48),
+    "L4": GPU(121e12, 30.3e12, 24),
+}
+
+
+def gpu_spec(name: str) -> GPU:
+    key = name.upper()
+    if key not in GPUS:
+        raise UserError(f"--gpu {name!r} is not in the peak-FLOPs table; expected one of {' | '.join(GPUS)}")
+    return GPUS[key]
+
+
+# ---- activation memory ---------------------------------------------------------------
+
+def _norm_bytes(d: int, a: int, output_saved: bool) -> int:
+    """Our norms compute in fp32: the fp32 input (4d) and the normalised value (a·d) are
+    saved, and the output (a·d) when the next op is a matmul that keeps its input."""
+    return 4 * d + a * d + (a * d if output_saved else 0)
+
+
+def block_activation_bytes(cfg: ModelConfig, layer: int, a: int, seq_len: int) -> float:
+    """Bytes autograd keeps per token of the sequence for 1-based block `layer`, `a` being
+    the activation dtype's size. Dense block: two norms, q and k after RoPE, v, the
+    attention output and its head-merged copy, the flash log-sum-exp (fp32, per head), and
+    SwiGLU's gate, silu(gate), up and their product. A routed MoD block runs that on its
+    k/T share of the tokens, plus the router's input and the MoD update's operands."""
+    d, f, q, kv, dh = cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.head_dim
+    nb = 2 * _norm_bytes(d, a, True)  # pre/peri: sublayer-input norms; post: the two post norms
+    if cfg.norm == "peri":
+        nb += 2 * _norm_bytes(d, a, False)  # output norms: their output only joins the residual
+    attn = a * (q + kv + kv + q + q) + 4 * cfg.n_heads
+    if layer > 1 and cfg.value_residual == "learned":
+        attn += a * kv  # λ1 is a parameter, so W_v x is kept for its gradient
+    elif layer > 1 and cfg.value_residual == "shared":
+        attn -= a * kv  # attends with V1 itself: nothing new
+    dense = nb + attn + 4 * a * f
+    if not cfg.is_routed(layer):
+        return dense
+    chunk = seq_len // cfg.mod.route_chunks
+    share = tokens_per_chunk(cfg.mod.capacity, chunk) / chunk
+    routed = share * (dense + a * d + 2 * a * dh) + a * d
+    if cfg.mod.causal == "predictor":
+        routed += 2 * a * predictor_hidden(d)
+    return routed
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, tokens: float, a: int, checkpointed: set[int]) -> float:
+    """Bytes kept for the backward for `tokens` tokens per rank; blocks in `checkpointed`
+    keep only their input (a·d). See `recompute_bytes` for the block being recomputed."""
+    per_block = {layer: block_activation_bytes(cfg, layer, a, seq_len) for layer in range(1, cfg.n_layers + 1)}
+    kept = sum(a * cfg.d_model if layer in checkpointed else b for layer, b in per_block.items())
+    if checkpointed and cfg.value_residual != "none":
+        kept += a * cfg.kv_heads * cfg.head_dim  # V1, an input of every recomputed block
+    kept += _norm_bytes(cfg.d_model, a, True)  # final norm
+    if cfg.embed_norm:
+        kept += _norm_bytes(cfg.d_model, a, True)
+    return kept * tokens
+
+
+def recompute_bytes(cfg: ModelConfig, seq_len: int, tokens: float, a: int, checkpointed: set[int]) -> float:
+    """The largest checkpointed block's activations, live again while it is recomputed."""
+    return max((block_activation_bytes(cfg, layer, a, seq_len) for layer in checkpointed), default=0.0) * tokens
+
+
+def logits_bytes(cfg: ModelConfig, tokens: float, a: int) -> float:
+    """fp32 log-probs (kept by the loss), their gradient and the fp32 logits' gradient at the
+    start of the backward (the bf16 logits' gradient comes after the first two are freed)."""
+    return tokens * cfg.vocab_size * 12
+
+
+def checkpointed_blocks(mode: str, n_layers: int) -> set[int]:
+    """`none`, `full`, or `every_<k>` (blocks k, 2k, ... are checkpointed)."""
+    if mode == "none":
+        return set()
+    if mode == "full":
+        return set(range(1, n_layers + 1))
+    k = int(mode.removeprefix("every_"))
+    return set(range(k, n_layers + 1, k))
+
+
+# ---- the plan ------------------------------------------------------------------------
+
+@dataclass
+class Memory:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float  # no activation checkpointing
+    activations_ckpt: float  # full activation checkpointing: block inputs
+    recompute: float  # full activation checkpointing: one block recomputed in the backward
+    logits: float
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    def total(self, checkpointing: bool = False) -> float:
+        """The peak. With checkpointing, the logits' gradients are freed before the first
+        block is recomputed, so the two never coincide."""
+        if checkpointing:
+            return self.states + self.activations_ckpt + max(self.logits, self.recompute)
+        return self.states + self.activations + self.logits
+
+
+@dataclass
+class Plan:
+    world: int
+    dp: int
+    params: int  # at the final depth
+    params_non_embedding: int
+    params_initial: int  # before growth
+    flops_per_token: float  # at the final depth
+    tokens_per_step: int
+    steps: int
+    total_tokens: int
+    tokens_per_param: float
+    total_flops: float  # summed over growth stages
+    memory: Memory
+    gpu: str
+    gpu_spec: GPU
+    mfu: float
+    hours: float
+
+
+def _meta_model(cfg: RunConfig, n_layers: int) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(mcfg, sp_degree=1)
-    n, n_ne = model.num_params(), model.num_params(non_embedding=True)
-    fpt = model.flops_per_token(cfg.data.seq_len)
-    tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_len
-    mem = memory_per_gpu(cfg, n, dp)
-    gib = 2**30
-    depth = f"{cfg.model.n_layers} -> {cfg.final_layers} layers (growth)" if cfg.growth.stages else f"{cfg.model.n_layers} layers"
+        return Transformer(dataclasses.replace(cfg.model, n_layers=n_layers), sp_degree=1)
+
+
+def memory_per_gpu(cfg: RunConfig, n_params: int, world: int) -> Memory:
+    p, m = cfg.parallel, dataclasses.replace(cfg.model, n_layers=cfg.final_layers)
+    bf16 = p.precision == "bf16"
+    shard, z = max(1, world), p.zero_stage
+    a = 2 if bf16 else 4
+    tokens = p.micro_batch * cfg.data.seq_len / p.sp
+    every = checkpointed_blocks("full", m.n_layers)
+    return Memory(
+        weights=n_params * a / (shard if z == 3 else 1),
+        grads=n_params * 4 / (shard if z >= 2 else 1),
+        optimizer=n_params * (12 if bf16 else 8) / (shard if z >= 1 else 1),
+        activations=activation_bytes(m, cfg.data.seq_len, tokens, a, set()),
+        activations_ckpt=activation_bytes(m, cfg.data.seq_len, tokens, a, every),
+        recompute=recompute_bytes(m, cfg.data.seq_len, tokens, a, every),
+        logits=logits_bytes(m, tokens, a),
+    )
+
+
+def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.4) -> Plan:
+    p = cfg.parallel
+    world = world_size or p.sp
+    if world % p.sp:
+        raise UserError(f"--world-size {world} is not a multiple of parallel.sp={p.sp}")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu} must be in (0, 1]")
+    spec = gpu_spec(gpu)
+    dp = world // p.sp
+    final = _meta_model(cfg, cfg.final_layers)
+    n = final.num_params()
+    tokens_per_step = p.micro_batch * p.grad_accum * dp * cfg.data.seq_len
+    steps = cfg.run.max_steps
+    # Growth: each stage trains at its own depth, so FLOPs are summed stage by stage.
+    bounds = [(0, cfg.model.n_layers)] + [(s.at_step, s.layers) for s in cfg.growth.stages]
+    total_flops = 0.0
+    for i, (start, layers) in enumerate(bounds):
+        end = bounds[i + 1][0] if i + 1 < len(bounds) else steps
+        total_flops += (end - start) * tokens_per_step * _meta_model(cfg, layers).flops_per_token(cfg.data.seq_len)
+    peak = spec.bf16_flops if p.precision == "bf16" else spec.fp32_flops
+    return Plan(
+        world=world, dp=dp, params=n, params_non_embedding=final.num_params(non_embedding=True),
+        params_initial=_meta_model(cfg, cfg.model.n_layers).num_params(),
+        flops_per_token=final.flops_per_token(cfg.data.seq_len), tokens_per_step=tokens_per_step, steps=steps,
+        total_tokens=tokens_per_step * steps, tokens_per_param=tokens_per_step * steps / n, total_flops=total_flops,
+        memory=memory_per_gpu(cfg, n, world), gpu=gpu.upper(), gpu_spec=spec, mfu=mfu,
+        hours=total_flops / (world * peak * mfu) / 3600,
+    )
+
+
+def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.4) -> Plan:
+    pl = plan(cfg, world_size, gpu, mfu)
+    m, p, mem = cfg.model, cfg.parallel, pl.memory
+    depth = f"{m.n_layers} -> {cfg.final_layers} layers (growth)" if cfg.growth.stages else f"{m.n_layers} layers"
+    grown = f" ({pl.params_initial:,} before growth)" if cfg.growth.stages else ""
     print0(f"config OK: {cfg.run.name}")
-    print0(f"  model       {depth}, d_model {mcfg.d_model}, heads {mcfg.n_heads}/{mcfg.kv_heads} kv, "
-           f"norm {mcfg.norm}, ln_scaling {mcfg.ln_scaling}, value_residual {mcfg.value_residual}, "
-           f"mod capacity {mcfg.mod.capacity}")
-    print0(f"  parameters  {n:,} total, {n_ne:,} non-embedding")
-    print0(f"  FLOPs/token {fpt:,.0f} (training, seq_len {cfg.data.seq_len})")
-    print0(f"  batch       {tokens:,} tokens per step (micro {cfg.parallel.micro_batch} x accum "
-           f"{cfg.parallel.grad_accum} x dp {dp}, seq {cfg.data.seq_len}, sp {cfg.parallel.sp}; world {world})")
-    print0(f"  memory/GPU  ~{mem['total'] / gib:.1f} GiB (ZeRO-{cfg.parallel.zero_stage} states "
-           f"{mem['states'] / gib:.1f} GiB, activations {mem['activations'] / gib:.1f} GiB; {cfg.parallel.precision})")
+    print0(f"  model       {depth}, d_model {m.d_model}, heads {m.n_heads}/{m.kv_heads} kv, "
+           f"norm {m.norm}, ln_scaling {m.ln_scaling}, value_residual {m.value_residual}, "
+           f"mod capacity {m.mod.capacity}, rope_theta {m.rope_theta:g}")
+    print0(f"  parameters  {pl.params:,} total, {pl.params_non_embedding:,} non-embedding{grown}")
+    print0(f"  FLOPs/token {pl.flops_per_token:,.0f} (training, seq_len {cfg.data.seq_len})")
+    print0(f"  batch       {pl.tokens_per_step:,} tokens per step (micro {p.micro_batch} x accum "
+           f"{p.grad_accum} x dp {pl.dp}, seq {cfg.data.seq_len}, sp {p.sp}; world {pl.world})")
+    print0(f"  budget      {pl.steps:,} steps, {pl.total_tokens:,} tokens, "
+           f"{pl.tokens_per_param:.1f} tokens/parameter, {pl.total_flops:.3g} FLOPs")
+    ac = getattr(p, "activation_checkpointing", None)
+    print0(f"  memory/GPU  ZeRO-{p.zero_stage} over {pl.world} ranks, {p.precision}"
+           + (f", activation_checkpointing {ac}" if ac else ""))
+    print0(f"    weights {mem.weights / GIB:.2f} GiB, grads {mem.grads / GIB:.2f} GiB, "
+           f"optimizer {mem.optimizer / GIB:.2f} GiB, logits {mem.logits / GIB:.2f} GiB")
+    print0(f"    activations {mem.activations / GIB:.2f} GiB (no checkpointing), "
+           f"{mem.activations_ckpt / GIB:.2f} GiB + {mem.recompute / GIB:.2f} GiB recompute (full checkpointing)")
+    cap = pl.gpu_spec.memory_gib
+    print0(f"    total {mem.total() / GIB:.1f} GiB, or {mem.total(True) / GIB:.1f} GiB with full checkpointing "
+           f"({pl.gpu}: {cap:g} GiB; add ~10-20% for buffers and fragmentation)")
+    print0(f"  time        {pl.hours:,.1f} h ({pl.hours / 24:.1f} days) on {pl.world} x {pl.gpu} at MFU {pl.mfu:g}")
     print0(f"  run dir     {cfg.run_dir}")
+    return pl

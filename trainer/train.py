@@ -20,8 +20,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="YAML experiment config, e.g. configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
-    ap.add_argument("--dry-run", action="store_true", help="validate, print model size and FLOPs, exit")
-    ap.add_argument("--world-size", type=int, default=0, help="GPUs assumed by --dry-run's memory estimate")
+    ap.add_argument("--dry-run", action="store_true", help="validate and plan: size, FLOPs, token budget, memory per GPU, wall time; then exit")
+    ap.add_argument("--world-size", type=int, default=0,
+                    help="GPUs assumed by --dry-run (default: one SP group, parallel.sp)")
+    ap.add_argument("--gpu", default="H100", help="GPU model for --dry-run's peak FLOPs and memory (default H100)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed by --dry-run (default 0.4)")
     return ap.parse_args(argv)
 
 
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             from trainer.summary import dry_run
 
-            dry_run(cfg, args.world_size)
+            dry_run(cfg, args.world_size, args.gpu, args.mfu)
             return 0
         return Trainer(cfg).fit()
     except UserError as e:
@@ -55,6 +58,11 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist)
         self.stop = StopRequest.from_env()
         self.resume_from = self.ckpt.latest()
+        self.init_src = None  # run.init_from: only a fresh run starts from another run's weights
+        if self.resume_from is None and cfg.run.init_from:
+            from trainer.init_from import resolve_init_source
+
+            self.init_src = resolve_init_source(cfg)
         self._check_or_record_config()
         self.state = TrainState(n_layers=cfg.model.n_layers)
         if self.resume_from is not None:
@@ -88,7 +96,17 @@ class Trainer:
                             dist.is_main, dist.barrier, world=dist.world, any_rank=dist.any)
         core = attention_core(dist, cfg.model.kv_heads)
         model = build_model(cfg, state.n_layers, core)
+        if self.init_src is not None:
+            from trainer import init_from
+
+            init_from.check_tokenizer(self.init_src, self.run_dir)
+            weights = init_from.source_weights(self.init_src)
+            init_from.load_into_model(model, weights)
         engine = build_engine(cfg, dist, model)
+        if self.init_src is not None:
+            init_from.load_into_engine(engine, weights)
+            del weights
+            print0(f"initialised from {self.init_src.checkpoint} (weights only: step 0, fresh optimizer and schedule)")
         if self.resume_from is not None:
             state = self.ckpt.load(engine, self.resume_from)
             print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")

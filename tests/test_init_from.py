@@ -1,0 +1,93 @@
+"""`run.init_from`: a new run starts from a finished run's weights, with another seq_len,
+SP degree and RoPE theta, and a fresh optimizer, step counter and schedule."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Transformer
+from tests.helpers import ROOT, losses, metrics, tiny_overrides, train
+from trainer.api import consolidated_state_dict, load_model, resolve_checkpoint
+from trainer.config import load_config
+from trainer.data import prepare_data
+from trainer.schedule import lr_at
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished 30-step tiny run (seq 64, one rank)."""
+    out = tmp_path_factory.mktemp("init_from") / "runs"
+    train(tiny_overrides(out, "src", **{"run.max_steps": 30}))
+    return out
+
+
+def _stage2(out, name="dst", **extra):
+    # Another context length and RoPE theta, SP=2 on 2 ranks: only the weights carry over.
+    return tiny_overrides(out, name, **{"run.init_from": str(out / "src"), "data.seq_len": 32,
+                                        "model.max_seq_len": 128, "model.rope_theta": 50000.0,
+                                        "parallel.sp": 2, "run.max_steps": 2, "checkpoint.every": 1, **extra})
+
+
+def test_init_from_starts_from_source_weights_with_new_seq_len_and_sp(source_run, tmp_path):
+    out = source_run
+    overrides = _stage2(out)
+    proc = train(overrides, nproc=2)
+    assert "initialised from" in proc.stdout and "step-30" in proc.stdout
+
+    # Reference: the source's weights in a model built with the new run's config (theta,
+    # table length), on the new run's first batch, SP=1, one process.
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    src = load_model(out / "src")
+    ref = Transformer(dataclasses.replace(cfg.model, n_layers=src.cfg.n_layers))
+    ref.load_state_dict(src.state_dict())
+    data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, tmp_path, True,
+                        lambda: None, log=lambda s: None)
+    x, y = data.train_batch(0, 0, 0, 1, cfg.parallel.micro_batch, cfg.parallel.grad_accum)
+    with torch.no_grad():
+        want = F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).item()
+    rows = [r for r in metrics(out / "dst") if "loss" in r]
+    first = rows[0]
+    assert first["step"] == 1 and first["tokens"] == cfg.parallel.micro_batch * cfg.data.seq_len  # fresh counters
+    assert first["lr"] == pytest.approx(lr_at(cfg, 0))  # the new run's own schedule, from its step 0
+    assert first["loss"] == pytest.approx(want, rel=1e-5)
+    # ...and is well below what this run's own fresh initialisation would give.
+    torch.manual_seed(cfg.run.seed)
+    with torch.no_grad():
+        fresh = F.cross_entropy(Transformer(cfg.model)(x).flatten(0, 1), y.flatten()).item()
+    assert first["loss"] < fresh - 0.5, (first["loss"], fresh)
+
+    # The weights moved from the source's, by a fresh AdamW's first steps (≈ lr per element).
+    _, ckpt = resolve_checkpoint(out / "dst", step=1)
+    after = consolidated_state_dict(ckpt)
+    before = src.state_dict()
+    step = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < step <= 1.5 * lr_at(cfg, 0)
+
+    # With checkpoints of its own, the run resumes from them; init_from no longer matters.
+    more = [o for o in overrides if not o.startswith(("run.max_steps", "run.init_from"))]
+    proc = train([*more, "run.max_steps=3", f"run.init_from={out / 'missing'}"], nproc=2)
+    assert "resumed from" in proc.stdout and "initialised from" not in proc.stdout
+    assert sorted(losses(out / "dst")) == [1, 2, 3]
+
+
+def test_init_from_an_incompatible_model_is_one_line(source_run):
+    proc = train(_stage2(source_run, "bad", **{"model.d_model": 128, "model.norm": "peri", "parallel.sp": 1}),
+                 check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "run.init_from" in err[0], proc.stderr
+    assert "model.d_model (64 there, 128 here)" in err[0] and "model.norm ('pre' there, 'peri' here)" in err[0]
+    assert "model.max_seq_len" not in err[0].split("only")[0]  # allowed to differ, not reported as a difference
+    assert not (source_run / "bad" / "checkpoints").exists()
+
+
+def test_init_from_a_missing_dir_is_one_line(tmp_path):
+    proc = train(tiny_overrides(tmp_path, "x", **{"run.init_from": str(tmp_path / "nope")}), check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "run.init_from" in err[0] and "no such directory" in err[0], proc.stderr

@@ -1,0 +1,150 @@
+"""The `--dry-run` planner: its numbers against the model and the config, and its memory
+arithmetic against memory measured during a real forward, backward and AdamW step on CPU.
+
+Measurement: torch's `MemTracker` (torch.distributed._tools.mem_tracker), a dispatch mode
+that records every tensor storage allocated or freed (parameters, gradients, optimizer
+state, activations, temporaries) and keeps the peak of their sum. It counts tensor bytes
+exactly, unlike RSS, which glibc's allocator caching and the interpreter blur. The step
+runs after a first step, with gradients kept between steps (zero_grad(set_to_none=False)),
+as DeepSpeed keeps its gradient buffers, so the peak holds weights, gradients, AdamW state
+and the activations together, which is what the planner adds up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model import Transformer
+from tests.helpers import ROOT
+from trainer.config import load_config
+from trainer.optim import SkipNonFiniteAdamW, param_groups
+from trainer.summary import memory_per_gpu, plan
+from trainer.train import main
+
+TINY = ROOT / "configs/tiny.yaml"
+
+
+def test_plan_counts_match_the_model_and_the_config():
+    cfg = load_config(TINY, ["parallel.sp=2", "parallel.micro_batch=3", "parallel.grad_accum=5", "run.max_steps=700",
+                             "model.value_residual=learned", "model.mod.capacity=0.5", "model.mod.route_chunks=2"])
+    pl = plan(cfg, world_size=8, gpu="A100", mfu=0.5)
+    model = Transformer(cfg.model)  # a real CPU model, built independently of the planner's meta one
+    assert pl.params == model.num_params() == sum(p.numel() for p in model.parameters())
+    assert pl.params_non_embedding == model.num_params(non_embedding=True)
+    assert pl.dp == 4 and pl.tokens_per_step == 3 * 5 * 4 * 256
+    assert pl.steps == 700 and pl.total_tokens == 700 * 3 * 5 * 4 * 256
+    assert pl.tokens_per_param == pytest.approx(pl.total_tokens / model.num_params())
+    assert pl.total_flops == pytest.approx(pl.total_tokens * model.flops_per_token(256))
+    assert pl.hours * 3600 == pytest.approx(pl.total_flops / (8 * 19.5e12 * 0.5))  # fp32 run: A100's fp32 peak
+
+def test_plan_sums_flops_over_growth_stages_and_states_shard_by_zero_stage():
+    cfg = load_config(TINY, ["run.max_steps=100", "growth.stages=[{at_step: 40, layers: 8, method: stack}]",
+                             "parallel.precision=bf16", "parallel.zero_stage=2"])
+    pl = plan(cfg, world_size=4)
+    small, big = (Transformer(dataclasses.replace(cfg.model, n_layers=n)) for n in (4, 8))
+    per_step = cfg.parallel.micro_batch * 4 * 256
+    assert pl.params == big.num_params() and pl.params_initial == small.num_params()
+    assert pl.total_flops == pytest.approx(per_step * (40 * small.flops_per_token(256) + 60 * big.flops_per_token(256)))
+    n = big.num_params()
+    by_stage = {z: memory_per_gpu(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=z)),
+                                  n, 4) for z in range(4)}
+    assert [by_stage[z].weights for z in range(4)] == [2 * n, 2 * n, 2 * n, 2 * n / 4]
+    assert [by_stage[z].grads for z in range(4)] == [4 * n, 4 * n, n, n]
+    assert [by_stage[z].optimizer for z in range(4)] == [12 * n, 3 * n, 3 * n, 3 * n]
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert main(["configs/tiny.yaml", "--dry-run", "--world-size", "2", "--gpu", "h100", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    pl = plan(load_config(TINY), world_size=2, gpu="H100", mfu=0.5)
+    assert f"{pl.params:,} total" in out and f"{pl.tokens_per_step:,} tokens per step" in out
+    assert f"{pl.total_tokens:,} tokens" in out and f"{pl.tokens_per_param:.1f} tokens/parameter" in out
+    assert re.search(r"on 2 x H100 at MFU 0.5", out)
+
+
+def test_dry_run_unknown_gpu_is_one_line(capsys):
+    assert main(["configs/tiny.yaml", "--dry-run", "--gpu", "V1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "V1000" in err[0] and "H100" in err[0]
+
+
+class _Checkpointed(torch.nn.Module):
+    """Non-reentrant activation checkpointing around one block (what torchtitan does)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, rope, v1, routing):
+        return checkpoint(self.block, x, rope, v1, routing, use_reentrant=False)
+
+
+def _measured_peak(cfg, checkpointing: bool) -> int:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    if checkpointing:
+        model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    opt = SkipNonFiniteAdamW(param_groups(model, 0.1), lr=1e-3)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
+
+    def step():
+        logits, aux, _ = model(x, return_aux=True)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum")
+        del logits
+        ((ce + 0.01 * aux) / x.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, opt, x)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("overrides,checkpointing", [
+    ([], False),  # activations dominate: 2048 tokens through a 64-wide model
+    (["model.norm=peri", "model.value_residual=learned", "model.d_model=128"], False),
+    (["model.norm=post", "model.value_residual=shared", "model.n_layers=4"], False),
+    (["model.mod.capacity=0.25", "model.mod.route_chunks=4", "model.n_layers=4"], False),
+    (["model.n_layers=6", "data.seq_len=512", "model.max_seq_len=512", "parallel.micro_batch=2"], True),
+    (["model.d_model=256", "data.seq_len=32", "model.max_seq_len=32", "parallel.micro_batch=2",
+      "model.vocab_size=4096"], False),  # weights, gradients and AdamW state dominate
+])
+def test_memory_estimate_within_25_percent_of_measured_peak(overrides, checkpointing):
+    cfg = load_config(TINY, ["model.d_model=64", "model.n_layers=2", "model.vocab_size=512", "data.seq_len=256",
+                             "parallel.micro_batch=8", *overrides])
+    n = Transformer(cfg.model).num_params()
+    predicted = memory_per_gpu(cfg, n, world=1).total(checkpointing)
+    measured = _measured_peak(cfg, checkpointing)
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_bf16_activation_estimate_within_25_percent_of_measured():
+    """bf16 activations (norms keep fp32 copies, the loss runs in fp32): the model in bf16,
+    activations and backward temporaries at the peak against the planner's activations + logits."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = load_config(TINY, ["model.d_model=64", "model.n_layers=2", "model.vocab_size=512", "data.seq_len=256",
+                             "parallel.micro_batch=8", "parallel.precision=bf16", "model.norm=peri",
+                             "model.value_residual=learned"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(torch.bfloat16)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
+    tracker = MemTracker()
+    tracker.track_external(model, x)
+    with tracker:
+        F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten()).backward()
+    peak = {str(getattr(k, "value", k)): v for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    measured = peak["Activation"] + peak["Temp"]
+    mem = memory_per_gpu(cfg, model.num_params(), world=1)
+    predicted = mem.activations + mem.logits
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted / 2**20, measured / 2**20)

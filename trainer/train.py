@@ -78,7 +78,10 @@ class Trainer:
         if self.dist.is_main and (self.resume_from is None or not saved.exists()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             saved.write_text(to_yaml(self.cfg))
-            (self.run_dir / "run_info.json").write_text(json.dumps(run_info(self.dist.world), indent=1))
+            info = run_info(self.dist.world)
+            if self.init_src is not None:
+                info["init_from"] = str(self.init_src.checkpoint)
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         self.dist.barrier()
 
     def fit(self) -> int:

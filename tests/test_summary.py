@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import Transformer
+from model import Routing, Transformer
 from tests.helpers import ROOT
 from trainer.config import load_config
 from trainer.optim import SkipNonFiniteAdamW, param_groups
@@ -95,10 +95,11 @@ def _measured_peak(cfg, checkpointing: bool) -> int:
     x = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
 
     def step():
-        logits, aux, _ = model(x, return_aux=True)
+        routing = Routing()
+        logits = model(x, None, routing)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum")
         del logits
-        ((ce + 0.01 * aux) / x.numel()).backward()
+        ((ce + 0.01 * routing.aux_loss()) / x.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
 
@@ -114,6 +115,7 @@ def _measured_peak(cfg, checkpointing: bool) -> int:
     ([], False),  # activations dominate: 2048 tokens through a 64-wide model
     (["model.norm=peri", "model.value_residual=learned", "model.d_model=128"], False),
     (["model.norm=post", "model.value_residual=shared", "model.n_layers=4"], False),
+    (["model.norm_type=layernorm", "model.embed_norm=true"], False),
     (["model.mod.capacity=0.25", "model.mod.route_chunks=4", "model.n_layers=4"], False),
     (["model.n_layers=6", "data.seq_len=512", "model.max_seq_len=512", "parallel.micro_batch=2"], True),
     (["model.d_model=256", "data.seq_len=32", "model.max_seq_len=32", "parallel.micro_batch=2",

@@ -73,10 +73,13 @@ def gpu_spec(name: str) -> GPU:
 
 # ---- activation memory ---------------------------------------------------------------
 
-def _norm_bytes(d: int, a: int, output_saved: bool) -> int:
-    """Our norms compute in fp32: the fp32 input (4d) and the normalised value (a·d) are
-    saved, and the output (a·d) when the next op is a matmul that keeps its input."""
-    return 4 * d + a * d + (a * d if output_saved else 0)
+def _norm_bytes(cfg: ModelConfig, a: int, output_saved: bool) -> int:
+    """RMSNorm computes in fp32: its fp32 input (4d) and normalised value (a·d) are saved;
+    LayerNorm's fused kernel keeps its input (a·d) and per-token stats. Plus the output
+    (a·d) when the next op is a matmul that keeps its input."""
+    d = cfg.d_model
+    kept = 4 * d + a * d if cfg.norm_type == "rmsnorm" else a * d + 8
+    return kept + (a * d if output_saved else 0)
 
 
 def block_activation_bytes(cfg: ModelConfig, layer: int, a: int, seq_len: int) -> float:
@@ -86,9 +89,9 @@ def block_activation_bytes(cfg: ModelConfig, layer: int, a: int, seq_len: int) -
     SwiGLU's gate, silu(gate), up and their product. A routed MoD block runs that on its
     k/T share of the tokens, plus the router's input and the MoD update's operands."""
     d, f, q, kv, dh = cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.head_dim
-    nb = 2 * _norm_bytes(d, a, True)  # pre/peri: sublayer-input norms; post: the two post norms
+    nb = 2 * _norm_bytes(cfg, a, True)  # pre/peri: sublayer-input norms; post: the two post norms
     if cfg.norm == "peri":
-        nb += 2 * _norm_bytes(d, a, False)  # output norms: their output only joins the residual
+        nb += 2 * _norm_bytes(cfg, a, False)  # output norms: their output only joins the residual
     attn = a * (q + kv + kv + q + q) + 4 * cfg.n_heads
     if layer > 1 and cfg.value_residual == "learned":
         attn += a * kv  # λ1 is a parameter, so W_v x is kept for its gradient
@@ -112,9 +115,9 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, tokens: float, a: int, chec
     kept = sum(a * cfg.d_model if layer in checkpointed else b for layer, b in per_block.items())
     if checkpointed and cfg.value_residual != "none":
         kept += a * cfg.kv_heads * cfg.head_dim  # V1, an input of every recomputed block
-    kept += _norm_bytes(cfg.d_model, a, True)  # final norm
+    kept += _norm_bytes(cfg, a, True)  # final norm
     if cfg.embed_norm:
-        kept += _norm_bytes(cfg.d_model, a, True)
+        kept += _norm_bytes(cfg, a, True)
     return kept * tokens
 
 

@@ -96,3 +96,19 @@ def test_init_from_a_missing_or_empty_dir_is_one_line(tmp_path, where):
     with pytest.raises(ConfigError, match=r"^run.init_from=.*(no such directory|complete checkpoint)") as e:
         resolve_init_source(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_init_from_fills_the_fp32_masters_exactly_under_bf16_zero1(source_run):
+    """Under bf16 the engine builds its fp32 masters from the bf16 module, which would round
+    the source's weights (~4e-3 relative); init_from writes the exact fp32 values. With an
+    lr of 1e-10 one step leaves them unchanged to ~1e-9, so the step-1 checkpoint's fp32
+    weights show what the masters started from."""
+    out = source_run
+    train(tiny_overrides(out, "bf16", **{"run.init_from": str(out / "src"), "parallel.precision": "bf16",
+                                         "parallel.zero_stage": 1, "optim.lr": 1e-10, "run.max_steps": 1}))
+    src = consolidated_state_dict(resolve_checkpoint(out / "src")[1])
+    got = consolidated_state_dict(resolve_checkpoint(out / "bf16")[1])
+    assert max((got[k] - src[k]).abs().max().item() for k in src) < 1e-6
+    rounded = max((src[k].bfloat16().float() - src[k]).abs().max().item() for k in src)
+    assert rounded > 1e-5  # what starting from the bf16 copy would have cost

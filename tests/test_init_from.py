@@ -49,6 +49,7 @@ def test_init_from_starts_from_source_weights_with_new_seq_len_and_sp(source_run
     ref.load_state_dict(src.state_dict())
     data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, tmp_path, True,
                         lambda: None, log=lambda s: None)
+    data.seek(0, 0)
     x, y = data.train_batch(0, 0, 0, 1, cfg.parallel.micro_batch, cfg.parallel.grad_accum)
     with torch.no_grad():
         want = F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).item()

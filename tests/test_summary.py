@@ -150,3 +150,14 @@ def test_bf16_activation_estimate_within_25_percent_of_measured():
     mem = memory_per_gpu(cfg, model.num_params(), world=1)
     predicted = mem.activations + mem.logits
     assert abs(predicted - measured) <= 0.25 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_every_k_checkpointing_lies_between_none_and_full():
+    cfg = load_config(TINY, ["model.n_layers=8"])
+    n = Transformer(cfg.model).num_params()
+    none, full = memory_per_gpu(cfg, n, 1), memory_per_gpu(cfg, n, 1, "full")
+    half = memory_per_gpu(cfg, n, 1, "every_2")
+    assert full.activations_ckpt < half.activations_ckpt < none.activations
+    # every_2 checkpoints blocks 2, 4, 6, 8; the blocks are alike, so it keeps half of each
+    assert half.activations_ckpt == pytest.approx((none.activations + full.activations_ckpt) / 2)
+    assert half.recompute == full.recompute > 0

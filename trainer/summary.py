@@ -191,13 +191,14 @@ def _meta_model(cfg: RunConfig, n_layers: int) -> Transformer:
         return Transformer(dataclasses.replace(cfg.model, n_layers=n_layers), sp_degree=1)
 
 
-def memory_per_gpu(cfg: RunConfig, n_params: int, world: int) -> Memory:
+def memory_per_gpu(cfg: RunConfig, n_params: int, world: int, checkpointing: str = "full") -> Memory:
+    """`checkpointing` (full | every_<k>) sizes the `activations_ckpt`/`recompute` fields."""
     p, m = cfg.parallel, dataclasses.replace(cfg.model, n_layers=cfg.final_layers)
     bf16 = p.precision == "bf16"
     shard, z = max(1, world), p.zero_stage
     a = 2 if bf16 else 4
     tokens = p.micro_batch * cfg.data.seq_len / p.sp
-    every = checkpointed_blocks("full", m.n_layers)
+    every = checkpointed_blocks(checkpointing, m.n_layers)
     return Memory(
         weights=n_params * a / (shard if z == 3 else 1),
         grads=n_params * 4 / (shard if z >= 2 else 1),
@@ -261,6 +262,10 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
            f"optimizer {mem.optimizer / GIB:.2f} GiB, logits {mem.logits / GIB:.2f} GiB")
     print0(f"    activations {mem.activations / GIB:.2f} GiB (no checkpointing), "
            f"{mem.activations_ckpt / GIB:.2f} GiB + {mem.recompute / GIB:.2f} GiB recompute (full checkpointing)")
+    if ac and ac.startswith("every_"):
+        sel = memory_per_gpu(cfg, pl.params, pl.world, ac)
+        print0(f"    activations {sel.activations_ckpt / GIB:.2f} GiB + {sel.recompute / GIB:.2f} GiB recompute "
+               f"({ac}): total {sel.total(True) / GIB:.1f} GiB")
     cap = pl.gpu_spec.memory_gib
     print0(f"    total {mem.total() / GIB:.1f} GiB, or {mem.total(True) / GIB:.1f} GiB with full checkpointing "
            f"({pl.gpu}: {cap:g} GiB; add ~10-20% for buffers and fragmentation)")

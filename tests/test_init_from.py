@@ -13,7 +13,7 @@ from tests.helpers import ROOT, losses, metrics, tiny_overrides, train
 from trainer.api import consolidated_state_dict, load_model, resolve_checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.data import prepare_data
-from trainer.init_from import resolve_init_source
+from trainer.init_from import InitSource, check_tokenizer, resolve_init_source
 from trainer.schedule import lr_at
 
 TINY = ROOT / "configs/tiny.yaml"
@@ -113,3 +113,16 @@ def test_init_from_fills_the_fp32_masters_exactly_under_bf16_zero1(source_run):
     assert max((got[k] - src[k]).abs().max().item() for k in src) < 1e-6
     rounded = max((src[k].bfloat16().float() - src[k]).abs().max().item() for k in src)
     assert rounded > 1e-5  # what starting from the bf16 copy would have cost
+
+
+def test_init_from_with_another_tokenizer_is_one_line(tmp_path):
+    """Token ids would mean other tokens: refused, naming the source's tokenizer to use."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for run, text in ((src, b"merges A"), (dst, b"merges B")):
+        (run / "tokenizer").mkdir(parents=True)
+        (run / "tokenizer" / "tokenizer.model").write_bytes(text)
+    source = InitSource(src, src / "checkpoints" / "step-1", 2)
+    with pytest.raises(ConfigError, match=r"^run.init_from=.*tokenizer.*data.tokenizer=.*src/tokenizer/tokenizer.model"):
+        check_tokenizer(source, dst)
+    (dst / "tokenizer" / "tokenizer.model").write_bytes(b"merges A")
+    check_tokenizer(source, dst)  # the same file: accepted

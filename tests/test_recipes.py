@@ -20,7 +20,8 @@ def test_base_recipe_is_a_chinchilla_budget_at_2k_context_on_80gb_gpus():
     assert pl.tokens_per_param >= 20 and 1.0e9 <= pl.params <= 1.2e9
     assert BASE.schedule.kind in ("cosine", "wsd") and 0 < BASE.schedule.warmup_steps < BASE.run.max_steps // 5
     assert BASE.parallel.zero_stage in (1, 2) and BASE.parallel.precision == "bf16"
-    assert BASE.data.source.startswith("hf:") and BASE.data.max_tokens >= pl.total_tokens  # no second epoch
+    assert BASE.data.source.startswith("hf:") and 0 < pl.data_passes <= 1  # never a second epoch
+    assert pl.data_passes == BASE.run.max_steps * pl.tokens_per_step / (BASE.data.max_tokens * (1 - BASE.data.val_fraction))
     assert BASE.data.prepare == "offline"  # the GPU job only opens prepared shards
     assert pl.memory.total() * 1.2 < 80 * 2**30  # fits an 80 GB card with a 20% margin, no checkpointing
 

@@ -179,6 +179,7 @@ class Plan:
     total_tokens: int
     tokens_per_param: float
     total_flops: float  # summed over growth stages
+    data_passes: float  # total tokens / the train split's token cap (data.max_tokens); 0 = no cap set
     memory: Memory
     gpu: str
     gpu_spec: GPU
@@ -235,6 +236,8 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
         params_initial=_meta_model(cfg, cfg.model.n_layers).num_params(),
         flops_per_token=final.flops_per_token(cfg.data.seq_len), tokens_per_step=tokens_per_step, steps=steps,
         total_tokens=tokens_per_step * steps, tokens_per_param=tokens_per_step * steps / n, total_flops=total_flops,
+        data_passes=tokens_per_step * steps / (cfg.data.max_tokens * (1 - cfg.data.val_fraction))
+        if cfg.data.max_tokens else 0.0,
         memory=memory_per_gpu(cfg, n, world), gpu=gpu.upper(), gpu_spec=spec, mfu=mfu,
         hours=total_flops / (world * peak * mfu) / 3600,
     )
@@ -255,6 +258,10 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
            f"{p.grad_accum} x dp {pl.dp}, seq {cfg.data.seq_len}, sp {p.sp}; world {pl.world})")
     print0(f"  budget      {pl.steps:,} steps, {pl.total_tokens:,} tokens, "
            f"{pl.tokens_per_param:.1f} tokens/parameter, {pl.total_flops:.3g} FLOPs")
+    if pl.data_passes:
+        print0(f"  data        data.max_tokens {cfg.data.max_tokens:,} (train split ~"
+               f"{cfg.data.max_tokens * (1 - cfg.data.val_fraction):,.0f}): the run reads it {pl.data_passes:.2f} times"
+               + (" (repeats data)" if pl.data_passes > 1 else ""))
     ac = getattr(p, "activation_checkpointing", None)
     print0(f"  memory/GPU  ZeRO-{p.zero_stage} over {pl.world} ranks, {p.precision}"
            + (f", activation_checkpointing {ac}" if ac else ""))

@@ -95,6 +95,9 @@ class ParallelConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # A collective that waits longer than this fails the rank instead of hanging the job
+    # (a dead or stuck peer). Fractions are allowed (0.5 = 30 s).
+    timeout_minutes: float = 30.0
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # expert pass-through, merged last
 
 
@@ -268,6 +271,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _need(math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be a positive number")
     _need(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 = off)")
     _need(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", cfg.schedule.min_lr_ratio, "must be in [0, 1]")
+    _need(math.isfinite(p.timeout_minutes) and p.timeout_minutes > 0, "parallel.timeout_minutes", p.timeout_minutes,
+          "must be a positive number of minutes (fractions allowed, e.g. 0.5)")
     _need(cfg.logging.peak_flops >= 0, "logging.peak_flops", cfg.logging.peak_flops, "must be >= 0 (0 = auto)")
     # Ulysses: heads are scattered over the SP group, the sequence is sliced over it.
     if p.sp > 1:

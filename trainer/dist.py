@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -87,7 +88,9 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
-def init_distributed(backend: str = "auto", sp: int = 1) -> Dist:
+def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float = 30.0) -> Dist:
+    """Join (or create) the process group. `timeout_minutes` bounds every collective: a
+    rank whose peer died or hangs raises instead of waiting forever."""
     env = launcher_env()
     os.environ.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
@@ -99,8 +102,17 @@ def init_distributed(backend: str = "auto", sp: int = 1) -> Dist:
         torch.cuda.set_device(device)
     import deepspeed
 
+    timeout = timedelta(minutes=timeout_minutes)
+    # Groups created later without an explicit timeout (DeepSpeed's ZeRO and sequence-
+    # parallel groups) take torch's module default, not the world group's: point the
+    # default at ours so an all-to-all in an SP group is bounded like the world all-reduce.
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     d = Dist(rank=rank, world=world, local_rank=local_rank, device=device, sp=sp)
     if sp > 1:
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
@@ -111,6 +123,26 @@ def init_distributed(backend: str = "auto", sp: int = 1) -> Dist:
             mpu.initialize_sequence_parallel(sp)
         d.sp_group, d.mpu = mpu.get_sequence_parallel_group(), mpu
     return d
+
+
+def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None:
+    """One line for a failed collective (a peer that hung past the timeout, or died), or
+    None when `exc` is something else. Gloo and NCCL report these as RuntimeErrors whose
+    text names the cause; nothing finer-grained is raised for them."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    rank = os.environ.get("RANK", "?")
+    if isinstance(exc, tdist.DistError) or isinstance(exc, RuntimeError) and any(
+            k in text for k in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                                "NCCL", "gloo", "Watchdog")):
+        if "imed out" in text or "Watchdog" in text:
+            why = (f"a collective did not complete within parallel.timeout_minutes={timeout_minutes:g} "
+                   f"(another rank hung or stopped answering)")
+        else:
+            why = "another rank or node went away during a collective"
+        return (f"rank {rank}: {why}: {first[:300]}. Re-run the same command to resume from the last "
+                f"complete checkpoint.")
+    return None
 
 
 def print0(*args: Any, **kw: Any) -> None:

@@ -3,6 +3,8 @@ it. tests/test_faults.py uses these to reproduce what real runs meet."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 
@@ -26,3 +28,27 @@ def pause_mid_shard() -> None:
     seconds = float(os.environ.get("HARNESS_FAULT_SLOW_SHARD", "0"))
     if seconds:
         time.sleep(seconds)
+
+
+def at_step(step: int, rank: int) -> None:
+    """Called at the start of every train step (0-based index).
+
+    HARNESS_FAULT_HANG=1:5: rank 1 stops answering at step 5, as a rank stuck in a kernel
+    or a dead NIC would: its peers then wait in the step's collectives until
+    parallel.timeout_minutes. It keeps SIGTERM's default action, so the launcher's cleanup
+    kills it at once (a real stuck process may need SIGKILL; the test is about its peers).
+    HARNESS_FAULT_STEP_SLEEP=0.5: every step takes that much longer, so a test can signal
+    or kill a short run mid-way (the numbers are unchanged).
+    """
+    pause = float(os.environ.get("HARNESS_FAULT_STEP_SLEEP", "0"))
+    if pause:
+        time.sleep(pause)
+    spec = os.environ.get("HARNESS_FAULT_HANG", "")
+    if not spec:
+        return
+    hang_rank, hang_step = (int(x) for x in spec.split(":"))
+    if (rank, step) == (hang_rank, hang_step):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"[fault] rank {rank} hangs at step {step} (t={time.time():.3f})", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)

@@ -34,6 +34,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
     # DeepSpeed averages over DP (and over micro-steps via engine.backward).
     tokens_per_micro = p.micro_batch * cfg.data.seq_len
     scale = grad_scale(p.zero_stage, p.sp) / tokens_per_micro
+    faults.at_step(step, dist.rank)
     poison = float("nan") if step in faults.nan_steps() else 1.0
     ce_total = torch.zeros(1)
     engine.train()

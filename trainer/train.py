@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -41,6 +42,15 @@ def main(argv=None) -> int:
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
+        from trainer.dist import collective_failure
+
+        msg = collective_failure(e, cfg.parallel.timeout_minutes) if cfg is not None else None
+        if msg is None:
+            raise
+        # Every rank that notices says so (not only rank 0: rank 0 may be the one that hung).
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 4
 
 
 class Trainer:
@@ -52,7 +62,7 @@ class Trainer:
         from trainer.preemption import StopRequest
 
         self.cfg = cfg
-        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.sp)
+        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.sp, cfg.parallel.timeout_minutes)
         validate(cfg, world_size=self.dist.world)
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist)

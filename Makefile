@@ -52,9 +52,11 @@ ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --sources shakespeare,embedded -
 ablate: setup
 	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
 
-# A real one-node SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent.
+# A real SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent. NODES=2 brings
+# up a separate two-node cluster (n1, n2) beside the one-node one and prints SLURM_CONF=<path>.
+NODES ?= 1
 slurm-local:
-	bash slurm/local_cluster.sh
+	bash slurm/local_cluster.sh --nodes $(NODES)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -58,9 +58,10 @@ def _sbatch_args(tmp_path: Path, name: str) -> list[str]:
             f"--output={tmp_path}/slurm-%j.out"]
 
 
-def _job(job_id: str) -> dict[str, str]:
+def _job(job_id: str, env: dict | None = None) -> dict[str, str]:
     """`scontrol show job -o` as a dict ({} once the record is gone); no slurmdbd needed."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                          env=env)
     if proc.returncode != 0:
         return {}
     return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", proc.stdout))
@@ -70,8 +71,8 @@ def _log(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
 
 
-def _cancel(name: str) -> None:
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)
+def _cancel(name: str, env: dict | None = None) -> None:
+    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30, env=env)
 
 
 def _train_steps(run_dir: Path) -> list[int]:

@@ -30,6 +30,7 @@ def test_collective_failure_messages():
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5000")
     assert "went away" in collective_failure(gone, 30)
     assert collective_failure(RuntimeError("shape mismatch in matmul"), 30) is None
+    assert collective_failure(RuntimeError("gloo: unsupported dtype for all_reduce"), 30) is None
 
 
 def test_timeout_reaches_every_process_group():

@@ -125,24 +125,26 @@ def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float 
     return d
 
 
+_TIMED_OUT = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "remote process exited", "communicator was aborted")
+
+
 def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None:
     """One line for a failed collective (a peer that hung past the timeout, or died), or
-    None when `exc` is something else. Gloo and NCCL report these as RuntimeErrors whose
-    text names the cause; nothing finer-grained is raised for them."""
+    None when `exc` is something else (its traceback is then worth seeing). Gloo and NCCL
+    raise these as RuntimeErrors whose text names the cause; no finer exception type exists."""
     text = str(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     rank = os.environ.get("RANK", "?")
-    if isinstance(exc, tdist.DistError) or isinstance(exc, RuntimeError) and any(
-            k in text for k in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                                "NCCL", "gloo", "Watchdog")):
-        if "imed out" in text or "Watchdog" in text:
-            why = (f"a collective did not complete within parallel.timeout_minutes={timeout_minutes:g} "
-                   f"(another rank hung or stopped answering)")
-        else:
-            why = "another rank or node went away during a collective"
-        return (f"rank {rank}: {why}: {first[:300]}. Re-run the same command to resume from the last "
-                f"complete checkpoint.")
-    return None
+    if any(k in text for k in _TIMED_OUT):
+        why = (f"a collective did not complete within parallel.timeout_minutes={timeout_minutes:g} "
+               f"(another rank hung or stopped answering)")
+    elif any(k in text for k in _PEER_GONE):
+        why = "another rank or node went away during a collective"
+    else:
+        return None
+    return f"rank {rank}: {why}: {first[:300]}. Re-run the same command to resume from the last complete checkpoint."
 
 
 def print0(*args: Any, **kw: Any) -> None:

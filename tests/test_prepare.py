@@ -409,3 +409,15 @@ def test_offline_job_fails_on_every_rank_with_the_prepare_command(tmp_path):
     assert prep.returncode == 0, prep.stderr
     train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline", "run.max_steps": 2}), nproc=2)
     assert os.path.exists(tmp_path / "runs" / "noprep" / "checkpoints" / "step-2" / "COMPLETE")
+
+
+@pytest.mark.slow
+def test_prepare_benchmark_measures_the_same_tokens_three_ways(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.prepare", "--mb", "1", "--vocab", "512", "--out",
+                           str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "prepare.json").read_text())
+    raw, one, two = res["raw_encode"], res["prepare_1_worker"], res["prepare_2_workers"]
+    assert one["tokens"] == two["tokens"] == raw["tokens"] + raw["documents"]  # + one EOS per document
+    assert res["open_10b_tokens"]["tokens"] == 10_100_000_000 and len(res["loadavg_before"]) == 3
+    assert res["command"].startswith("python -m benchmarks.prepare --mb 1")

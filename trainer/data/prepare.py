@@ -236,8 +236,10 @@ def prepare_dataset(d: Dataset, tok: Tokenizer, cfg, workers: int, log: Callable
     finished = sum(1 for parts in done.values() if parts and parts[-1]["last"])
     if finished:
         log(f"data: {d.name}: resuming: {finished} of {len(units)} unit(s) already complete")
-    serial = not d.source.streaming and (d.max_docs or d.cap_train is not None)
-    if serial:  # "the first N documents / tokens" is a sequential notion: one ordered pass
+    # Caps on the first N documents or tokens of a local source need one ordered pass (the
+    # embedded corpus applies max_docs to its file list, a stream shares caps among its shards).
+    serial = d.cap_train is not None and not d.source.streaming or (d.max_docs and d.source.kind == "local")
+    if serial:
         _run_serial(d, base, units, done, log)
     else:
         jobs = [_resume(replace(base, unit=u, index=i), done[i], d) for i, u in enumerate(units)

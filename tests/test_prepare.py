@@ -49,14 +49,18 @@ def quiet(_: str) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Several .txt files and a .jsonl.gz, big enough for many units at a tiny data.shard_mb."""
+    """Several .txt files, a .jsonl.gz and a .txt.zst, big enough for many units at a tiny data.shard_mb."""
     import gzip
+
+    import zstandard
 
     root = tmp_path_factory.mktemp("corpus")
     for f in range(3):
         (root / f"part{f}.txt").write_text("\n\n".join(paragraphs(400, f"f{f} ")) + "\n")
     with gzip.open(root / "extra.jsonl.gz", "wt") as g:
         g.write("\n".join(json.dumps({"text": p}) for p in paragraphs(200, "gz ")))
+    with zstandard.open(root / "zz.txt.zst", "wt") as z:
+        z.write("\n\n\n".join(paragraphs(100, "zst ")))
     return root
 
 
@@ -76,7 +80,7 @@ def streams(p) -> tuple[np.ndarray, np.ndarray]:
 
 
 def all_docs() -> list[str]:
-    return [p for f in range(3) for p in paragraphs(400, f"f{f} ")] + paragraphs(200, "gz ")
+    return [p for f in range(3) for p in paragraphs(400, f"f{f} ")] + paragraphs(200, "gz ") + paragraphs(100, "zst ")
 
 
 # --------------------------------------------------------------------------- prepare

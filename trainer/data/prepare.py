@@ -107,6 +107,8 @@ def plan(cfg, vocab_size: int, cache_dir: Path) -> Plan:
                         f"(or data.max_docs) to how much of it to pack")
     entries = [(m.name or _default_name(m.source, i), m.source, m.weight, f"data.mix[{i}].source")
                for i, m in enumerate(cfg.mix)] if cfg.mix else [("train", cfg.source, 1.0, "data.source")]
+    names = [e[0] for e in entries]
+    entries = [(n if names.count(n) == 1 else f"{n}{i}", *rest) for i, (n, *rest) in enumerate(entries)]
     datasets = []
     cap_train, cap_val = _caps(cfg.max_tokens, cfg.val_fraction)
     for name, spec, weight, key in entries:

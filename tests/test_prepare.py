@@ -411,7 +411,7 @@ def test_offline_job_fails_on_every_rank_with_the_prepare_command(tmp_path):
                            *tiny_overrides(tmp_path / "runs", "noprep"), "--workers", "2"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr
-    train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline", "run.max_steps": 2}), nproc=2)
+    train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline", "run.max_steps": 2}))
     assert os.path.exists(tmp_path / "runs" / "noprep" / "checkpoints" / "step-2" / "COMPLETE")
 
 

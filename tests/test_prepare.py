@@ -417,7 +417,7 @@ def test_offline_job_fails_on_every_rank_with_the_prepare_command(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_benchmark_measures_the_same_tokens_three_ways(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.prepare", "--mb", "1", "--vocab", "512", "--out",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.prepare", "--mb", "1", "--vocab", "512", "--reps", "1", "--out",
                            str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "prepare.json").read_text())

@@ -59,6 +59,11 @@ BAD = [
     (["parallel.sp=2", "data.seq_len=63", "model.max_seq_len=64"], "divisible by parallel.sp"),
     (["parallel.sp=2", "model.mod.capacity=0.5"], "multiple of parallel.sp"),
     (["nonsense"], "key.sub=value"),
+    (["parallel.activation_checkpointing=selective"], "none | full | every_<k>"),
+    (["parallel.activation_checkpointing=every_0"], "parallel.activation_checkpointing='every_0'"),
+    (["logging.profile_steps=[5, 3]"], "1 <= first <= last"),
+    (["logging.profile_steps=[0, 3]"], "logging.profile_steps=[0, 3]"),
+    (["logging.profile_steps=[4]"], "logging.profile_steps=[4]"),
 ]
 
 

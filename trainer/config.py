@@ -98,6 +98,8 @@ class ParallelConfig:
     # A collective that waits longer than this fails the rank instead of hanging the job
     # (a dead or stuck peer). Fractions are allowed (0.5 = 30 s).
     timeout_minutes: float = 30.0
+    activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block, 1-based)
+    compile: bool = False  # torch.compile each block (inductor)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # expert pass-through, merged last
 
 
@@ -128,6 +130,7 @@ class LoggingConfig:
     diag_every: int = 0  # depth diagnostics cadence; 0 = off
     peak_flops: float = 0.0  # per-device peak for MFU; 0 = look up (GPU) or probe (CPU)
     progress: bool = True
+    profile_steps: List[int] = field(default_factory=list)  # [first, last] step to trace; [] = off
 
 
 @dataclass
@@ -231,6 +234,15 @@ def _choice(key: str, value: str, choices: Iterable[str]) -> None:
     _need(value in choices, key, value, f"expected one of {' | '.join(choices)}")
 
 
+def checkpoint_every(mode: str) -> Optional[int]:
+    """`parallel.activation_checkpointing` -> k (checkpoint 1-based blocks k, 2k, ...; 0 = none),
+    None when the mode is not valid."""
+    if mode in ("none", "full"):
+        return {"none": 0, "full": 1}[mode]
+    k = mode.removeprefix("every_")
+    return int(k) if k != mode and k.isdigit() and int(k) > 0 else None
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Cheap checks that need no heavy imports. `world_size` adds the launch-time checks."""
     m, d, p, r = cfg.model, cfg.data, cfg.parallel, cfg.run
@@ -254,6 +266,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _choice("model.mod.causal", m.mod.causal, CAUSAL_RULES)
     _choice("parallel.precision", p.precision, ("fp32", "bf16"))
     _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _need(checkpoint_every(p.activation_checkpointing) is not None, "parallel.activation_checkpointing",
+          p.activation_checkpointing, "expected none | full | every_<k> with k a positive integer (e.g. every_2)")
+    ps = list(cfg.logging.profile_steps)
+    _need(ps == [] or (len(ps) == 2 and 1 <= ps[0] <= ps[1]), "logging.profile_steps", ps,
+          "expected [first, last] steps with 1 <= first <= last (e.g. [5, 7]), or [] for no trace")
     _choice("schedule.kind", cfg.schedule.kind, SCHEDULES)
     _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     _need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", p.zero_stage, "expected 0, 1, 2 or 3")

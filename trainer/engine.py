@@ -3,13 +3,15 @@ config here and nowhere else; `parallel.deepspeed` is merged last for expert key
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from model import Transformer
-from trainer.config import RunConfig
+from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import Dist
 from trainer.optim import SkipNonFiniteAdamW, param_groups
 
@@ -40,10 +42,42 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def build_model(cfg: RunConfig, n_layers: int, attn_core: Optional[Callable] = None) -> Transformer:
-    """Same seed on every rank, so every rank starts from identical weights."""
+    """Same seed on every rank, so every rank starts from identical weights. Activation
+    checkpointing and torch.compile are applied here, so a model rebuilt by growth gets them too."""
     torch.manual_seed(cfg.run.seed)
     mcfg = dataclasses.replace(cfg.model, n_layers=n_layers)
-    return Transformer(mcfg, attn_core=attn_core, sp_degree=cfg.parallel.sp)
+    model = Transformer(mcfg, attn_core=attn_core, sp_degree=cfg.parallel.sp)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if cfg.parallel.compile:
+        apply_compile(model)
+    return model
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Recompute blocks k, 2k, ... (1-based; k from `mode`) in the backward instead of keeping
+    their activations, with non-reentrant `torch.utils.checkpoint`.
+
+    What is checkpointed is each block's `run` (attention and MLP with their norms), not its
+    `forward`: a routed block's router, top-k and scatter stay outside, so the recompute never
+    appends a second MoD aux loss or stats entry, and the top-k indices are not recomputed.
+    Inputs (x, RoPE, V1, key mask) are held by the checkpoint; the Ulysses all-to-all inside
+    the attention core runs again in the recompute, on every rank in the same order. The
+    instance attribute shadows the method, so parameter names and the state dict are unchanged.
+    """
+    k = checkpoint_every(mode)
+    for layer, block in enumerate(model.blocks, start=1):
+        if k and layer % k == 0:
+            block.run = functools.partial(checkpoint, block.run, use_reentrant=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    """torch.compile each block in place (`nn.Module.compile`: parameter names unchanged).
+
+    Blocks of one kind share a graph, since dynamo treats parameters as inputs. Shapes are
+    static: a MoD block's k is a Python int from the config. Embedding, final norm, LM head and
+    loss stay eager; under Ulysses dynamo traces the all-to-all (gather_sequence of the MoD key mask runs eager)."""
+    for block in model.blocks:
+        block.compile()
 
 
 def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
@@ -52,7 +86,7 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     optimizer = SkipNonFiniteAdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **adamw_kernel(dist.device))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist), mpu=dist.mpu)
     if dist.world == 1 and cfg.parallel.zero_stage == 0:
@@ -60,6 +94,13 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
         # itself (~7% of a CPU step); ZeRO stages need that path to fill their partitions.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """One fused kernel over all tensors on CUDA; on CPU the multi-tensor foreach path instead
+    of torch's default there, a Python loop over parameters."""
+    on_cuda = device.type == "cuda"
+    return {"foreach": not on_cuda, "fused": on_cuda}
 
 
 def set_lr(engine, lr: float) -> None:

@@ -44,7 +44,7 @@ class Metrics:
         self._trim_after(start_step)
         self.file = open(self.path, "a")
         self.wandb = self._init_wandb()
-        self.bar = None
+        self.bar, self._pace_from = None, None
         if cfg.logging.progress:
             from tqdm import tqdm
 
@@ -83,7 +83,20 @@ class Metrics:
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(postfix, refresh=True)
+            self.bar.set_postfix({**postfix, "eta": self._eta(step)}, refresh=True)
+
+    def _eta(self, step: int) -> str:
+        """Remaining time at the mean pace since the first step shown (so start-up, data
+        preparation and the first step's compilation do not count); includes eval and checkpoints."""
+        now = time.perf_counter()
+        if self._pace_from is None:
+            self._pace_from = (step, now)
+            return "?"
+        step0, t0 = self._pace_from
+        if step <= step0:
+            return "?"
+        left = (now - t0) / (step - step0) * (self.cfg.run.max_steps - step)
+        return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f}d"
 
     def message(self, text: str) -> None:
         if self.bar is not None:

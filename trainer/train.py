@@ -100,6 +100,7 @@ class Trainer:
         from trainer.diagnostics import depth_diagnostics
         from trainer.engine import build_engine, build_model, set_lr
         from trainer.metrics import make_metrics, measure_peak_flops
+        from trainer.profiling import StepProfiler
         from trainer.schedule import lr_at
         from trainer.step import evaluate, train_step
         from trainer.ulysses import all_to_all_bytes_per_layer, attention_core
@@ -132,6 +133,7 @@ class Trainer:
         tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size * cfg.data.seq_len
         a2a = all_to_all_bytes_per_layer(cfg.parallel.micro_batch, cfg.data.seq_len, cfg.parallel.sp, cfg.model.n_heads,
                                          cfg.model.kv_heads, cfg.model.head_dim, 2 if cfg.parallel.precision == "bf16" else 4)
+        profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, dist.rank, dist.device, state.step)
         first_loss, last = None, {}
         exit_code, stopped_by = 0, None
 
@@ -145,6 +147,8 @@ class Trainer:
             state.tokens += tokens_per_step
             state.samples += samples_per_step
             state.bad_steps = state.bad_steps + 1 if out.skipped else 0
+            if trace := profiler.after_step(state.step):
+                metrics.message(f"step {state.step}: wrote profiler trace {trace}")
             if out.skipped:
                 if self._bad_step(out, state, metrics):
                     exit_code = 3
@@ -157,6 +161,7 @@ class Trainer:
                         "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a,
                         **data.log_fields(state.samples)}
                 if state.step % cfg.logging.every == 0 or state.step == 1:
+                    last["mem_gb"] = self._mem_gb()
                     metrics.log(last)
                 metrics.progress(state.step, {"loss": f"{out.loss:.3f}", "tok/s": f"{last['tokens_per_s']:.0f}"})
             if (cfg.run.eval_every and state.step % cfg.run.eval_every == 0) or state.step == cfg.run.max_steps:
@@ -172,6 +177,7 @@ class Trainer:
                                                   else "a stop request on another rank")
                 break
 
+        profiler.close()
         metrics.close()
         if exit_code == 0:
             print0(_summary(cfg, state, first_loss, last, stopped_by, self.run_dir))
@@ -183,13 +189,22 @@ class Trainer:
         metrics.message(f"step {state.step}: non-finite loss/grad norm ({out.loss}, {out.grad_norm}); "
                         f"update skipped ({state.bad_steps}/{limit})")
         metrics.log({"step": state.step, "skipped": True, "loss": _num(out.loss), "grad_norm": _num(out.grad_norm),
-                     "n_layers": state.n_layers})
+                     "n_layers": state.n_layers, "mem_gb": self._mem_gb()})
         if state.bad_steps < limit:
             return False
         done = self.ckpt.complete_steps()
         print0(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps={limit}); stopping. "
                f"The last good checkpoint is intact: {done[-1] if done else 'none'}", file=sys.stderr)
         return True
+
+    def _mem_gb(self) -> float:
+        """The largest peak memory over ranks since the previous row (a collective: every rank
+        builds every row)."""
+        import torch
+
+        from trainer.profiling import peak_memory_gb
+
+        return self.dist.all_reduce(torch.tensor([peak_memory_gb(self.dist.device)]), "max").item()
 
     def _eval_row(self, engine, data, state, evaluate) -> dict:
         row = {"step": state.step, "val_loss": evaluate(engine, data, self.dist, self.cfg), "n_layers": state.n_layers}

@@ -37,6 +37,9 @@ def attention_core(dist: Dist, kv_heads: int) -> Optional[Callable]:
     return core
 
 
+# Eager under torch.compile: traced, the all-gather of a bool mask reached inductor's CPU
+# code generator as int64 and failed to compile (torch 2.13).
+@torch.compiler.disable
 @torch.no_grad()
 def gather_sequence(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     """[B, T/sp, ...] slices of the SP group → [B, T, ...] (no gradient)."""

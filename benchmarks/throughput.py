@@ -1,19 +1,24 @@
 """Training throughput of our model against HF transformers' LlamaForCausalLM, same dims.
 
-    python -m benchmarks.throughput [--batch 2] [--threads 1] [--reps 8] [--no-profile]
+    python -m benchmarks.throughput [--batch 2] [--threads 1] [--reps 8] [--no-profile] [--no-compile]
 
 All model options off (pre-LN RMSNorm, SwiGLU, RoPE, untied head), fp32 on CPU, identical
 dims, batch, thread count and optimizer (torch AdamW with param_groups' weight decay split,
 the config's lr/betas/eps, clipping at optim.grad_clip); HF runs with attn_implementation="sdpa"
 and starts from our weights (trainer.export's name map), so the first losses must agree.
 
-Four steps run interleaved, round after round:
+Five steps run interleaved, round after round:
   ours_engine / hf_engine: `trainer.step.train_step` through a 1-process DeepSpeed engine
       (ZeRO-0, fp32) exactly as `trainer.train` runs it: forward, CE sum / tokens, backward,
       clip, SkipNonFiniteAdamW. HF goes through the same engine and step behind a thin
       adapter, so the pair differs only in the model. This pair is the headline `ratio_vs_hf`.
   ours_plain / hf_plain: the same math in a bare loop (model, F.cross_entropy, backward,
       clip_grad_norm_, torch.optim.AdamW), without DeepSpeed.
+  ours_compiled_engine: ours_engine with `parallel.compile=true` (each block through
+      torch.compile/inductor; embedding, head, loss and optimizer eager), same weights.
+      `ratio_compiled_vs_eager` = its speed over ours_engine, `ratio_compiled_vs_hf` over
+      hf_engine. Compilation happens in the warm-up rounds and is not timed (`--no-compile`
+      drops this step).
 `mfu` = flops_per_token · tokens per CPU-second ÷ an fp32 matmul probe's FLOPs per CPU-second
 at the same thread count (`mfu_wall`: both by wall time). Profiled steps break ours vs HF
 (plain and engine) and engine vs plain down by operator.
@@ -22,6 +27,7 @@ Writes benchmarks/results/throughput.json.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch.nn.functional as F
@@ -59,17 +65,14 @@ def hf_copy(model) -> nn.Module:
 
 
 def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profile: bool = True,
-            probe_n: int = 2048) -> dict:
+            probe_n: int = 2048, compiled: bool = True) -> dict:
     """The benchmark proper, without the CLI: returns the JSON payload (minus machine/command)."""
     from trainer.dist import init_distributed
     from trainer.engine import build_engine, build_model
 
     set_threads(threads)
-    cfg = run_config({"model.d_model": dims["d_model"], "model.n_layers": dims["n_layers"],
-                      "model.n_heads": dims["n_heads"], "model.n_kv_heads": dims["n_kv_heads"],
-                      "model.vocab_size": dims["vocab_size"], "model.max_seq_len": dims["seq_len"],
-                      "data.seq_len": dims["seq_len"], "parallel.micro_batch": batch, "parallel.grad_accum": 1,
-                      "parallel.zero_stage": 0, "parallel.precision": "fp32", "parallel.sp": 1})
+    cfg = run_config(cfg_overrides(dims, batch))
+    cfg_compiled = run_config({**cfg_overrides(dims, batch), "parallel.compile": "true"})
     dist = init_distributed("gloo", 1)
     data = FixedBatch(cfg.model.vocab_size, batch, cfg.data.seq_len)
     ours = build_model(cfg, cfg.model.n_layers)
@@ -86,6 +89,9 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
         "ours_plain": plain_train_step(ours, lambda m: ce(m(x)), cfg),
         "hf_plain": plain_train_step(hf, lambda m: ce(m(input_ids=x, use_cache=False).logits), cfg),
     }
+    if compiled:  # build_model seeds identically, so the compiled model starts from ours' weights
+        steps["ours_compiled_engine"] = engine_train_step(
+            build_engine(cfg_compiled, dist, build_model(cfg_compiled, cfg.model.n_layers)), data, dist, cfg_compiled)
     peak_before = peak_flops_probe(probe_n)
     raw = interleave(steps, warmup, reps)
     peak_after = peak_flops_probe(probe_n)
@@ -137,6 +143,17 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
         "first_step_loss": {n: s.losses[0] for n, s in steps.items()},
         "raw": {n: {"wall_s": wall[n], "cpu_s": cpu[n], "losses": steps[n].losses} for n in steps},
     }
+    if compiled:
+        r_comp = speedups(raw, "ours_compiled_engine", "ours_engine")
+        r_comp_hf = speedups(raw, "ours_compiled_engine", "hf_engine")
+        out.update({
+            "ratio_compiled_vs_eager": r_comp["cpu_time"], "ratio_compiled_vs_eager_wall": r_comp["wall"],
+            "ratio_compiled_vs_hf": r_comp_hf["cpu_time"], "ratio_compiled_vs_hf_wall": r_comp_hf["wall"],
+            "mfu_compiled": fpt * tps_cpu["ours_compiled_engine"] / peak,
+            "mfu_compiled_wall": fpt * tps["ours_compiled_engine"] / peak_wall,
+            "compiled_targets": {"ratio_compiled_vs_eager": ">= 1.10", "ratio_compiled_vs_hf": ">= 1.15"},
+        })
+        out["ratios"].update({"ours_compiled_vs_ours_engine": r_comp, "ours_compiled_vs_hf_engine": r_comp_hf})
     if profile:
         out["profile"] = {
             "ours_vs_hf_plain": op_profile({"ours_plain": steps["ours_plain"], "hf_plain": steps["hf_plain"]}),
@@ -146,17 +163,27 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
     return out
 
 
+def cfg_overrides(dims: dict, batch: int) -> dict:
+    return {"model.d_model": dims["d_model"], "model.n_layers": dims["n_layers"], "model.n_heads": dims["n_heads"],
+            "model.n_kv_heads": dims["n_kv_heads"], "model.vocab_size": dims["vocab_size"],
+            "model.max_seq_len": dims["seq_len"], "data.seq_len": dims["seq_len"], "parallel.micro_batch": batch,
+            "parallel.grad_accum": 1, "parallel.zero_stage": 0, "parallel.precision": "fp32", "parallel.sp": 1}
+
+
 def main(argv=None) -> int:
     ap = timing_parser(NAME, __doc__, batch_help="micro batch (default 2: ~1.5 s/step on one core)")
     ap.add_argument("--probe-n", type=int, default=2048, help="matmul size of the peak-FLOPs probe")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled step (no inductor compile)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     result = {"benchmark": NAME, "command": command_line(NAME, argv), "machine": machine_info(),
               **measure({**DIMS, **args.dims}, args.batch, args.threads, args.warmup, args.reps,
-                         not args.no_profile, args.probe_n)}
+                         not args.no_profile, args.probe_n, not args.no_compile)}
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     path = write_result(NAME, result, args.out)
-    print_summary(path, ["ratio_vs_hf", "ratio_vs_hf_wall", "ratio_vs_hf_plain_loop", "mfu", "hf_mfu", "peak_flops"])
+    print_summary(path, ["ratio_vs_hf", "ratio_vs_hf_wall", "ratio_vs_hf_plain_loop", "mfu", "hf_mfu", "peak_flops",
+                         "ratio_compiled_vs_eager", "ratio_compiled_vs_hf", "mfu_compiled"])
     return 0
 
 

@@ -12,29 +12,34 @@ import sys
 import pytest
 import torch
 
-from benchmarks import run_all, ulysses_memory
+from benchmarks import activation_memory, run_all, ulysses_memory
 
 ROOT = ulysses_memory.ROOT
 TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 256, "seq_len": 32}
 TINY_MOD = {**TINY, "n_layers": 4, "seq_len": 64}
+NAME_AM = activation_memory.NAME
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """throughput and mod through their real `main`, tiny dims, in one child process (each
-    builds a gloo group and DeepSpeed engines, which must not leak into the test process)."""
+    """throughput, mod and activation_memory through their real `main`, tiny dims, in one child
+    process (each builds a gloo group and DeepSpeed engines, which must not leak into the test
+    process). Throughput's compiled step is left out here (inductor compile time); tests/test_speed.py
+    checks compiled training against eager."""
     out = tmp_path_factory.mktemp("bench")
     script = (
-        "import sys; from benchmarks import throughput, mod\n"
+        "import sys; from benchmarks import throughput, mod, activation_memory\n"
         f"throughput.main(['--dims', {json.dumps(json.dumps(TINY))}, '--batch', '2', '--warmup', '0', '--reps', '2',"
-        f" '--probe-n', '128', '--out', {str(out)!r}])\n"
+        f" '--probe-n', '128', '--no-compile', '--out', {str(out)!r}])\n"
+        f"activation_memory.main(['--dims', {json.dumps(json.dumps(TINY))}, '--warmup', '0', '--reps', '2',"
+        f" '--out', {str(out)!r}])\n"
         f"mod.main(['--dims', {json.dumps(json.dumps(TINY_MOD))}, '--batch', '1', '--warmup', '0', '--reps', '2',"
         f" '--out', {str(out)!r}])\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("throughput", "mod")}
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in ("throughput", "mod", NAME_AM)}
 
 
 def test_throughput_reports_ratios_against_hf_started_from_our_weights(results):
@@ -57,6 +62,13 @@ def test_mod_reports_speedup_and_flop_ideal(results):
     assert out["measured_over_ideal"] == pytest.approx(out["speedup"] / out["flop_ideal"])
     assert out["config"]["mod"]["routed_blocks"] == [2, 4]
     assert out["profile"]["routing_ops_mod_plain"]["by_op"], "routing operators were not seen by the profiler"
+
+
+def test_activation_memory_shrinks_with_more_checkpointed_blocks_at_identical_losses(results):
+    out = results[NAME_AM]
+    assert out["losses_identical_across_modes"]
+    assert out["act_memory_ratio_full_vs_none"] < out["act_memory_ratio_every_2_vs_none"] < 1
+    assert out["step_time_ratio_full_vs_none"] > 0 and "memory_method" in out
 
 
 def test_a2a_bytes_constant_when_seq_and_sp_scale_together():

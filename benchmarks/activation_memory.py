@@ -23,17 +23,14 @@ Writes benchmarks/results/activation_memory.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (FixedBatch, command_line, engine_train_step, interleave, machine_info, median,
-                               print_summary, run_config, set_threads, speedups, write_result)
+                               print_summary, run_config, set_threads, speedups, timing_parser, write_result)
 from benchmarks.throughput import DIMS
 
 NAME = "activation_memory"
@@ -109,13 +106,8 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int) -> dic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.activation_memory", description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=2, help="rounds discarded")
-    ap.add_argument("--reps", type=int, default=6, help="rounds measured")
-    ap.add_argument("--dims", type=json.loads, default={}, help="JSON overriding DIMS")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap = timing_parser(NAME, __doc__)
+    ap.set_defaults(reps=6)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     set_threads(args.threads)

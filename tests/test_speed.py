@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import Routing
 from tests.helpers import ROOT, metrics, train, tiny_overrides
 from trainer.api import consolidated_state_dict, resolve_checkpoint
 from trainer.config import load_config
@@ -29,8 +30,9 @@ def _cfg(**extra):
 def _loss_and_grads(cfg, n_layers: int = 4):
     model = build_model(cfg, n_layers)
     x = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
-    logits, aux, _ = model(x[:, :-1], return_aux=True)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + 0.01 * aux
+    routing = Routing()
+    logits = model(x[:, :-1], None, routing)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + 0.01 * routing.aux_loss()
     loss.backward()
     return model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -75,7 +75,8 @@ def apply_compile(model: Transformer) -> None:
 
     Blocks of one kind share a graph, since dynamo treats parameters as inputs. Shapes are
     static: a MoD block's k is a Python int from the config. Embedding, final norm, LM head and
-    loss stay eager; under Ulysses dynamo traces the all-to-all (gather_sequence of the MoD key mask runs eager)."""
+    loss stay eager. Under Ulysses dynamo traces the all-to-all; the all-gather of the MoD eval
+    key mask runs eager (trainer.ulysses.gather_sequence)."""
     for block in model.blocks:
         block.compile()
 

@@ -1,5 +1,7 @@
-"""Process-group setup and the few collectives the loop needs. The only module that
-reads launcher environment variables; everything else receives a `Dist`."""
+"""Process-group setup and the few collectives the harness issues itself. The only module
+that reads launcher environment variables or calls `torch.distributed`; everything else
+receives a `Dist` (tests/test_dist.py enforces this by reading the sources). DeepSpeed's
+own collectives (gradient reduction, Ulysses' all-to-all) stay inside DeepSpeed."""
 from __future__ import annotations
 
 import os
@@ -38,25 +40,53 @@ class Dist:
     def sp_rank(self) -> int:
         return self.rank % self.sp
 
+    @property
+    def _active(self) -> bool:
+        return tdist.is_initialized() and self.world > 1
+
     def barrier(self) -> None:
-        if tdist.is_initialized() and self.world > 1:
-            tdist.barrier()
+        if self._active:
+            # NCCL's barrier is an all-reduce on a device buffer; naming the device avoids
+            # torch guessing it from the rank (wrong when ranks do not map 1:1 to GPUs).
+            if self.device.type == "cuda":
+                tdist.barrier(device_ids=[self.device.index])
+            else:
+                tdist.barrier()
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
-        if tdist.is_initialized() and self.world > 1:
-            tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX,
-                                    "min": tdist.ReduceOp.MIN}[op], group=group)
+        """Reduce `t` in place over `group` (default: all ranks) and return it; op is sum|max|min.
+
+        The collective runs on a copy on `self.device` (an NCCL group serves CUDA tensors
+        only), and the result is written back into `t`, so callers keep their device and dtype.
+        """
+        if self._active:
+            work = t.to(self.device)
+            tdist.all_reduce(work, op=getattr(tdist.ReduceOp, op.upper()), group=group)
+            if work is not t:
+                t.copy_(work)
         return t
+
+    def all_gather(self, t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        """Every rank's `t` (same shape everywhere) over `group`, on `t`'s device, in rank order."""
+        if not self._active:
+            return [t]
+        work = t.to(self.device).contiguous()
+        n = tdist.get_world_size(group)
+        parts = [torch.empty_like(work) for _ in range(n)]
+        tdist.all_gather(parts, work, group=group)
+        return [p.to(t.device) for p in parts]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (used for stop/NaN decisions)."""
         return bool(self.all_reduce(torch.tensor([float(flag)]), "max").item())
 
     def broadcast_object(self, obj: Any) -> Any:
-        if not (tdist.is_initialized() and self.world > 1):
+        """Rank 0's `obj` on every rank (pickled; for small control values, not tensors)."""
+        if not self._active:
             return obj
         box = [obj]
-        tdist.broadcast_object_list(box, src=0)
+        # The pickled bytes travel as a tensor, which under NCCL must live on our GPU.
+        tdist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
 

@@ -87,7 +87,7 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     optimizer = SkipNonFiniteAdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **adamw_kernel(dist.device))
+        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, dist=dist, **adamw_kernel(dist.device))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist), mpu=dist.mpu)
     if dist.world == 1 and cfg.parallel.zero_stage == 0:

@@ -4,16 +4,21 @@ optimizer's `step()` on every rank at the same point, after clipping, with this 
 non-finite gradient is correct at every ZeRO stage."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.distributed as tdist
 from torch import nn
+
+from trainer.dist import Dist
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and moments untouched when any rank holds a non-finite grad."""
+    """AdamW that leaves weights and moments untouched when any rank holds a non-finite grad.
+    `dist` makes the decision agree across ranks; None = this process alone."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, dist: Optional[Dist] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.dist = dist
         self.skipped_last_step = False
 
     @torch.no_grad()
@@ -22,8 +27,8 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
         if grads:  # a norm is non-finite iff some element is; one fused pass instead of one per tensor
             bad += (~torch.stack(torch._foreach_norm(grads)).isfinite()).any().float()
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+        if self.dist is not None:  # ZeRO-Offload keeps grads on the CPU; Dist reduces on the GPU
+            self.dist.all_reduce(bad, "max")
         self.skipped_last_step = bool(bad.item())
         if self.skipped_last_step:
             return None

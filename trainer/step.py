@@ -36,7 +36,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
     scale = grad_scale(p.zero_stage, p.sp) / tokens_per_micro
     faults.at_step(step, dist.rank)
     poison = float("nan") if step in faults.nan_steps() else 1.0
-    ce_total = torch.zeros(1)
+    ce_total = torch.zeros(1, device=dist.device)  # summed on the device: no host sync per micro-step
     engine.train()
     for micro in range(p.grad_accum):
         x, y = data.train_batch(step, micro, dist.dp_rank, dist.dp_size, p.micro_batch, p.grad_accum)
@@ -47,7 +47,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
         if engine.is_gradient_accumulation_boundary():
             plain_norm = _plain_grad_norm(engine)
         engine.step()
-        ce_total += ce.detach().float().cpu() * poison
+        ce_total += ce.detach().float() * poison
     dist.all_reduce(ce_total)
     loss = ce_total.item() / (tokens_per_micro * p.grad_accum * dist.dp_size)
     norm = engine.get_global_grad_norm()
@@ -69,11 +69,11 @@ def _plain_grad_norm(engine) -> float:
 def evaluate(engine, data, dist: Dist, cfg: RunConfig, causal: bool = False) -> float:
     """Mean validation token loss. `causal` routes MoD blocks with the causal rule."""
     engine.eval()
-    total, count = torch.zeros(1), 0
+    total, count = torch.zeros(1, device=dist.device), 0
     for x, y in data.val_batches(cfg.run.eval_batches, cfg.parallel.micro_batch):
         x, y, pos = shard_sequence(x, y, dist)
         ce, _ = _token_loss_sum(engine, x.to(dist.device), y.to(dist.device), pos.to(dist.device), cfg, causal)
-        total += ce.float().cpu()
+        total += ce.float()
         count += x.numel()
     dist.all_reduce(total)
     count = dist.all_reduce(torch.tensor([float(count)]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as tdist
 
 from model import local_attention_core
 from trainer.dist import Dist
@@ -43,9 +42,7 @@ def attention_core(dist: Dist, kv_heads: int) -> Optional[Callable]:
 @torch.no_grad()
 def gather_sequence(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     """[B, T/sp, ...] slices of the SP group → [B, T, ...] (no gradient)."""
-    parts = [torch.empty_like(t) for _ in range(dist.sp)]
-    tdist.all_gather(parts, t.contiguous(), group=dist.sp_group)
-    return torch.cat(parts, dim=1)
+    return torch.cat(dist.all_gather(t, group=dist.sp_group), dim=1)
 
 
 def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, dist: Dist):

@@ -118,6 +118,7 @@ def summarise(run: dict, out: Path, tokens_per_step: int) -> dict:
     # MoD: the headline is the causal rule's loss (top-k peeks at later tokens); older runs
     # logged it as val_loss_causal beside a top-k val_loss.
     val = [r.get("val_loss_causal", r["val_loss"]) for r in evals]
+    topk = [r["val_loss"] if "val_loss_causal" in r else r.get("val_loss_topk") for r in evals]
     res = {k: run[k] for k in ("budget", "steps", "flops_per_token", "config")}
     res.update({
         "final_val_loss": val[-1], "best_val_loss": min(val),
@@ -128,6 +129,8 @@ def summarise(run: dict, out: Path, tokens_per_step: int) -> dict:
                    "flops": fpt * r["step"] * tokens_per_step, "val_loss": v} for r, v in zip(evals, val)],
         "run_dir": _rel(out / run["run_name"]), "command": run.get("command", ""),
     })
+    if topk and topk[-1] is not None:  # MoD's top-k routing as trained, for reference only
+        res["final_val_loss_topk"] = topk[-1]
     diag = [r for r in rows if r.get("diag")]
     if diag and "diag/loss_skip_last_quarter" in diag[-1]:
         last = diag[-1]

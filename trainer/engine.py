@@ -14,9 +14,10 @@ from model import Transformer
 from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import Dist
 from trainer.optim import SkipNonFiniteAdamW, param_groups
+from trainer.ulysses import grad_scale, largest_param
 
 
-def deepspeed_config(cfg: RunConfig, dist: Dist) -> dict:
+def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
     p = cfg.parallel
     ds: dict[str, Any] = {
         # Batch size lives in one place: global = micro × accum × dp, DeepSpeed derives it.
@@ -85,11 +86,13 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_config = deepspeed_config(cfg, dist)
+    grad_scale(ds_config, cfg.parallel.sp, dist.world, largest_param(model))  # refuses what it cannot scale, up front
     optimizer = SkipNonFiniteAdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, dist=dist, **adamw_kernel(dist.device))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist), mpu=dist.mpu)
+        model=model, optimizer=optimizer, config=ds_config, mpu=dist.mpu)
     if dist.world == 1 and cfg.parallel.zero_stage == 0:
         # Alone, DeepSpeed still flattens every gradient into buckets for an all-reduce with
         # itself (~7% of a CPU step); ZeRO stages need that path to fill their partitions.

@@ -10,8 +10,8 @@ from model import Routing
 from trainer import faults
 from trainer.config import RunConfig
 from trainer.dist import Dist
-from trainer.engine import base_optimizer
-from trainer.ulysses import grad_scale, shard_sequence
+from trainer.engine import base_optimizer, deepspeed_config
+from trainer.ulysses import grad_scale, largest_param, shard_sequence
 
 
 @dataclass
@@ -33,7 +33,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
     # Loss = Σ token losses / tokens of the whole sample: SP ranks each hold a slice, and
     # DeepSpeed averages over DP (and over micro-steps via engine.backward).
     tokens_per_micro = p.micro_batch * cfg.data.seq_len
-    scale = grad_scale(p.zero_stage, p.sp) / tokens_per_micro
+    scale = grad_scale(deepspeed_config(cfg, dist), p.sp, dist.world, largest_param(engine.module)) / tokens_per_micro
     faults.at_step(step, dist.rank)
     poison = float("nan") if step in faults.nan_steps() else 1.0
     ce_total = torch.zeros(1, device=dist.device)  # summed on the device: no host sync per micro-step

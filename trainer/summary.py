@@ -38,7 +38,9 @@ from model.config import ModelConfig
 from model.mod import predictor_hidden, tokens_per_chunk
 from trainer.config import RunConfig
 from trainer.dist import print0
+from trainer.engine import deepspeed_config
 from trainer.errors import UserError
+from trainer.ulysses import grad_scale, largest_param
 
 GIB = 2**30
 
@@ -246,6 +248,8 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
 def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.4) -> Plan:
     pl = plan(cfg, world_size, gpu, mfu)
     m, p, mem = cfg.model, cfg.parallel, pl.memory
+    # Refuses SP gradient-reduction paths no loss scale corrects, as the engine build would.
+    grad_scale(deepspeed_config(cfg), p.sp, pl.world, largest_param(_meta_model(cfg, cfg.final_layers)))
     depth = f"{m.n_layers} -> {cfg.final_layers} layers (growth)" if cfg.growth.stages else f"{m.n_layers} layers"
     grown = f" ({pl.params_initial:,} before growth)" if cfg.growth.stages else ""
     print0(f"config OK: {cfg.run.name}")

@@ -53,17 +53,73 @@ def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, dist: Dist):
     return inputs[:, lo:lo + n], labels[:, lo:lo + n], torch.arange(lo, lo + n)
 
 
-def grad_scale(zero_stage: int, sp: int) -> float:
+def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
     """Factor on each rank's loss (Σ local token losses / tokens of the whole sample) so
-    that the reduced gradient equals SP=1's.
+    that the gradient DeepSpeed reduces equals the global batch's mean, as at SP=1.
 
-    DeepSpeed reduces over the sequence-data-parallel group (all dp×sp ranks) but divides
-    differently per stage: ZeRO-0/1/2 divide by dp only, i.e. *sum* over the SP ranks —
-    exactly the gradient of the sample's loss, so no factor; ZeRO-3 divides by dp·sp,
-    *averaging* over the SP ranks, so each rank's loss is scaled by sp.
-    tests/test_ulysses.py pins this at every stage.
+    `ds` is the merged DeepSpeed config (`parallel.deepspeed` overrides included), `world`
+    = dp·sp ranks, `largest_param` the numel of the model's largest parameter. DeepSpeed
+    sums gradients over all dp·sp ranks and divides the sum by a divisor that depends on
+    the path; the factor is divisor / dp. Divisor dp sums over the SP ranks (each holds
+    part of the sample's loss), so the factor is 1; divisor dp·sp averages over them, so
+    each loss is scaled by sp. Paths read from DeepSpeed 0.19.8:
+
+    - ZeRO-0, `engine.allreduce_bucket`: dp, whatever the predivide factor.
+    - ZeRO-1/2 with `reduce_scatter` (default), `average_tensor`: dp. Without it,
+      `gradient_reduction_w_predivide`: dp, except dp·sp when `gradient_predivide_factor`
+      equals the world size (it then skips the post-scale).
+    - ZeRO-3 with `reduce_scatter` (default), `reduce_scatter_coalesced`: dp·sp. Without
+      it, gradients that fit a contiguous bucket (`contiguous_gradients`, numel ≤
+      `reduce_bucket_size`) are all-reduced over dp, the rest averaged over dp·sp.
+    - `gradient_allreduce_op: sum` removes the division at ZeRO-0/1/2 (divisor 1).
+
+    Combinations that no single factor makes right raise ConfigError: ZeRO-3 without
+    reduce_scatter when some parameters fit the bucket and some do not, and ZeRO-3 without
+    reduce_scatter with `gradient_predivide_factor` equal to the world size (DeepSpeed then
+    divides by it twice). tests/test_ulysses.py pins the factor against SP=1 on 2 ranks.
     """
-    return float(sp) if zero_stage == 3 else 1.0
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.config import ConfigError
+
+    z = DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+    dp, stage = world // sp, int(z.stage)
+    post = not ds.get("prescale_gradients", False)
+    predivide = float(ds.get("gradient_predivide_factor", 1.0))
+    average = ds.get("gradient_allreduce_op", "mean") == "mean"
+    if stage == 3 and z.reduce_scatter:
+        divisor = world
+    elif stage == 3:
+        if post and predivide != 1.0 and predivide == world:
+            raise ConfigError(f"parallel.deepspeed.gradient_predivide_factor={predivide:g} equals the world size at "
+                              f"ZeRO-3 without reduce_scatter: DeepSpeed then divides gradients by it twice. "
+                              f"Accepted: any other value (default 1.0), or zero_optimization.reduce_scatter=true")
+        fits = z.contiguous_gradients and largest_param <= z.reduce_bucket_size
+        if z.contiguous_gradients and not fits and sp > 1:
+            raise ConfigError(
+                f"parallel.deepspeed.zero_optimization: reduce_scatter=false at ZeRO-3 with parallel.sp={sp} and a "
+                f"parameter of {largest_param:,} elements > reduce_bucket_size={z.reduce_bucket_size:,}: DeepSpeed "
+                f"then sums the SP ranks' gradients of small parameters and averages those of large ones, which "
+                f"no loss scale corrects. Accepted: reduce_scatter=true, or reduce_bucket_size >= {largest_param:,}")
+        divisor = dp if fits else world
+    elif not average:
+        divisor = 1
+    elif stage in (1, 2) and not z.reduce_scatter and post and predivide == world and (
+            z.contiguous_gradients or _offloads_optimizer(z)):
+        divisor = world
+    else:
+        divisor = dp
+    return divisor / dp
+
+
+def largest_param(model: torch.nn.Module) -> int:
+    """Elements of the largest trainable parameter (its full size under ZeRO-3 partitioning)."""
+    return max((getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad), default=0)
+
+
+def _offloads_optimizer(z) -> bool:
+    """ZeRO-1/2 turn contiguous gradients on whenever the optimizer is offloaded."""
+    return z.offload_optimizer is not None and z.offload_optimizer.device != "none"
 
 
 def all_to_all_bytes_per_layer(batch: int, seq_len: int, sp: int, n_heads: int, kv_heads: int, head_dim: int,

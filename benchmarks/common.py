@@ -1,5 +1,6 @@
-"""What every benchmark shares: the machine record, interleaved timing, the matmul peak probe,
-a fixed synthetic batch for `trainer.step.train_step`, and the JSON writer.
+"""What every benchmark shares: the machine record, interleaved timing, a fixed synthetic
+batch for `trainer.step.train_step`, and the JSON writer. The matmul peak probe is
+`trainer.metrics.matmul_probe`, the one the trainer's MFU uses.
 
 Timing records wall time (what tokens/s means) and process CPU time side by side. On a
 machine shared with other work, wall time also counts the moments the scheduler gave our
@@ -125,22 +126,6 @@ def speedups(raw: dict, a: str, b: str) -> dict:
 HEADLINE_BASIS = ("ratios of median CPU time per step (= tokens/s on an otherwise idle core): each process runs one "
                   "intra-op thread, so its CPU time is the step's own cost, while wall time also counts other "
                   "processes' turns on a shared core; wall-time ratios are recorded beside it")
-
-
-def peak_flops_probe(n: int = 2048, reps: int = 7) -> dict:
-    """fp32 [n, n] @ [n, n] at the current thread count: 2n³ FLOPs over the best time.
-
-    The best of `reps` (not the median) is the peak, since contention only ever slows a
-    matmul down. `peak_flops` divides by CPU time (FLOPs per CPU-second, unaffected by other
-    processes taking turns on our core), `peak_flops_wall` by wall time.
-    """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = [timed(lambda: a @ b) for _ in range(reps)]
-    flops = 2 * n**3
-    return {"matmul_n": n, "dtype": "float32", "threads": torch.get_num_threads(), "reps": reps,
-            "wall_s": [w for w, _ in times], "cpu_s": [c for _, c in times],
-            "peak_flops": flops / min(c for _, c in times), "peak_flops_wall": flops / min(w for w, _ in times)}
 
 
 class FixedBatch:

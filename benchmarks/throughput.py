@@ -30,12 +30,14 @@ import copy
 import os
 import sys
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
-                               machine_info, median, op_profile, peak_flops_probe, plain_train_step, print_summary,
+                               machine_info, median, op_profile, plain_train_step, print_summary,
                                run_config, set_threads, speedups, timing_parser, write_result)
+from trainer.metrics import matmul_probe
 
 NAME = "throughput"
 DIMS = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=4096, seq_len=256)
@@ -92,9 +94,9 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
     if compiled:  # build_model seeds identically, so the compiled model starts from ours' weights
         steps["ours_compiled_engine"] = engine_train_step(
             build_engine(cfg_compiled, dist, build_model(cfg_compiled, cfg.model.n_layers)), data, dist, cfg_compiled)
-    peak_before = peak_flops_probe(probe_n)
+    peak_before = matmul_probe(torch.device("cpu"), torch.float32, probe_n)
     raw = interleave(steps, warmup, reps)
-    peak_after = peak_flops_probe(probe_n)
+    peak_after = matmul_probe(torch.device("cpu"), torch.float32, probe_n)
     peak = max(peak_before["peak_flops"], peak_after["peak_flops"])
     peak_wall = max(peak_before["peak_flops_wall"], peak_after["peak_flops_wall"])
 

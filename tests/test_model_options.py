@@ -326,11 +326,14 @@ def test_injected_attention_core_is_used_by_every_layer():
 
 # ---------------------------------------------------------------- accounting
 
-def flop_counter():
+def flop_counter(causal: bool = False):
     """FlopCounterMode has SDPA formulas for the CUDA kernels only; map the CPU flash kernel
-    (same math, same shapes) to the same formulas."""
+    (same math, same shapes) to the same formulas. The counter counts attention over the
+    full n×n square; `causal` scales each SDPA call's forward to the n(n+1)/2 query–key
+    pairs a causal model needs, from the shapes the call actually ran with."""
     def forward(q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q, k, v)
+        n = q[-2]  # the counter passes shapes: q [B, H, n, Dh]
+        return sdpa_flop_count(q, k, v) * ((n + 1) / (2 * n) if causal else 1)
 
     def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_backward_flop_count(grad_out, q, k, v)
@@ -354,13 +357,30 @@ FLOP_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", FLOP_CONFIGS)
-def test_flops_per_token_matches_torch_flop_counter(name):
+def test_flops_per_token_is_three_causal_forwards(name):
+    """PaLM's model FLOPs: 3 × the forward's matmuls, attention over causal pairs only
+    (T(T+1)/2, and K(K+1)/2 inside routed blocks), no recompute."""
+    model = build(FLOP_CONFIGS[name])
+    ids = torch.randint(0, 64, (B, T))
+    with torch.no_grad(), flop_counter(causal=True) as counter:
+        run(model, ids)
+    assert model.flops_per_token(T) * B * T == pytest.approx(3 * counter.get_total_flops(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", FLOP_CONFIGS)
+def test_hardware_flops_per_token_matches_torch_flop_counter(name):
     model = build(FLOP_CONFIGS[name])
     ids = torch.randint(0, 64, (B, T))
     with flop_counter() as counter:
         logits, aux, _ = run(model, ids)
         (logits.sum() + aux).backward()
-    assert model.flops_per_token(T) * B * T == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    assert model.hardware_flops_per_token(T) * B * T == pytest.approx(counter.get_total_flops(), rel=1e-12)
+
+
+def test_causal_attention_is_about_half_the_square_at_long_context():
+    model = build(tiny())
+    f = model._forward_flops(4096)
+    assert f["attn_causal"] / f["attn_full"] == pytest.approx(4097 / 8192)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -13,26 +14,90 @@ from typing import Any
 import torch
 
 from trainer.config import RunConfig, to_dict
+from trainer.dist import print0
 
 
-def measure_peak_flops(device: torch.device) -> float:
-    """Per-device peak for MFU: a datasheet value on known GPUs, else a timed fp32 matmul probe."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)):
-            if key in name:
-                return peak  # dense bf16
-    n = 1024 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b  # warm-up
-    reps, best = 5, math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
+# Dense (no sparsity) peak FLOP/s of one GPU from the vendor datasheets, per precision:
+# bf16 tensor core; tf32 tensor core; fp32 without tensor cores. Matched on the tokens of
+# torch.cuda.get_device_name(), most specific first: "NVIDIA H100 80GB HBM3" is the SXM
+# part, "NVIDIA L40" (not listed) must not match L4. A100 40/80 GB, SXM and PCIe, share
+# their peaks. A10G (AWS only) follows AWS/Baseten's figures; NVIDIA publishes none.
+PEAK_FLOPS_TABLE: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
+    (("h100", "nvl"), "H100 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (("h100", "pcie"), "H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (("h100",), "H100 SXM", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    (("h200", "nvl"), "H200 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (("h200",), "H200 SXM", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    (("b200",), "B200", {"bf16": 2250e12, "tf32": 1100e12, "fp32": 75e12}),
+    (("a100",), "A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (("l40s",), "L40S", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (("l4",), "L4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (("a10g",), "A10G", {"bf16": 70e12, "tf32": 35e12, "fp32": 35e12}),
+)
+
+
+def datasheet_peak(device_name: str, precision: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, label) for a GPU in PEAK_FLOPS_TABLE, else None. `precision` is
+    parallel.precision; fp32 training uses the tf32 column when torch lets fp32 matmuls run
+    on tensor cores (`torch.set_float32_matmul_precision("high")`), else the fp32 column."""
+    tokens = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    column = precision
+    if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        column = "tf32"
+    for keys, label, peaks in PEAK_FLOPS_TABLE:
+        if all(k in tokens for k in keys):
+            return peaks[column], f"{label} {column} datasheet"
+    return None
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 0, reps: int = 7) -> dict:
+    """[n, n] @ [n, n] in `dtype` on `device`: 2n³ FLOPs over the best of `reps` timings.
+
+    The best (not the median) is the peak, since contention only ever slows a matmul down.
+    `peak_flops_wall` divides by wall time; on CPU `peak_flops` divides by process CPU time
+    (unaffected by other processes taking turns on our cores), on a GPU it equals the wall
+    figure. The inputs come from a forked RNG, so a restored RNG state is left untouched.
+    """
+    n = n or (1024 if device.type == "cpu" else 8192)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    wall, cpu = [], []
+    for i in range(reps + 1):  # the first is a warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+        w, c = time.perf_counter(), time.process_time()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+    flops = 2 * n**3
+    peak_wall = flops / min(wall)
+    return {"device": str(device), "matmul_n": n, "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "reps": reps, "wall_s": wall, "cpu_s": cpu,
+            "peak_flops": flops / max(min(cpu), 1e-9) if not cuda else peak_wall, "peak_flops_wall": peak_wall}
+
+
+def peak_flops_per_device(device: torch.device, precision: str, override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one device for MFU, where it came from): `logging.peak_flops` when set;
+    a listed GPU's datasheet value; an unlisted GPU's measured matmul in the training dtype
+    (with a warning: a guess, and below the datasheet peak, so MFU reads high); on CPU a measured fp32 matmul, by wall
+    time like the training step it divides."""
+    if override:
+        return override, "logging.peak_flops"
+    if device.type != "cuda":
+        return matmul_probe(device, torch.float32)["peak_flops_wall"], "measured fp32 matmul"
+    name = torch.cuda.get_device_name(device)
+    known = datasheet_peak(name, precision)
+    if known is not None:
+        return known
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_probe(device, dtype)["peak_flops_wall"]
+    print0(f"warning: {name!r} is not in the peak-FLOPs table; MFU divides by a measured {precision} matmul "
+           f"({peak / 1e12:.0f} TFLOP/s), a guess that reads high; set logging.peak_flops to the datasheet value")
+    return peak, f"measured {precision} matmul (guess)"
 
 
 class Metrics:

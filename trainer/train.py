@@ -99,7 +99,7 @@ class Trainer:
         from trainer.data import prepare_data
         from trainer.diagnostics import depth_diagnostics
         from trainer.engine import build_engine, build_model, set_lr
-        from trainer.metrics import make_metrics, measure_peak_flops
+        from trainer.metrics import make_metrics, peak_flops_per_device
         from trainer.profiling import StepProfiler
         from trainer.schedule import lr_at
         from trainer.step import evaluate, train_step
@@ -121,6 +121,8 @@ class Trainer:
             init_from.load_into_engine(engine, weights)
             del weights
             print0(f"initialised from {self.init_src.checkpoint} (weights only: step 0, fresh optimizer and schedule)")
+        # Before the checkpoint restores the RNG (the probe also forks it, belt and braces).
+        peak, _ = peak_flops_per_device(dist.device, cfg.parallel.precision, cfg.logging.peak_flops)
         if self.resume_from is not None:
             state = self.ckpt.load(engine, self.resume_from)
             print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")
@@ -129,7 +131,6 @@ class Trainer:
             state.samples = state.step * samples_per_step
         data.seek(state.step, state.samples)
         metrics = make_metrics(cfg, self.run_dir, state.step, dist.is_main)
-        peak = cfg.logging.peak_flops or measure_peak_flops(dist.device)
         tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dist.dp_size * cfg.data.seq_len
         a2a = all_to_all_bytes_per_layer(cfg.parallel.micro_batch, cfg.data.seq_len, cfg.parallel.sp, cfg.model.n_heads,
                                          cfg.model.kv_heads, cfg.model.head_dim, 2 if cfg.parallel.precision == "bf16" else 4)
@@ -158,6 +159,8 @@ class Trainer:
                 last = {"step": state.step, "loss": out.loss, "lr": lr_at(cfg, state.step - 1),
                         "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_step / dt,
                         "mfu": engine.module.flops_per_token(cfg.data.seq_len) * tokens_per_step / dt / (peak * dist.world),
+                        "hfu": engine.module.hardware_flops_per_token(cfg.data.seq_len) * tokens_per_step / dt
+                        / (peak * dist.world),
                         "n_layers": state.n_layers, "tokens": state.tokens, "a2a_bytes_per_layer": a2a,
                         **data.log_fields(state.samples)}
                 if state.step % cfg.logging.every == 0 or state.step == 1:

@@ -1,0 +1,122 @@
+"""MFU's denominator: the per-device peak from the datasheet table (keyed on the device
+name and the training precision), a probe for devices not in it, `logging.peak_flops` over
+both, and a probe that never disturbs a restored RNG state."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainer.metrics as metrics
+from tests.helpers import ROOT, _env, tiny_overrides, train
+from trainer.metrics import matmul_probe, peak_flops_per_device
+
+GPU = torch.device("cuda", 0)
+
+# torch.cuda.get_device_name() strings as the drivers report them.
+TABLE_CASES = {
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA B200": 2250e12,
+    "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12, "NVIDIA A10G": 70e12,
+}
+
+
+@pytest.fixture
+def gpu_named(monkeypatch):
+    probes = []
+
+    def fake_probe(device, dtype=torch.float32, n=0, reps=7):
+        probes.append((device, dtype))
+        return {"peak_flops_wall": 123e12}
+
+    monkeypatch.setattr(metrics, "matmul_probe", fake_probe)
+
+    def name(device_name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    return name, probes
+
+
+@pytest.mark.parametrize("device_name", TABLE_CASES)
+def test_bf16_peak_comes_from_the_datasheet_table(gpu_named, device_name):
+    name, probes = gpu_named
+    name(device_name)
+    peak, source = peak_flops_per_device(GPU, "bf16")
+    assert peak == TABLE_CASES[device_name] and "datasheet" in source and not probes
+
+
+def test_fp32_peak_is_tf32_only_when_torch_allows_tf32_matmuls(gpu_named):
+    name, _ = gpu_named
+    name("NVIDIA H100 80GB HBM3")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert peak_flops_per_device(GPU, "fp32") == (67e12, "H100 SXM fp32 datasheet")
+        torch.set_float32_matmul_precision("high")
+        assert peak_flops_per_device(GPU, "fp32") == (494.5e12, "H100 SXM tf32 datasheet")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA L40", "NVIDIA GeForce RTX 4090", "NVIDIA A10"])
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_unknown_gpu_is_probed_in_the_training_dtype_with_one_warning(gpu_named, capsys, device_name, precision,
+                                                                       dtype):
+    name, probes = gpu_named
+    name(device_name)
+    assert peak_flops_per_device(GPU, precision) == (123e12, f"measured {precision} matmul (guess)")
+    assert probes == [(GPU, dtype)]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and device_name in lines[0] and "guess" in lines[0] and "logging.peak_flops" in lines[0]
+
+
+def test_logging_peak_flops_overrides_table_and_probe(gpu_named):
+    name, probes = gpu_named
+    name("NVIDIA H100 80GB HBM3")
+    assert peak_flops_per_device(GPU, "bf16", 5e14) == (5e14, "logging.peak_flops")
+    assert peak_flops_per_device(torch.device("cpu"), "fp32", 5e14) == (5e14, "logging.peak_flops")
+    assert not probes
+
+
+def test_cpu_probe_leaves_the_rng_state_untouched():
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    out = matmul_probe(torch.device("cpu"), torch.float32, n=64, reps=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert out["peak_flops_wall"] == pytest.approx(2 * 64**3 / min(out["wall_s"]))
+
+
+# The resumed trainer's first train_step records the RNG state and stops the run.
+RESUME_SCRIPT = """
+import sys, torch
+import trainer.step
+from trainer.config import load_config
+from trainer.train import Trainer
+
+class Seen(Exception):
+    pass
+
+def first_step(*args, **kwargs):
+    torch.save(torch.get_rng_state(), sys.argv[1])
+    raise Seen
+
+trainer.step.train_step = first_step
+try:
+    Trainer(load_config("configs/tiny.yaml", sys.argv[2:])).fit()
+except Seen:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_rng_state_after_resume_equals_the_saved_one(tmp_path):
+    out = tmp_path / "runs"
+    over = tiny_overrides(out, "rng", **{"run.max_steps": 4, "checkpoint.every": 2, "logging.peak_flops": 0})
+    train([*over, "run.stop_at=2"])
+    seen = tmp_path / "rng_at_resume.pt"
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(seen), *over], cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    saved = torch.load(out / "rng" / "checkpoints" / "step-2" / "trainer_state_rank0.pt")["rng"]["torch"]
+    assert torch.equal(torch.load(seen), saved)

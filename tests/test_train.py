@@ -17,7 +17,7 @@ def test_pulse_run_trains_logs_checkpoints_and_summarises(tmp_path):
     rows = metrics(run)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "n_layers"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hfu", "n_layers"):
         assert key in train_rows[0], key
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]

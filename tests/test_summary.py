@@ -17,11 +17,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model import Routing, Transformer
 from tests.helpers import ROOT
 from trainer.config import load_config
+from trainer.engine import apply_activation_checkpointing
 from trainer.optim import SkipNonFiniteAdamW, param_groups
 from trainer.summary import memory_per_gpu, plan
 from trainer.train import main
@@ -73,24 +73,12 @@ def test_dry_run_unknown_gpu_is_one_line(capsys):
     assert len(err) == 1 and "V1000" in err[0] and "H100" in err[0]
 
 
-class _Checkpointed(torch.nn.Module):
-    """Non-reentrant activation checkpointing around one block (what torchtitan does)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x, rope, v1, routing):
-        return checkpoint(self.block, x, rope, v1, routing, use_reentrant=False)
-
-
-def _measured_peak(cfg, checkpointing: bool) -> int:
+def _measured_peak(cfg) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(0)
     model = Transformer(cfg.model)
-    if checkpointing:
-        model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)  # the trainer's own wrapping
     opt = SkipNonFiniteAdamW(param_groups(model, 0.1), lr=1e-3)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len))
 
@@ -111,22 +99,27 @@ def _measured_peak(cfg, checkpointing: bool) -> int:
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
-@pytest.mark.parametrize("overrides,checkpointing", [
-    ([], False),  # activations dominate: 2048 tokens through a 64-wide model
-    (["model.norm=peri", "model.value_residual=learned", "model.d_model=128"], False),
-    (["model.norm=post", "model.value_residual=shared", "model.n_layers=4"], False),
-    (["model.norm_type=layernorm", "model.embed_norm=true"], False),
-    (["model.mod.capacity=0.25", "model.mod.route_chunks=4", "model.n_layers=4"], False),
-    (["model.n_layers=6", "data.seq_len=512", "model.max_seq_len=512", "parallel.micro_batch=2"], True),
-    (["model.d_model=256", "data.seq_len=32", "model.max_seq_len=32", "parallel.micro_batch=2",
-      "model.vocab_size=4096"], False),  # weights, gradients and AdamW state dominate
+LONG_AND_DEEP = ["model.n_layers=6", "data.seq_len=512", "model.max_seq_len=512", "parallel.micro_batch=2"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # activations dominate: 2048 tokens through a 64-wide model
+    ["model.norm=peri", "model.value_residual=learned", "model.d_model=128"],
+    ["model.norm=post", "model.value_residual=shared", "model.n_layers=4"],
+    ["model.norm_type=layernorm", "model.embed_norm=true"],
+    ["model.mod.capacity=0.25", "model.mod.route_chunks=4", "model.n_layers=4"],
+    [*LONG_AND_DEEP, "parallel.activation_checkpointing=full"],
+    [*LONG_AND_DEEP, "parallel.activation_checkpointing=every_2"],
+    ["model.d_model=256", "data.seq_len=32", "model.max_seq_len=32", "parallel.micro_batch=2",
+     "model.vocab_size=4096"],  # weights, gradients and AdamW state dominate
 ])
-def test_memory_estimate_within_25_percent_of_measured_peak(overrides, checkpointing):
+def test_memory_estimate_within_25_percent_of_measured_peak(overrides):
     cfg = load_config(TINY, ["model.d_model=64", "model.n_layers=2", "model.vocab_size=512", "data.seq_len=256",
                              "parallel.micro_batch=8", *overrides])
     n = Transformer(cfg.model).num_params()
-    predicted = memory_per_gpu(cfg, n, world=1).total(checkpointing)
-    measured = _measured_peak(cfg, checkpointing)
+    mode = cfg.parallel.activation_checkpointing
+    predicted = memory_per_gpu(cfg, n, world=1, checkpointing=mode if mode != "none" else "full").total(mode != "none")
+    measured = _measured_peak(cfg)
     assert abs(predicted - measured) <= 0.25 * measured, (predicted / 2**20, measured / 2**20)
 
 

@@ -36,7 +36,7 @@ import torch
 from model import Transformer
 from model.config import ModelConfig
 from model.mod import predictor_hidden, tokens_per_chunk
-from trainer.config import RunConfig
+from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import print0
 from trainer.engine import deepspeed_config
 from trainer.errors import UserError
@@ -135,13 +135,10 @@ def logits_bytes(cfg: ModelConfig, tokens: float, a: int) -> float:
 
 
 def checkpointed_blocks(mode: str, n_layers: int) -> set[int]:
-    """`none`, `full`, or `every_<k>` (blocks k, 2k, ... are checkpointed)."""
-    if mode == "none":
-        return set()
-    if mode == "full":
-        return set(range(1, n_layers + 1))
-    k = int(mode.removeprefix("every_"))
-    return set(range(k, n_layers + 1, k))
+    """The 1-based blocks `parallel.activation_checkpointing` wraps: none, full, or
+    every_<k> (blocks k, 2k, ...)."""
+    k = checkpoint_every(mode) or 0
+    return set(range(k, n_layers + 1, k)) if k else set()
 
 
 # ---- the plan ------------------------------------------------------------------------
@@ -266,14 +263,13 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
         print0(f"  data        data.max_tokens {cfg.data.max_tokens:,} (train split ~"
                f"{cfg.data.max_tokens * (1 - cfg.data.val_fraction):,.0f}): the run reads it {pl.data_passes:.2f} times"
                + (" (repeats data)" if pl.data_passes > 1 else ""))
-    ac = getattr(p, "activation_checkpointing", None)
-    print0(f"  memory/GPU  ZeRO-{p.zero_stage} over {pl.world} ranks, {p.precision}"
-           + (f", activation_checkpointing {ac}" if ac else ""))
+    ac = p.activation_checkpointing
+    print0(f"  memory/GPU  ZeRO-{p.zero_stage} over {pl.world} ranks, {p.precision}, activation_checkpointing {ac}")
     print0(f"    weights {mem.weights / GIB:.2f} GiB, grads {mem.grads / GIB:.2f} GiB, "
            f"optimizer {mem.optimizer / GIB:.2f} GiB, logits {mem.logits / GIB:.2f} GiB")
     print0(f"    activations {mem.activations / GIB:.2f} GiB (no checkpointing), "
            f"{mem.activations_ckpt / GIB:.2f} GiB + {mem.recompute / GIB:.2f} GiB recompute (full checkpointing)")
-    if ac and ac.startswith("every_"):
+    if ac.startswith("every_"):
         sel = memory_per_gpu(cfg, pl.params, pl.world, ac)
         print0(f"    activations {sel.activations_ckpt / GIB:.2f} GiB + {sel.recompute / GIB:.2f} GiB recompute "
                f"({ac}): total {sel.total(True) / GIB:.1f} GiB")

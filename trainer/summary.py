@@ -40,6 +40,7 @@ from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import print0
 from trainer.engine import deepspeed_config
 from trainer.errors import UserError
+from trainer.metrics import datasheet_peak
 from trainer.ulysses import grad_scale, largest_param
 
 GIB = 2**30
@@ -47,30 +48,25 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class GPU:
-    bf16_flops: float  # dense tensor-core peak per GPU, FLOP/s
-    fp32_flops: float  # plain fp32 (no TF32) peak
+    name: str
+    peak_flops: float  # dense datasheet peak in the run's precision (trainer.metrics.PEAK_FLOPS_TABLE)
+    peak_source: str
     memory_gib: float  # nominal HBM capacity
 
 
-# Datasheet peaks, dense (no sparsity). SXM parts unless the name says otherwise.
-GPUS: dict[str, GPU] = {
-    "H100": GPU(989e12, 67e12, 80),
-    "H100-PCIE": GPU(756e12, 51e12, 80),
-    "H100-NVL": GPU(835e12, 60e12, 94),
-    "H200": GPU(989e12, 67e12, 141),
-    "B200": GPU(2250e12, 80e12, 180),
-    "A100": GPU(312e12, 19.5e12, 80),
-    "A100-40GB": GPU(312e12, 19.5e12, 40),
-    "L40S": GPU(362e12, 91.6e12, 48),
-    "L4": GPU(121e12, 30.3e12, 24),
+# --gpu names the planner knows: HBM capacity here, peaks from the training loop's own table.
+GPU_MEMORY_GIB: dict[str, float] = {
+    "H100": 80, "H100-PCIE": 80, "H100-NVL": 94, "H200": 141, "H200-NVL": 141, "B200": 180,
+    "A100": 80, "A100-40GB": 40, "L40S": 48, "L4": 24, "A10G": 24,
 }
 
 
-def gpu_spec(name: str) -> GPU:
+def gpu_spec(name: str, precision: str) -> GPU:
     key = name.upper()
-    if key not in GPUS:
-        raise UserError(f"--gpu {name!r} is not in the peak-FLOPs table; expected one of {' | '.join(GPUS)}")
-    return GPUS[key]
+    found = datasheet_peak(key, precision) if key in GPU_MEMORY_GIB else None
+    if found is None:
+        raise UserError(f"--gpu {name!r} is not in the peak-FLOPs table; expected one of {' | '.join(GPU_MEMORY_GIB)}")
+    return GPU(key, found[0], found[1], GPU_MEMORY_GIB[key])
 
 
 # ---- activation memory ---------------------------------------------------------------
@@ -217,7 +213,7 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
         raise UserError(f"--world-size {world} is not a multiple of parallel.sp={p.sp}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu} must be in (0, 1]")
-    spec = gpu_spec(gpu)
+    spec = gpu_spec(gpu, p.precision)
     dp = world // p.sp
     final = _meta_model(cfg, cfg.final_layers)
     n = final.num_params()
@@ -229,7 +225,6 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
     for i, (start, layers) in enumerate(bounds):
         end = bounds[i + 1][0] if i + 1 < len(bounds) else steps
         total_flops += (end - start) * tokens_per_step * _meta_model(cfg, layers).flops_per_token(cfg.data.seq_len)
-    peak = spec.bf16_flops if p.precision == "bf16" else spec.fp32_flops
     return Plan(
         world=world, dp=dp, params=n, params_non_embedding=final.num_params(non_embedding=True),
         params_initial=_meta_model(cfg, cfg.model.n_layers).num_params(),
@@ -237,8 +232,8 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
         total_tokens=tokens_per_step * steps, tokens_per_param=tokens_per_step * steps / n, total_flops=total_flops,
         data_passes=tokens_per_step * steps / (cfg.data.max_tokens * (1 - cfg.data.val_fraction))
         if cfg.data.max_tokens else 0.0,
-        memory=memory_per_gpu(cfg, n, world), gpu=gpu.upper(), gpu_spec=spec, mfu=mfu,
-        hours=total_flops / (world * peak * mfu) / 3600,
+        memory=memory_per_gpu(cfg, n, world), gpu=spec.name, gpu_spec=spec, mfu=mfu,
+        hours=total_flops / (world * spec.peak_flops * mfu) / 3600,
     )
 
 
@@ -276,6 +271,7 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
     cap = pl.gpu_spec.memory_gib
     print0(f"    total {mem.total() / GIB:.1f} GiB, or {mem.total(True) / GIB:.1f} GiB with full checkpointing "
            f"({pl.gpu}: {cap:g} GiB; add ~10-20% for buffers and fragmentation)")
-    print0(f"  time        {pl.hours:,.1f} h ({pl.hours / 24:.1f} days) on {pl.world} x {pl.gpu} at MFU {pl.mfu:g}")
+    print0(f"  time        {pl.hours:,.1f} h ({pl.hours / 24:.1f} days) on {pl.world} x {pl.gpu} at MFU {pl.mfu:g} "
+           f"(peak {pl.gpu_spec.peak_flops / 1e12:g} TFLOP/s, {pl.gpu_spec.peak_source})")
     print0(f"  run dir     {cfg.run_dir}")
     return pl

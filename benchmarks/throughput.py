@@ -162,7 +162,22 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
             "ours_vs_hf_engine": op_profile({"ours_engine": steps["ours_engine"], "hf_engine": steps["hf_engine"]}),
             "engine_vs_plain_ours": op_profile({"ours_engine": steps["ours_engine"], "ours_plain": steps["ours_plain"]}),
         }
+        if compiled:
+            prof = op_profile({"ours_compiled_engine": steps["ours_compiled_engine"], "ours_engine": steps["ours_engine"]})
+            out["profile"]["compiled_vs_eager_ours"] = prof
+            out["compile_ceiling"] = compile_ceiling(out["profile"]["ours_vs_hf_engine"]["self_ms_by_op"]["ours_engine"])
     return out
+
+
+def compile_ceiling(self_ms: dict[str, float]) -> dict:
+    """How much compiling the blocks could buy at most: inductor leaves matmuls and the SDPA
+    kernels to the same aten/oneDNN calls, so the eager step's time outside them bounds the
+    gain (`ceiling` = step ÷ (matmul + SDPA), were every other op fused away)."""
+    kernel = sum(v for k, v in self_ms.items() if k in ("aten::mm", "aten::addmm", "aten::bmm")
+                 or k.startswith("aten::_scaled_dot_product"))
+    total = sum(self_ms.values())
+    return {"matmul_and_sdpa_share_of_eager_step": kernel / total, "ceiling": total / kernel,
+            "basis": "eager ours_engine profile (self CPU ms by operator, min over reps)"}
 
 
 def cfg_overrides(dims: dict, batch: int) -> dict:

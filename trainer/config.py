@@ -234,7 +234,7 @@ def _choice(key: str, value: str, choices: Iterable[str]) -> None:
     _need(value in choices, key, value, f"expected one of {' | '.join(choices)}")
 
 
-def activation_checkpoint_every(mode: str) -> Optional[int]:
+def checkpoint_every(mode: str) -> Optional[int]:
     """`parallel.activation_checkpointing` -> k (checkpoint 1-based blocks k, 2k, ...; 0 = none),
     None when the mode is not valid."""
     if mode in ("none", "full"):
@@ -266,7 +266,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _choice("model.mod.causal", m.mod.causal, CAUSAL_RULES)
     _choice("parallel.precision", p.precision, ("fp32", "bf16"))
     _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
-    _need(activation_checkpoint_every(p.activation_checkpointing) is not None, "parallel.activation_checkpointing",
+    _need(checkpoint_every(p.activation_checkpointing) is not None, "parallel.activation_checkpointing",
           p.activation_checkpointing, "expected none | full | every_<k> with k a positive integer (e.g. every_2)")
     ps = list(cfg.logging.profile_steps)
     _need(ps == [] or (len(ps) == 2 and 1 <= ps[0] <= ps[1]), "logging.profile_steps", ps,

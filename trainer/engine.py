@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model import Transformer
-from trainer.config import RunConfig, activation_checkpoint_every
+from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import Dist
 from trainer.optim import SkipNonFiniteAdamW, param_groups
 from trainer.ulysses import grad_scale, largest_param
@@ -65,7 +65,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     the attention core runs again in the recompute, on every rank in the same order. The
     instance attribute shadows the method, so parameter names and the state dict are unchanged.
     """
-    k = activation_checkpoint_every(mode)
+    k = checkpoint_every(mode)
     for layer, block in enumerate(model.blocks, start=1):
         if k and layer % k == 0:
             block.run = functools.partial(checkpoint, block.run, use_reentrant=False)

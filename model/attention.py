@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .flops import Flops, attention_pair_flops, children_flops
 from .rope import apply_rope
 
 AttentionCore = Callable[..., torch.Tensor]
@@ -119,3 +120,8 @@ class Attention(nn.Module):
         v = self.value(x, v1)  # values get no RoPE
         out = self.core(q, k, v.view(B, T, self.n_kv_heads, self.head_dim), key_mask=key_mask)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), v
+
+    def flops(self, seq_len: int) -> Flops:
+        """The projections (whatever the value module holds) plus QKᵀ and AV: 2·2·H·Dh FLOPs
+        per query–key pair. GQA shares K/V heads but every query head still scores every key."""
+        return children_flops(self, seq_len) + attention_pair_flops(2 * 2 * self.n_heads * self.head_dim, seq_len)

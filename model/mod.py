@@ -21,6 +21,7 @@ from torch import nn
 
 from .block import Block
 from .config import ModelConfig, select
+from .flops import Flops, linear_flops, module_flops
 
 
 @dataclass
@@ -77,6 +78,10 @@ class PredictorRule(nn.Module):
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x.detach()))).squeeze(-1)
 
+    def flops(self, seq_len: int) -> Flops:
+        """fc1 reads stopgrad(x), so its backward has no input gradient."""
+        return Flops(detached_matmul=linear_flops(self.fc1, seq_len)) + module_flops(self.fc2, seq_len)
+
 
 # model.mod.causal -> the causal rule fitted for eval/generation.
 CAUSAL_RULES = {"aux_loss": lambda d: AuxLossRule(), "predictor": PredictorRule}
@@ -97,6 +102,8 @@ class RoutedBlock(Block):
         self.causal_rule = select(CAUSAL_RULES, "model.mod.causal", cfg.mod.causal)(cfg.d_model)
         self.capacity = cfg.mod.capacity
         self.local_chunks, self.layer = local_chunks, layer
+        # FLOPs are counted per whole sequence, which has route_chunks chunks at any SP degree.
+        self.route_chunks = cfg.mod.route_chunks
 
     def select(self, r: torch.Tensor) -> torch.Tensor:
         """Router logits [B, T] -> indices [B, K] of the top-k tokens of each chunk of each
@@ -109,6 +116,15 @@ class RoutedBlock(Block):
         idx = r.view(B, C, Tc).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
         offsets = torch.arange(0, T, Tc, device=r.device).view(1, C, 1)
         return (idx + offsets).view(B, C * k)
+
+    def flops(self, seq_len: int) -> Flops:
+        """Training (top-k) forward: the router and the causal rule score all T tokens; the
+        block runs on the K = k·route_chunks selected ones, its attention over K(K+1)/2 causal
+        pairs (the gathered tokens keep their order)."""
+        C = self.route_chunks
+        k = tokens_per_chunk(self.capacity, seq_len // C) * C
+        return sum((module_flops(child, seq_len if name in ("router", "causal_rule") else k)
+                    for name, child in self.named_children()), Flops())
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 v1: Optional[torch.Tensor], routing: Routing) -> tuple[torch.Tensor, None]:

@@ -25,18 +25,13 @@ from .attention import (Attention, AttentionCore, MixedValue, SharedValue, Value
                         local_attention_core)
 from .block import Block, norm_slots
 from .config import ModelConfig, select
+from .flops import ATTN_KERNEL_MULT, MATMUL_TRAIN_MULT, Flops, children_flops
 from .mlp import SwiGLU
-from .mod import RoutedBlock, Routing, predictor_hidden, tokens_per_chunk
+from .mod import RoutedBlock, Routing
 from .norms import make_norm
 from .rope import Rotary
 
-# Model FLOPs (PaLM, Chowdhery et al. 2022, App. B): training = 3 × the forward's matmuls
-# (forward, input gradient, weight gradient), nothing recomputed.
-MATMUL_TRAIN_MULT = 3
-# What torch.utils.flop_counter counts the kernels doing: its SDPA backward is 5 T×T
-# matmuls (flash kernels recompute the scores) against 2 in the forward, so attention
-# runs 3.5× its forward FLOPs, over the full T×T square.
-ATTN_KERNEL_MULT = 3.5
+__all__ = ["Transformer", "build_block", "build_value", "VALUE_MODULES", "MATMUL_TRAIN_MULT", "ATTN_KERNEL_MULT"]
 
 
 # model.value_residual -> the value module of blocks 2..L (block 1 always projects V1).
@@ -131,6 +126,12 @@ class Transformer(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
+    def flops(self, seq_len: int) -> Flops:
+        """Forward FLOPs of one sequence of T = seq_len tokens, each module reporting its own
+        (see model.flops): blocks, dense or routed, and the LM head (tied or not, the same
+        matmul). Norms, RoPE, softmax and elementwise ops are not counted."""
+        return children_flops(self, seq_len)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token at sequence length T = seq_len, as PaLM's MFU
         defines them: 3 × the forward's matmul FLOPs (2 per multiply-accumulate), with
@@ -138,11 +139,10 @@ class Transformer(nn.Module):
 
         A routed MoD block runs on K = ceil(capacity·Tc)·route_chunks tokens: its
         projections scale by K/T and its attention covers K(K+1)/2 pairs; its router (and
-        predictor) see all T tokens. Norms, RoPE, softmax and elementwise ops are not
-        counted. Assumes sp = 1 chunking.
+        predictor) see all T tokens. The count is per whole sequence, so it is the same at
+        every sequence-parallel degree.
         """
-        f = self._forward_flops(seq_len)
-        return MATMUL_TRAIN_MULT * (f["matmul"] + f["predictor_in"] + f["attn_causal"]) / seq_len
+        return self.flops(seq_len).model_train() / seq_len
 
     def hardware_flops_per_token(self, seq_len: int) -> float:
         """FLOPs per trained token as `torch.utils.flop_counter` counts the kernels: matmuls
@@ -150,32 +150,4 @@ class Transformer(nn.Module):
         attention over the full T×T square at 3.5× forward (the backward recomputes the
         scores). The basis of `hfu`; flash kernels skip fully masked tiles, so this is an
         upper bound on what they execute."""
-        f = self._forward_flops(seq_len)
-        return (MATMUL_TRAIN_MULT * f["matmul"] + 2 * f["predictor_in"] + ATTN_KERNEL_MULT * f["attn_full"]) / seq_len
-
-    def _forward_flops(self, seq_len: int) -> dict[str, float]:
-        """Forward FLOPs of one sequence of T tokens by kind: `matmul` (projections, MLP,
-        router, LM head, the predictor's second layer), `predictor_in` (the MoD predictor's
-        first layer), and attention's QKᵀ and AV as `attn_full` (n² pairs for n tokens)
-        and `attn_causal` (n(n+1)/2 pairs)."""
-        cfg = self.cfg
-        T, D, Dh = seq_len, cfg.d_model, cfg.head_dim
-        q_dim, kv_dim = cfg.n_heads * Dh, cfg.kv_heads * Dh
-        f = {"matmul": 2 * D * cfg.vocab_size * T, "predictor_in": 0.0, "attn_full": 0.0, "attn_causal": 0.0}
-        for layer in range(1, cfg.n_layers + 1):
-            has_v_proj = layer == 1 or cfg.value_residual != "shared"
-            macs = D * q_dim + D * kv_dim + has_v_proj * D * kv_dim + q_dim * D + 3 * D * cfg.ffn_dim
-            pair_flops = 2 * 2 * cfg.n_heads * Dh  # per (query, key) pair: QKᵀ and AV
-            n = T
-            if cfg.is_routed(layer):
-                C = cfg.mod.route_chunks
-                n = tokens_per_chunk(cfg.mod.capacity, T // C) * C
-                f["matmul"] += 2 * D * T  # router
-                if cfg.mod.causal == "predictor":
-                    P = predictor_hidden(D)
-                    f["predictor_in"] += 2 * D * P * T
-                    f["matmul"] += 2 * P * T
-            f["matmul"] += 2 * macs * n
-            f["attn_full"] += pair_flops * n * n
-            f["attn_causal"] += pair_flops * n * (n + 1) / 2
-        return f
+        return self.flops(seq_len).hardware_train() / seq_len

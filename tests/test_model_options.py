@@ -379,8 +379,18 @@ def test_hardware_flops_per_token_matches_torch_flop_counter(name):
 
 def test_causal_attention_is_about_half_the_square_at_long_context():
     model = build(tiny())
-    f = model._forward_flops(4096)
-    assert f["attn_causal"] / f["attn_full"] == pytest.approx(4097 / 8192)
+    f = model.flops(4096)
+    assert f.attn_causal / f.attn_full == pytest.approx(4097 / 8192)
+
+
+def test_flops_are_per_whole_sequence_at_any_sp_degree():
+    """Under SP each rank routes route_chunks // sp chunks of its slice; the chunks have the
+    same length, so a model built for sp = 2 reports the FLOPs of the sp = 1 model."""
+    cfg = tiny(n_layers=4, mod=mod_cfg(capacity=0.3, route_chunks=4, causal="predictor"))
+    one, two = Transformer(cfg), Transformer(cfg, sp_degree=2)
+    assert two.blocks[1].local_chunks == 2
+    assert two.flops(T) == one.flops(T)
+    assert two.flops_per_token(T) == one.flops_per_token(T)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

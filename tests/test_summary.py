@@ -22,6 +22,7 @@ from model import Routing, Transformer
 from tests.helpers import ROOT
 from trainer.config import load_config
 from trainer.engine import apply_activation_checkpointing
+from trainer.metrics import datasheet_peak
 from trainer.optim import SkipNonFiniteAdamW, param_groups
 from trainer.summary import memory_per_gpu, plan
 from trainer.train import main
@@ -64,7 +65,26 @@ def test_dry_run_prints_the_plan(capsys):
     pl = plan(load_config(TINY), world_size=2, gpu="H100", mfu=0.5)
     assert f"{pl.params:,} total" in out and f"{pl.tokens_per_step:,} tokens per step" in out
     assert f"{pl.total_tokens:,} tokens" in out and f"{pl.tokens_per_param:.1f} tokens/parameter" in out
-    assert re.search(r"on 2 x H100 at MFU 0.5", out)
+    assert re.search(r"on 2 x H100 at MFU 0.5 \(peak 67 TFLOP/s, H100 SXM fp32 datasheet\)", out)
+
+
+# --gpu names the planner has always accepted, the name torch reports for that part, its memory.
+PLANNER_GPUS = [("H100", "NVIDIA H100 80GB HBM3", 80), ("H100-PCIE", "NVIDIA H100 PCIe", 80),
+                ("H100-NVL", "NVIDIA H100 NVL", 94), ("H200", "NVIDIA H200", 141), ("B200", "NVIDIA B200", 180),
+                ("A100", "NVIDIA A100-SXM4-80GB", 80), ("A100-40GB", "NVIDIA A100-SXM4-40GB", 40),
+                ("H200-NVL", "NVIDIA H200 NVL", 141), ("L40S", "NVIDIA L40S", 48), ("L4", "NVIDIA L4", 24),
+                ("A10G", "NVIDIA A10G", 24)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("gpu,device_name,memory_gib", PLANNER_GPUS, ids=[g[0] for g in PLANNER_GPUS])
+def test_planner_divides_by_the_peak_mfu_uses_for_that_gpu(gpu, device_name, memory_gib, precision):
+    """One GPU table: the wall-time estimate and MFU in training use the same peak."""
+    pl = plan(load_config(TINY, [f"parallel.precision={precision}"]), world_size=2, gpu=gpu, mfu=0.5)
+    spec = pl.gpu_spec
+    assert (spec.peak_flops, spec.peak_source) == datasheet_peak(device_name, precision)
+    assert spec.memory_gib == memory_gib
+    assert pl.hours * 3600 == pytest.approx(pl.total_flops / (2 * spec.peak_flops * 0.5))
 
 
 def test_dry_run_unknown_gpu_is_one_line(capsys):

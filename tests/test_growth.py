@@ -196,31 +196,39 @@ def test_plan_is_a_plain_name_map():
 
 # ---------------------------------------------------------------- Adam moments through an engine
 
-def _moment_worker(stage: int, out: Path) -> None:
+def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     """Train a 2-layer engine 2 steps, grow it 2 -> 4 (interleave, with MoD and learned λ so
     some parameters are fresh and some dropped) through `maybe_grow`, and check the new
-    engine's full weights and moments against the old ones, name by name."""
+    engine's full weights and moments against the old ones, name by name. Under bf16 the
+    weights are the fp32 masters (never the bf16 module copy)."""
     import torch.nn.functional as F
 
     from trainer.checkpoint import Checkpointer, TrainState
     from trainer.config import load_config
     from trainer.dist import init_distributed
     from trainer.engine import build_engine, build_model
-    from trainer.growth import gather_full_state, maybe_grow
+    from trainer.ds_state import gather_full_state
+    from trainer.growth import maybe_grow
     from trainer.metrics import NullMetrics
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(out, f"m{stage}", **{
-        "parallel.zero_stage": stage, "model.mod.capacity": 0.5, "model.value_residual": "learned",
+        "parallel.zero_stage": stage, "parallel.precision": precision, "model.mod.capacity": 0.5, "model.value_residual": "learned",
         "growth.stages": "[{at_step: 2, layers: 4, method: interleave}]"}))
     dist = init_distributed()
     engine = build_engine(cfg, dist, build_model(cfg, 2))
+    if precision == "bf16":  # fp32 masters, moments and gradient accumulation at every stage
+        assert engine.get_data_types()[1] == torch.float32
+        lp = torch.float32 if stage == 0 else torch.bfloat16  # stage 0 runs under autocast
+        assert next(engine.module.parameters()).dtype == lp and engine.torch_autocast_enabled() == (stage == 0)
     g = torch.Generator().manual_seed(dist.rank)
     for _ in range(2):
         x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
-        loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
         engine.backward(loss)
         engine.step()
     before = gather_full_state(engine)
+    if precision == "bf16":  # what growth reads holds more than bf16 precision: the masters
+        assert any(not torch.equal(w, w.bfloat16().float()) for w in before.weights.values())
     state = TrainState(step=2, n_layers=2)
     ckpt = Checkpointer(out / f"m{stage}" / "checkpoints", 2, dist)
     engine, grew = maybe_grow(cfg, state, engine, dist, None, ckpt, NullMetrics())
@@ -248,8 +256,11 @@ def _moment_worker(stage: int, out: Path) -> None:
             assert torch.equal(after.moments[k][name], before.moments[k][old_name]), (name, k)
         checked += 1
     assert checked == len(after.weights) - len(fresh_names)
+    if precision == "bf16" and stage in (1, 2):  # the grown bf16 module is the rounded masters
+        for name, p in engine.module.named_parameters():
+            assert torch.equal(p.detach().cpu(), after.weights[name].to(p.dtype)), name
     x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
-    loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
     engine.backward(loss)
     engine.step()
     assert math.isfinite(loss.item())
@@ -257,19 +268,24 @@ def _moment_worker(stage: int, out: Path) -> None:
         (out / f"moments-ok-{stage}").write_text(json.dumps({"checked": checked}))
 
 
-@pytest.mark.parametrize("stage,nproc", [(0, 1), (1, 2), (2, 2), (3, 2)])
-def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path, stage, nproc):
+# bf16 keeps fp32 masters and moments, and growth maps those (2 steps: bf16 is slow on CPU).
+_BF16 = [pytest.param(s, n, "bf16", marks=pytest.mark.slow, id=f"bf16-zero{s}") for s, n in ((0, 1), (1, 2), (2, 2), (3, 2))]
+
+
+@pytest.mark.parametrize("stage,nproc,precision", [(0, 1, "fp32"), (1, 2, "fp32"), (2, 2, "fp32"), (3, 2, "fp32"),
+                                                   *_BF16])
+def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path, stage, nproc, precision):
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "tests.test_growth", str(stage), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+           "-m", "tests.test_growth", str(stage), str(tmp_path), precision]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
         # Seen once in ~10 runs on a loaded 2-core machine: a rank aborted inside the gloo
         # collectives of DeepSpeed's safe_get_full_* (no Python error, SIGABRT). Not yet
         # understood (see the closing note); a second attempt tells a flake from a real failure.
         cmd[4] = f"--master_port={free_port()}"
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((tmp_path / f"moments-ok-{stage}").read_text())["checked"] > 20
 
@@ -335,4 +351,4 @@ def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage):
 
 
 if __name__ == "__main__":
-    _moment_worker(int(sys.argv[1]), Path(sys.argv[2]))
+    _moment_worker(int(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])

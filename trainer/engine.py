@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from model import Transformer
 from trainer.config import RunConfig, checkpoint_every
 from trainer.dist import Dist
+from trainer.ds_state import base_optimizer  # noqa: F401  (re-exported: the step reads its skip flag)
 from trainer.optim import SkipNonFiniteAdamW, param_groups
 from trainer.ulysses import grad_scale, largest_param
 
@@ -25,7 +26,7 @@ def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
         "gradient_accumulation_steps": p.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
-        "bf16": {"enabled": p.precision == "bf16"},
+        **precision_config(p.precision, p.zero_stage),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -33,6 +34,27 @@ def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
     if p.sp > 1:
         ds["sequence_parallel_size"] = p.sp
     return _deep_merge(ds, dict(p.deepspeed))
+
+
+def precision_config(precision: str, zero_stage: int) -> dict:
+    """DeepSpeed keys that keep fp32 master weights, fp32 Adam moments and fp32 gradient
+    accumulation under bf16, at every ZeRO stage.
+
+    ZeRO 1-3: bf16 parameters with fp32 masters in the ZeRO (stage 1: BF16_Optimizer)
+    partitions; DeepSpeed's default accumulates gradients in the model dtype, so
+    `grad_accum_dtype` is set to fp32. ZeRO-0: DeepSpeed 0.19.8 offers bf16 there only with
+    bf16 accumulation (`FP16_UnfusedOptimizer`; bf16 + fp32 accumulation raises
+    NotImplementedError), so stage 0 uses torch autocast instead, as torchtitan does for
+    unsharded training: the parameters, gradients and moments stay fp32 and the matmuls and
+    attention run in bf16. An empty `lower_precision_safe_modules` keeps DeepSpeed from
+    all-reducing Linear gradients in bf16.
+    """
+    if precision != "bf16":
+        return {"bf16": {"enabled": False}}
+    if zero_stage == 0:
+        return {"bf16": {"enabled": False},
+                "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+    return {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -110,10 +132,3 @@ def adamw_kernel(device: torch.device) -> dict[str, bool]:
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def base_optimizer(engine) -> SkipNonFiniteAdamW:
-    opt = engine.optimizer
-    while not isinstance(opt, SkipNonFiniteAdamW):
-        opt = opt.optimizer
-    return opt

@@ -20,7 +20,9 @@ block 1's v_proj copied to l ≥ 2 under `shared`. Block 0 is always copied from
 V1 still comes from the bottom layer. LNS factors and the `fixed` λ are non-persistent
 buffers, recomputed when the deeper model is constructed.
 
-Adam state. Moments (exp_avg, exp_avg_sq) follow the weights: copied for copied parameters,
+Adam state. Weights and moments are read from, and written to, the fp32 masters (never the
+bf16 module copy) through trainer/ds_state.py, at fp32 and bf16 and every ZeRO stage.
+Moments (exp_avg, exp_avg_sq) follow the weights: copied for copied parameters,
 zero for fresh and for identity-zeroed ones. Every parameter gets the old optimizer's step
 count t, at every ZeRO stage: ZeRO 1-3 keep one count per flat partition, so a per-parameter
 count is impossible there, and stage 0 does the same so that growth trains identically at
@@ -38,7 +40,6 @@ rebuilds the grown depth and skips the stage (`layers > state.n_layers` fails).
 """
 from __future__ import annotations
 
-import gc
 import re
 import time
 from dataclasses import dataclass, replace
@@ -48,15 +49,13 @@ import torch
 from torch import Tensor
 
 from model.config import ModelConfig, select
+from trainer import ds_state
+from trainer.ds_state import MOMENTS, FullState
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Per norm placement, the parameters that turn a block's two residual increments to exactly 0.
 _NO_OP_PARAMS = {"pre": ("attn.o_proj.weight", "mlp.down_proj.weight"),
                  "peri": ("attn_out.weight", "mlp_out.weight")}
-# Attributes of DeepSpeed's ZeRO-1/2, ZeRO-3 and BF16 optimizers holding the flat fp32 tensors
-# that the base optimizer steps on (its `state` is keyed by them).
-_FLAT_PARTITIONS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
 
 
 # ---- the mapping (pure) -------------------------------------------------------------
@@ -147,105 +146,6 @@ def grow_state_dict(state: Mapping[str, Tensor], old_layers: int, new_layers: in
     return plan.weights(state, init), plan.blocks
 
 
-# ---- full fp32 weights and Adam moments out of / into a DeepSpeed engine ------------
-
-@dataclass
-class FullState:
-    """Unpartitioned fp32 tensors on CPU, keyed by parameter name (tied weights once).
-
-    step: the optimizer's step count (the tensor AdamW keeps), None before any step.
-    """
-
-    weights: dict[str, Tensor]
-    moments: dict[str, dict[str, Tensor]]  # "exp_avg" | "exp_avg_sq" -> name -> tensor
-    step: Optional[Tensor]
-
-
-def _is_deepspeed_managed(p: Tensor) -> bool:
-    """ZeRO-3 (ds_id) or ZeRO-1/2 / BF16 (fp32 master fragment) parameter."""
-    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-
-
-def _step_count(base) -> Optional[Tensor]:
-    steps = [s["step"] for s in base.state.values() if "step" in s]
-    return max(steps, key=float).detach().clone() if steps else None
-
-
-def _link_optimizer_state(engine) -> None:
-    """ZeRO-1/2 and BF16 link each parameter's moment fragments to the flat state after
-    their first step, once; (re)link now so the fragments match the current state."""
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def gather_full_state(engine) -> FullState:
-    """Full fp32 weights and moments of every parameter, on every rank, at ZeRO 0-3.
-
-    Collective under ZeRO 1-3: every rank must call it (parameters are visited in the same
-    order everywhere)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    from trainer.engine import base_optimizer
-
-    base = base_optimizer(engine)
-    step = _step_count(base)
-    if step is not None:
-        _link_optimizer_state(engine)
-    weights: dict[str, Tensor] = {}
-    moments: dict[str, dict[str, Tensor]] = {k: {} for k in MOMENTS}
-    for name, p in engine.module.named_parameters():
-        if _is_deepspeed_managed(p):
-            w = safe_get_full_fp32_param(p)
-            ms = {k: safe_get_full_optimizer_state(p, k) if step is not None else torch.zeros_like(w) for k in MOMENTS}
-        else:  # stage 0 without a DeepSpeed precision wrapper: the base optimizer owns p
-            w, st = p.detach().float(), base.state.get(p, {})
-            ms = {k: st[k] if k in st else torch.zeros_like(w) for k in MOMENTS}
-        weights[name] = w.detach().float().cpu().clone()
-        for k in MOMENTS:
-            moments[k][name] = ms[k].detach().float().cpu().clone()
-    return FullState(weights, moments, step)
-
-
-def _materialise_optimizer_state(engine, step: Tensor) -> None:
-    """AdamW creates its state at its first step; create it now (zero moments, step count
-    `step`) so that moments can be written before the first step on the new engine."""
-    from trainer.engine import base_optimizer
-
-    base = base_optimizer(engine)
-    flats = next((getattr(engine.optimizer, a) for a in _FLAT_PARTITIONS if hasattr(engine.optimizer, a)), None)
-    if flats is None:  # stage 0: the base optimizer steps on the parameters themselves
-        flats = [p for g in base.param_groups for p in g["params"]]
-    for t in flats:
-        base.state[t] = {"step": step.clone(), "exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)}
-    _link_optimizer_state(engine)
-
-
-def set_full_state(engine, full: FullState) -> None:
-    """Write full fp32 weights (the fp32 masters under ZeRO/bf16) and moments into `engine`.
-
-    `engine.module` must already hold the same weights (the low-precision copy is not
-    touched). Under ZeRO-3 every rank must call it."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from trainer.engine import base_optimizer
-
-    if full.step is not None:
-        _materialise_optimizer_state(engine, full.step)
-    base = base_optimizer(engine)
-    for name, p in engine.module.named_parameters():
-        if _is_deepspeed_managed(p):
-            device = p.device
-            safe_set_full_fp32_param(p, full.weights[name].to(device))
-            if full.step is not None:
-                for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, full.moments[k][name].to(device), k)
-        elif full.step is not None:
-            for k in MOMENTS:
-                base.state[p][k].copy_(full.moments[k][name])
-
-
 # ---- the hook the loop calls ---------------------------------------------------------
 
 def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
@@ -261,10 +161,9 @@ def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
                                           if dist.is_main else None)
     if not already_saved:
         ckpt.save(engine, state)
-    old = gather_full_state(engine)
-    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-                if hasattr(engine, k)}
-    _release(engine)
+    old = ds_state.gather_full_state(engine)  # the fp32 masters, not the bf16 module copy
+    counters = ds_state.engine_counters(engine)
+    ds_state.release(engine)
     del engine
 
     model = build_model(cfg, stage.layers, core)
@@ -279,9 +178,8 @@ def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
     grown = FullState(weights, {k: plan.moments(old.moments[k], weights) for k in MOMENTS}, old.step)
     del old
     engine = build_engine(cfg, dist, model)
-    set_full_state(engine, grown)
-    for k, v in counters.items():
-        setattr(engine, k, v)
+    ds_state.set_full_state(engine, grown)
+    ds_state.set_engine_counters(engine, counters)
 
     row = {"step": state.step, "event": "growth", "n_layers_from": state.n_layers, "n_layers": stage.layers,
            "method": stage.method}
@@ -292,15 +190,3 @@ def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
                     f"in {time.perf_counter() - t0:.1f} s")
     return engine, True
 
-
-def _release(engine) -> None:
-    """Drop the old engine's hooks and optimizer state before the deeper model is built
-    (the caller's reference keeps its weights alive until maybe_grow returns)."""
-    from trainer.engine import base_optimizer
-
-    base_optimizer(engine).state.clear()
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

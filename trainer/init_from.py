@@ -82,10 +82,7 @@ def load_into_engine(engine, weights: dict[str, torch.Tensor]) -> None:
     """After the engine exists: write the exact fp32 values into its fp32 masters (under
     bf16 or ZeRO the engine made them from its bf16 copy, which rounded them). Collective
     under ZeRO-3: every rank calls it."""
-    try:  # the DeepSpeed state surgery shared with growth (its home is moving to trainer.ds_state)
-        from trainer.ds_state import FullState, set_full_state
-    except ImportError:
-        from trainer.growth import FullState, set_full_state
+    from trainer.ds_state import FullState, set_full_state
 
     set_full_state(engine, FullState(weights={k: v.float() for k, v in weights.items()}, moments={}, step=None))
 

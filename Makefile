@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup prepare pretrain test test-fast faults lint bench ablate slurm-local clean
+.PHONY: setup prepare pretrain test test-fast test-gpu faults lint bench ablate slurm-local clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# The GPU suite (tests/gpu, marker `gpu`): bf16 on 1 GPU, and on 2 where present. Without
+# CUDA every test is skipped; `make test` collects them too.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu tests/gpu $(PYTEST_ARGS)
 
 faults: setup
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)

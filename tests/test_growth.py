@@ -2,7 +2,8 @@
 moments carried through a real DeepSpeed engine at ZeRO 0-3, and growth through the real
 entry point (event, depth, exact resume across growth, ZeRO parity).
 
-The moment test runs this file as a torchrun worker: `python -m tests.test_growth STAGE OUT`.
+The moment test runs this file as a torchrun worker: `python -m tests.test_growth STAGE OUT
+[PRECISION]` (on CUDA too: tests/gpu/test_gpu_growth.py).
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
         assert next(engine.module.parameters()).dtype == lp and engine.torch_autocast_enabled() == (stage == 0)
     g = torch.Generator().manual_seed(dist.rank)
     for _ in range(2):
-        x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+        x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g).to(dist.device)
         loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
         engine.backward(loss)
         engine.step()
@@ -259,7 +260,7 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     if precision == "bf16" and stage in (1, 2):  # the grown bf16 module is the rounded masters
         for name, p in engine.module.named_parameters():
             assert torch.equal(p.detach().cpu(), after.weights[name].to(p.dtype)), name
-    x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g).to(dist.device)
     loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
     engine.backward(loss)
     engine.step()

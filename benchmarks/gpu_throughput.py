@@ -3,12 +3,12 @@
 
     python -m benchmarks.gpu_throughput [--batch 4] [--seq-len 2048] [--layers 4] [--zero-stage 1]
 
-Dims: configs/pretrain_1b.yaml's width (d_model 2048, 16 heads, 4 kv heads, vocab 32000, its
-FFN width) with `--layers` blocks (default 4) so both models and their optimizer states fit
-on one GPU. Our model runs with every option off (pre-LN RMSNorm, SwiGLU, RoPE, untied head)
-so that it and HF compute the same function from the same weights (the first losses agree);
-`ours_recipe_engine` adds the 1B recipe's options (Peri-LN, embed norm, LayerNorm scaling,
-learned value residual, MoD) at the same width and depth.
+Dims: configs/pretrain_1b.yaml's width (read from it: d_model 2048, 16 heads, 4 kv heads,
+vocab 32000, FFN 5632) with `--layers` blocks (default 4) so both models and their optimizer
+states fit on one GPU. Our model runs with every option off (pre-LN RMSNorm, SwiGLU, RoPE,
+untied head) so that it and HF compute the same function from the same weights (the first
+losses agree); `ours_recipe_engine` adds the options the 1B recipe turns on (Peri-LN with
+its embedding norm, learned value residual, ...) at the same width and depth.
 
 Steps, interleaved round by round (benchmarks.common.interleave):
   ours_engine / hf_engine / ours_recipe_engine: `trainer.step.train_step` through a
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ from benchmarks.common import (ROOT, FixedBatch, command_line, engine_train_step
 
 NAME = "gpu_throughput"
 RECIPE = ROOT / "configs" / "pretrain_1b.yaml"
+# Taken from configs/pretrain_1b.yaml (the depth comes from --layers).
+WIDTH_KEYS = ("d_model", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden")
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -57,6 +60,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--probe-n", type=int, default=8192, help="matmul size of the bf16 peak probe")
     ap.add_argument("--no-plain", action="store_true", help="skip the bare-loop pair (saves memory)")
     ap.add_argument("--no-recipe", action="store_true", help="skip our model with the 1B recipe's options")
+    ap.add_argument("--model", type=json.loads, default={},
+                    help='JSON overriding model keys of the recipe, e.g. \'{"d_model": 1024}\' for a small GPU')
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     return ap.parse_args(argv)
 
@@ -87,14 +92,17 @@ def harness_peak(device: torch.device) -> float:
 
 
 def configs(args):
+    """(ours with every option off, ours as the 1B recipe configures it): the recipe's width
+    (or `--model` overrides of it), `--layers` deep, one GPU, bf16."""
     from trainer.config import load_config
 
-    shape = {"model.d_model": 2048, "model.n_heads": 16, "model.n_kv_heads": 4, "model.vocab_size": 32000,
-             "model.n_layers": args.layers, "model.max_seq_len": args.seq_len, "data.seq_len": args.seq_len,
-             "parallel.micro_batch": args.batch, "parallel.grad_accum": 1, "parallel.sp": 1,
-             "parallel.zero_stage": args.zero_stage, "parallel.precision": "bf16"}
-    plain = run_config(shape)  # tiny.yaml: every model option off
-    recipe = load_config(RECIPE, [f"{k}={v}" for k, v in shape.items()])
+    run = {"model.n_layers": args.layers, "model.max_seq_len": args.seq_len, "data.seq_len": args.seq_len,
+           "parallel.micro_batch": args.batch, "parallel.grad_accum": 1, "parallel.sp": 1,
+           "parallel.zero_stage": args.zero_stage, "parallel.precision": "bf16",
+           **{f"model.{k}": v for k, v in args.model.items()}}
+    recipe = load_config(RECIPE, [f"{k}={v}" for k, v in run.items()])
+    width = {f"model.{k}": getattr(recipe.model, k) for k in WIDTH_KEYS}
+    plain = run_config({**width, **run})  # tiny.yaml: every model option off
     return plain, recipe
 
 
@@ -165,7 +173,8 @@ def measure(args) -> dict:
         "mfu_basis": "flops_per_token (model.flops_per_token, the harness's MFU convention) × tokens/s ÷ peak_flops "
                      "(trainer.metrics for this device, as training logs it); mfu_vs_probe divides by a bf16 matmul "
                      "measured in this run instead",
-        "config": {"d_model": 2048, "n_heads": 16, "n_kv_heads": cfg.model.kv_heads, "ffn_dim": cfg.model.ffn_dim,
+        "config": {"d_model": cfg.model.d_model, "n_heads": cfg.model.n_heads, "n_kv_heads": cfg.model.kv_heads,
+                   "ffn_dim": cfg.model.ffn_dim,
                    "vocab_size": cfg.model.vocab_size, "n_layers": args.layers, "seq_len": args.seq_len,
                    "batch": args.batch, "tokens_per_step": tokens, "zero_stage": args.zero_stage,
                    "precision": "bf16", "hf_attn_implementation": attn_impl, "warmup_rounds": args.warmup,

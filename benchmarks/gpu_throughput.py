@@ -22,8 +22,9 @@ Steps, interleaved round by round (benchmarks.common.interleave):
 
 tokens/s = tokens per step / median wall time of a step (every step ends in `.item()`,
 which waits for the GPU). MFU = flops_per_token × tokens/s ÷ peak, with the harness's peak
-for this device and precision (`trainer.metrics`, what training logs) and, beside it
-(`mfu_vs_probe`), the best time of a bf16 [n, n] matmul measured here.
+for this device and precision (`trainer.metrics.peak_flops_per_device`, what training logs:
+the datasheet value for a listed GPU) and, beside it (`mfu_vs_probe`), the best time of a
+bf16 [n, n] matmul measured here with `trainer.metrics.matmul_probe`.
 
 Writes benchmarks/results/gpu_throughput.json naming the device. Without CUDA it prints one
 line and exits 1.
@@ -66,29 +67,12 @@ def parse_args(argv) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def bf16_matmul_peak(device: torch.device, n: int, reps: int = 10) -> dict:
-    """2n³ FLOPs of a bf16 [n, n] @ [n, n] over its best time (CUDA events)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return {"matmul_n": n, "dtype": "bfloat16", "reps": reps, "seconds": times, "peak_flops": 2 * n**3 / min(times)}
+def harness_peak(device: torch.device) -> tuple[float, str]:
+    """The peak `trainer.train` divides by for MFU on this device in bf16, and its source
+    (a datasheet row, or a measured bf16 matmul for a GPU not in the table)."""
+    from trainer.metrics import peak_flops_per_device
 
-
-def harness_peak(device: torch.device) -> float:
-    """The peak `trainer.train` divides by for MFU on this device in bf16."""
-    from trainer.metrics import measure_peak_flops
-
-    return measure_peak_flops(device)
+    return peak_flops_per_device(device, "bf16")
 
 
 def configs(args):
@@ -110,6 +94,7 @@ def measure(args) -> dict:
     from benchmarks.throughput import HFAdapter, hf_copy
     from trainer.dist import init_distributed
     from trainer.engine import build_engine, build_model
+    from trainer.metrics import matmul_probe
 
     cfg, recipe_cfg = configs(args)
     dist = init_distributed()
@@ -140,11 +125,11 @@ def measure(args) -> dict:
         steps["hf_plain"] = plain_train_step(hf_bf16, lambda m: ce(m(input_ids=x, use_cache=False).logits), cfg)
         fpt["ours_plain"] = fpt["hf_plain"] = fpt["ours_engine"]
 
-    probe_before = bf16_matmul_peak(device, args.probe_n)
+    probe_before = matmul_probe(device, torch.bfloat16, args.probe_n)
     raw = interleave(steps, args.warmup, args.reps)
-    probe_after = bf16_matmul_peak(device, args.probe_n)
-    probe = max(probe_before["peak_flops"], probe_after["peak_flops"])
-    peak = harness_peak(device)
+    probe_after = matmul_probe(device, torch.bfloat16, args.probe_n)
+    probe = max(probe_before["peak_flops_wall"], probe_after["peak_flops_wall"])
+    peak, peak_source = harness_peak(device)
 
     tokens = args.batch * args.seq_len
     wall = {n: r["wall_s"] for n, r in raw.items()}
@@ -164,6 +149,7 @@ def measure(args) -> dict:
         "mfu": {n: fpt[n] * tps[n] / peak for n in steps},
         "mfu_vs_probe": {n: fpt[n] * tps[n] / probe for n in steps},
         "peak_flops": peak,
+        "peak_flops_source": peak_source,
         "peak_flops_probe_bf16": probe,
         "peak_probe": {"before": probe_before, "after": probe_after},
         "flops_per_token": fpt,

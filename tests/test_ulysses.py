@@ -94,6 +94,10 @@ GRAD_SCALE_CASES = {
     "z1-no-rs": ({"zero_optimization": {"stage": 1, "reduce_scatter": False}}, 1.0),
     "z1-no-rs-predivide-world": ({"zero_optimization": {"stage": 1, "reduce_scatter": False},
                                   "gradient_predivide_factor": 4.0}, 2.0),
+    # bf16 + fp32 accumulation at stage 1 is BF16_Optimizer: the ZeRO-0 all-reduce, divisor dp
+    "z1-bf16-no-rs-predivide-world": ({"zero_optimization": {"stage": 1, "reduce_scatter": False},
+                                       "gradient_predivide_factor": 4.0, "bf16": {"enabled": True},
+                                       "data_types": {"grad_accum_dtype": "fp32"}}, 1.0),
     "z2-no-rs-predivide-world-prescale": ({"zero_optimization": {"stage": 2, "reduce_scatter": False},
                                            "gradient_predivide_factor": 4.0, "prescale_gradients": True}, 1.0),
     "z1-no-rs-noncontiguous": ({"zero_optimization": {"stage": 1, "reduce_scatter": False,

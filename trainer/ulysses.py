@@ -71,6 +71,9 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
     - ZeRO-3 with `reduce_scatter` (default), `reduce_scatter_coalesced`: dp·sp. Without
       it, gradients that fit a contiguous bucket (`contiguous_gradients`, numel ≤
       `reduce_bucket_size`) are all-reduced over dp, the rest averaged over dp·sp.
+    - bf16 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's `BF16_Optimizer`, what
+      trainer.engine configures): `engine.allreduce_bucket` as at ZeRO-0, so dp whatever
+      `reduce_scatter` and the predivide factor say.
     - `gradient_allreduce_op: sum` removes the division at ZeRO-0/1/2 (divisor 1).
 
     Combinations that no single factor makes right raise ConfigError: ZeRO-3 without
@@ -104,6 +107,8 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
         divisor = dp if fits else world
     elif not average:
         divisor = 1
+    elif stage == 1 and _bf16_optimizer(ds, z):
+        divisor = dp
     elif stage in (1, 2) and not z.reduce_scatter and post and predivide == world and (
             z.contiguous_gradients or _offloads_optimizer(z)):
         divisor = world
@@ -115,6 +120,16 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
 def largest_param(model: torch.nn.Module) -> int:
     """Elements of the largest trainable parameter (its full size under ZeRO-3 partitioning)."""
     return max((getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad), default=0)
+
+
+def _bf16_optimizer(ds: dict, z) -> bool:
+    """DeepSpeed 0.19.8 wraps the optimizer in BF16_Optimizer (not the ZeRO-1 optimizer) for
+    bf16 parameters with fp32 gradient accumulation at stage 1 without optimizer offload."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    bf16 = ds.get("bf16", ds.get("bfloat16", {})).get("enabled", False)
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    return bool(bf16) and accum is not None and DtypeEnum(accum).value == torch.float32 and not _offloads_optimizer(z)
 
 
 def _offloads_optimizer(z) -> bool:

@@ -27,6 +27,7 @@ NPROCS = [pytest.param(1, id="1gpu"), pytest.param(2, id="2gpu", marks=TWO_GPUS)
 # steps: ~5 bf16 roundings (2^-9 each) of an O(1) loss, accumulated through a few updates.
 BF16_REL = 2e-2
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the fp32 CPU reference run on a GPU machine
+TIMEOUT = 900  # seconds per run: a fresh machine may JIT-build DeepSpeed ops and inductor kernels first
 
 
 def bf16_overrides(out: Path, name: str, **extra) -> list[str]:

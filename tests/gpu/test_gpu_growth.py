@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.gpu.gpu_common import BF16_REL, CPU_ONLY, GPU, NPROCS, assert_losses_close, bf16_overrides, fp32_cpu_overrides
+from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, NPROCS, TIMEOUT, assert_losses_close, bf16_overrides,
+                                  fp32_cpu_overrides)
 from tests.helpers import ROOT, _env, free_port, losses, metrics, train
 
 pytestmark = GPU
@@ -31,8 +32,8 @@ def test_bf16_growing_run_matches_its_fp32_cpu_twin(tmp_path, stage, nproc):
     out = tmp_path / "runs"
     grow = {"run.max_steps": 8, "parallel.zero_stage": stage,
             "growth.stages": "[{at_step: 4, layers: 4, method: stack}]"}
-    train(bf16_overrides(out, "gpu", **grow), nproc=nproc)
-    train(fp32_cpu_overrides(out, "cpu", **grow), nproc=nproc, env=CPU_ONLY)
+    train(bf16_overrides(out, "gpu", **grow), nproc=nproc, timeout=TIMEOUT)
+    train(fp32_cpu_overrides(out, "cpu", **grow), nproc=nproc, env=CPU_ONLY, timeout=TIMEOUT)
     assert [r["n_layers"] for r in metrics(out / "gpu") if "loss" in r] == [2] * 4 + [4] * 4
     assert_losses_close(out / "gpu", out / "cpu")
 
@@ -42,9 +43,9 @@ def test_bf16_identity_growth_keeps_the_loss_at_the_first_step_after_growth(tmp_
     """The new blocks' zeroed output projections add exact zeros, in bf16 too."""
     out = tmp_path / "runs"
     peri = {"run.max_steps": 6, "model.norm": "peri", "model.ln_scaling": "true", "parallel.zero_stage": 2}
-    train(bf16_overrides(out, "shallow", **peri), nproc=nproc)
+    train(bf16_overrides(out, "shallow", **peri), nproc=nproc, timeout=TIMEOUT)
     train(bf16_overrides(out, "identity", **peri, **{"growth.stages": "[{at_step: 3, layers: 5, method: identity}]"}),
-          nproc=nproc)
+          nproc=nproc, timeout=TIMEOUT)
     ref, got = losses(out / "shallow"), losses(out / "identity")
     for step in (1, 2, 3, 4):
         assert got[step] == pytest.approx(ref[step], rel=BF16_REL / 10), (step, got, ref)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, NPROCS, TWO_GPUS, assert_losses_close, bf16_overrides,
-                                  fp32_cpu_overrides)
+from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, NPROCS, TIMEOUT, TWO_GPUS, assert_losses_close,
+                                  bf16_overrides, fp32_cpu_overrides)
 from tests.helpers import ROOT, _env, free_port, metrics, train
 
 pytestmark = GPU
@@ -21,8 +21,8 @@ pytestmark = GPU
 @pytest.mark.parametrize("nproc", NPROCS)
 def test_bf16_run_matches_the_fp32_cpu_run(tmp_path, nproc):
     out = tmp_path / "runs"
-    train(bf16_overrides(out, "gpu"), nproc=nproc)
-    train(fp32_cpu_overrides(out, "cpu"), nproc=nproc, env=CPU_ONLY)
+    train(bf16_overrides(out, "gpu"), nproc=nproc, timeout=TIMEOUT)
+    train(fp32_cpu_overrides(out, "cpu"), nproc=nproc, env=CPU_ONLY, timeout=TIMEOUT)
     assert_losses_close(out / "gpu", out / "cpu")
 
 
@@ -33,19 +33,25 @@ def test_zero_stage_matches_zero0_in_bf16(tmp_path, stage, nproc):
     with fp32 masters and fp32 gradient accumulation (grad_accum 2 exercises it)."""
     out = tmp_path / "runs"
     extra = {"parallel.grad_accum": 2}
-    train(bf16_overrides(out, "z0", **extra, **{"parallel.zero_stage": 0}), nproc=nproc)
-    train(bf16_overrides(out, f"z{stage}", **extra, **{"parallel.zero_stage": stage}), nproc=nproc)
+    train(bf16_overrides(out, "z0", **extra, **{"parallel.zero_stage": 0}), nproc=nproc, timeout=TIMEOUT)
+    train(bf16_overrides(out, f"z{stage}", **extra, **{"parallel.zero_stage": stage}), nproc=nproc, timeout=TIMEOUT)
     assert_losses_close(out / f"z{stage}", out / "z0")
 
 
 @TWO_GPUS
-@pytest.mark.parametrize("stage", [1, 3])
-def test_sp2_matches_sp1_in_bf16(tmp_path, stage):
+@pytest.mark.parametrize("stage,deepspeed", [
+    (1, {}), (3, {}),
+    # bf16 ZeRO-1 is BF16_Optimizer, whose all-reduce ignores the predivide path that makes
+    # fp32 ZeRO-1 average over the SP ranks: the SP factor must stay 1 here.
+    (1, {"zero_optimization.reduce_scatter": "false", "gradient_predivide_factor": 2.0}),
+], ids=["z1", "z3", "z1-predivide-world"])
+def test_sp2_matches_sp1_in_bf16(tmp_path, stage, deepspeed):
     """Stages 1 and 3 reduce SP gradients differently (sum vs average); same global batch."""
     out = tmp_path / "runs"
-    extra = {"parallel.zero_stage": stage, "parallel.grad_accum": 2}
-    train(bf16_overrides(out, "sp1", **extra))
-    train(bf16_overrides(out, "sp2", **extra, **{"parallel.sp": 2}), nproc=2)
+    extra = {"parallel.zero_stage": stage, "parallel.grad_accum": 2,
+             **{f"parallel.deepspeed.{k}": v for k, v in deepspeed.items()}}
+    train(bf16_overrides(out, "sp1", **extra), timeout=TIMEOUT)
+    train(bf16_overrides(out, "sp2", **extra, **{"parallel.sp": 2}), nproc=2, timeout=TIMEOUT)
     assert_losses_close(out / "sp2", out / "sp1")
     ref = {r["step"]: r["grad_norm"] for r in metrics(out / "sp1") if "grad_norm" in r}
     got = {r["step"]: r["grad_norm"] for r in metrics(out / "sp2") if "grad_norm" in r}
@@ -71,7 +77,7 @@ def test_bf16_kill_then_resume_continues_the_losses(tmp_path, nproc):
     once and the losses follow the uninterrupted run within bf16 tolerance."""
     out = tmp_path / "runs"
     extra = {"run.max_steps": 12, "checkpoint.every": 4, "checkpoint.keep": 3, "parallel.zero_stage": 2}
-    train(bf16_overrides(out, "ref", **extra), nproc=nproc)
+    train(bf16_overrides(out, "ref", **extra), nproc=nproc, timeout=TIMEOUT)
     over = bf16_overrides(out, "crashy", **extra)
     run = out / "crashy"
     proc = _popen(over, nproc, tmp_path / "crashy.log", {"HARNESS_FAULT_SLOW_SAVE": "20"})
@@ -85,7 +91,7 @@ def test_bf16_kill_then_resume_continues_the_losses(tmp_path, nproc):
     assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
     assert not (run / "checkpoints" / "step-8" / "COMPLETE").exists()
 
-    resumed = train(over, nproc=nproc)
+    resumed = train(over, nproc=nproc, timeout=TIMEOUT)
     assert "resumed from" in resumed.stdout and "step-4" in resumed.stdout
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 13))
     assert_losses_close(run, out / "ref")
@@ -97,10 +103,34 @@ def test_mod_in_bf16_matches_the_fp32_cpu_run(tmp_path, nproc):
     near-tied top-k choice, so the tolerance is wider than for dense runs."""
     out = tmp_path / "runs"
     mod = {"model.mod.capacity": 0.25, "model.mod.every": 2, "model.n_layers": 4, "run.eval_every": 4}
-    train(bf16_overrides(out, "gpu", **mod), nproc=nproc)
-    train(fp32_cpu_overrides(out, "cpu", **mod), nproc=nproc, env=CPU_ONLY)
+    train(bf16_overrides(out, "gpu", **mod), nproc=nproc, timeout=TIMEOUT)
+    train(fp32_cpu_overrides(out, "cpu", **mod), nproc=nproc, env=CPU_ONLY, timeout=TIMEOUT)
     assert_losses_close(out / "gpu", out / "cpu", rel=2 * BF16_REL)
     val = {name: [r["val_loss"] for r in metrics(out / name) if "val_loss" in r] for name in ("gpu", "cpu")}
     assert len(val["gpu"]) == len(val["cpu"]) == 2
     for got, ref in zip(val["gpu"], val["cpu"]):
         assert got == pytest.approx(ref, rel=2 * BF16_REL)
+
+
+@pytest.mark.parametrize("nproc", NPROCS)
+@pytest.mark.parametrize("mode", ["full", "every_2"])
+def test_activation_checkpointing_matches_no_checkpointing_in_bf16(tmp_path, mode, nproc):
+    """Recomputed blocks (MoD on, so a routed block's router stays outside the recompute)."""
+    out = tmp_path / "runs"
+    extra = {"parallel.zero_stage": 2, "model.n_layers": 4, "model.mod.capacity": 0.5, "model.mod.every": 2}
+    train(bf16_overrides(out, "stored", **extra), nproc=nproc, timeout=TIMEOUT)
+    train(bf16_overrides(out, "recomputed", **extra, **{"parallel.activation_checkpointing": mode}), nproc=nproc,
+          timeout=TIMEOUT)
+    assert_losses_close(out / "recomputed", out / "stored")
+
+
+@pytest.mark.parametrize("nproc", NPROCS)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_compile_matches_eager_in_bf16(tmp_path, stage, nproc):
+    """torch.compile per block (inductor kernels on CUDA) against eager, under autocast
+    (ZeRO-0) and with bf16 parameters (ZeRO-1)."""
+    out = tmp_path / "runs"
+    extra = {"parallel.zero_stage": stage}
+    train(bf16_overrides(out, "eager", **extra), nproc=nproc, timeout=TIMEOUT)
+    train(bf16_overrides(out, "compiled", **extra, **{"parallel.compile": "true"}), nproc=nproc, timeout=TIMEOUT)
+    assert_losses_close(out / "compiled", out / "eager")

@@ -26,7 +26,7 @@ def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
         "gradient_accumulation_steps": p.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
-        **precision_config(p.precision, p.zero_stage),
+        **precision_config(p.precision, p.zero_stage, p.sp),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -36,7 +36,7 @@ def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
     return _deep_merge(ds, dict(p.deepspeed))
 
 
-def precision_config(precision: str, zero_stage: int) -> dict:
+def precision_config(precision: str, zero_stage: int, sp: int = 1) -> dict:
     """DeepSpeed keys that keep fp32 master weights, fp32 Adam moments and fp32 gradient
     accumulation under bf16, at every ZeRO stage.
 
@@ -48,12 +48,21 @@ def precision_config(precision: str, zero_stage: int) -> dict:
     unsharded training: the parameters, gradients and moments stay fp32 and the matmuls and
     attention run in bf16. An empty `lower_precision_safe_modules` keeps DeepSpeed from
     all-reducing Linear gradients in bf16.
+
+    One exception: ZeRO-1 with Ulysses (sp > 1). There fp32 accumulation makes DeepSpeed
+    0.19.8 use BF16_Optimizer, which treats the SP group as tensor parallel, skips every
+    gradient on SP ranks > 0 for the norm and crashes (`stack expects a non-empty
+    TensorList`). That combination keeps the ZeRO-1 optimizer: fp32 masters and moments,
+    gradients accumulated in bf16. ZeRO-2/3 never use BF16_Optimizer and keep fp32
+    accumulation with SP.
     """
     if precision != "bf16":
         return {"bf16": {"enabled": False}}
     if zero_stage == 0:
         return {"bf16": {"enabled": False},
                 "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+    if zero_stage == 1 and sp > 1:
+        return {"bf16": {"enabled": True}}
     return {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
 
 

@@ -41,8 +41,8 @@ def test_zero_stage_matches_zero0_in_bf16(tmp_path, stage, nproc):
 @TWO_GPUS
 @pytest.mark.parametrize("stage,deepspeed", [
     (1, {}), (3, {}),
-    # bf16 ZeRO-1 is BF16_Optimizer, whose all-reduce ignores the predivide path that makes
-    # fp32 ZeRO-1 average over the SP ranks: the SP factor must stay 1 here.
+    # The predivide path that makes ZeRO-1 average over the SP ranks (factor 2); bf16 ZeRO-1
+    # with SP runs DeepSpeed's ZeRO-1 optimizer (BF16_Optimizer cannot take SP), so it applies.
     (1, {"zero_optimization.reduce_scatter": "false", "gradient_predivide_factor": 2.0}),
 ], ids=["z1", "z3", "z1-predivide-world"])
 def test_sp2_matches_sp1_in_bf16(tmp_path, stage, deepspeed):

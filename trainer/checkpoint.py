@@ -38,6 +38,13 @@ class TrainState:
     n_layers: int = 0  # depth the checkpoint was saved at (growth)
     bad_steps: int = 0  # consecutive non-finite steps
 
+    def advance(self, skipped: bool, samples: int, tokens: int) -> None:
+        """One optimizer step done (a skipped step still consumed its batch)."""
+        self.step += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+
 
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
@@ -59,9 +66,14 @@ def _rng_state() -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: Dist):
+    def __init__(self, root: Path, keep: int, dist: Dist, every: int = 0, last_step: int = 0):
         self.root, self.keep, self.dist = Path(root), keep, dist
+        self.every, self.last_step = every, last_step  # the cadence: every N steps (0 = off) and at the end
         self.loaded: Optional[Path] = None  # never deleted by retention
+
+    def should_save(self, step: int, stopping: bool = False) -> bool:
+        """After `step`: on a stop request, every `checkpoint.every` steps, and after the last step."""
+        return stopping or bool(self.every and step % self.every == 0) or step == self.last_step
 
     # ---- finding -------------------------------------------------------------------
     def complete_steps(self) -> list[Path]:

@@ -234,6 +234,21 @@ def _block_grad_norms(loss: torch.Tensor, blocks, dist: Dist) -> dict[str, float
     return {f"diag/grad_norm/l{layer}": v.norm().item() for layer, v in enumerate(vecs, start=1)}
 
 
+class Diagnostics:
+    """Depth diagnostics every `logging.diag_every` steps (0 = off), logged as one row."""
+
+    def __init__(self, cfg: RunConfig, dist: Dist, data, metrics):
+        self.cfg, self.dist, self.data, self.metrics = cfg, dist, data, metrics
+
+    def maybe_run(self, step: int, engine) -> dict | None:
+        every = self.cfg.logging.diag_every
+        if not (every and step % every == 0):
+            return None
+        row = depth_diagnostics(engine, self.data, self.dist, self.cfg, step)
+        self.metrics.log(row)
+        return row
+
+
 def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> dict:
     """One diagnostics row for the model in `engine` on the fixed batch; every rank calls it."""
     model = engine.module

@@ -148,6 +148,17 @@ def grow_state_dict(state: Mapping[str, Tensor], old_layers: int, new_layers: in
 
 # ---- the hook the loop calls ---------------------------------------------------------
 
+class Grower:
+    """Built once; `maybe_grow` returns the engine to train with (a new, deeper one at a
+    growth step, the same one otherwise)."""
+
+    def __init__(self, cfg, dist, core, ckpt, metrics):
+        self.cfg, self.dist, self.core, self.ckpt, self.metrics = cfg, dist, core, ckpt, metrics
+
+    def maybe_grow(self, state, engine):
+        return maybe_grow(self.cfg, state, engine, self.dist, self.core, self.ckpt, self.metrics)[0]
+
+
 def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
     """Return (engine, grew). Grows when a stage's at_step is reached (see module docstring
     for the checkpoint and resume semantics)."""

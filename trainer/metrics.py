@@ -15,6 +15,9 @@ import torch
 
 from trainer.config import RunConfig, to_dict
 from trainer.dist import print0
+from trainer.profiling import peak_memory_gb
+from trainer.schedule import lr_at
+from trainer.ulysses import all_to_all_bytes_per_layer
 
 
 # Dense (no sparsity) peak FLOP/s of one GPU from the vendor datasheets, per precision:
@@ -102,11 +105,79 @@ def peak_flops_per_device(device: torch.device, precision: str, override: float 
     return peak, f"measured {precision} matmul (guess)"
 
 
-class Metrics:
-    """Rank-0 sink for training and eval rows."""
+class Throughput:
+    """What a training row derives from the batch layout: tokens and samples per step,
+    tokens/s, MFU and HFU against the per-device peak, the Ulysses all-to-all bytes per
+    layer, and peak memory."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, start_step: int):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: RunConfig, dist, peak_flops: float):
+        p = cfg.parallel
+        self.dist, self.seq_len, self.peak = dist, cfg.data.seq_len, peak_flops
+        self.samples_per_step = p.micro_batch * p.grad_accum * dist.dp_size
+        self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
+        self.a2a = all_to_all_bytes_per_layer(p.micro_batch, cfg.data.seq_len, p.sp, cfg.model.n_heads,
+                                              cfg.model.kv_heads, cfg.model.head_dim, 2 if p.precision == "bf16" else 4)
+
+    def fields(self, dt: float, model) -> dict:
+        per_s = self.tokens_per_step / dt / (self.peak * self.dist.world)
+        return {"tokens_per_s": self.tokens_per_step / dt, "mfu": model.flops_per_token(self.seq_len) * per_s,
+                "hfu": model.hardware_flops_per_token(self.seq_len) * per_s, "a2a_bytes_per_layer": self.a2a}
+
+    def mem_gb(self) -> float:
+        """The largest peak memory over ranks since the previous row (a collective: every
+        rank builds every row)."""
+        return self.dist.all_reduce(torch.tensor([peak_memory_gb(self.dist.device)]), "max").item()
+
+
+class NullMetrics:
+    """Every rank builds the same rows (some fields are collectives); this base writes them
+    nowhere, so ranks other than 0 use it as it is and call sites never test the rank."""
+
+    def __init__(self, cfg: RunConfig | None = None, throughput: Throughput | None = None, data=None):
+        self.cfg, self.throughput, self.data = cfg, throughput, data
+        self.first_loss: float | None = None
+        self.last: dict = {}
+
+    def log_train(self, state, result, dt: float, model) -> None:
+        """The row of a finished (not skipped) step, logged every logging.every steps and at
+        step 1; the progress bar every step."""
+        if result.skipped:
+            return
+        self.first_loss = result.loss if self.first_loss is None else self.first_loss
+        self.last = {"step": state.step, "loss": result.loss, "lr": lr_at(self.cfg, state.step - 1),
+                     "grad_norm": result.grad_norm, **self.throughput.fields(dt, model),
+                     "n_layers": state.n_layers, "tokens": state.tokens,
+                     **(self.data.log_fields(state.samples) if self.data is not None else {})}
+        if state.step % self.cfg.logging.every == 0 or state.step == 1:
+            self.last["mem_gb"] = self.throughput.mem_gb()
+            self.log(self.last)
+        self.progress(state.step, {"loss": f"{result.loss:.3f}", "tok/s": f"{self.last['tokens_per_s']:.0f}"})
+
+    def log_skipped(self, state, result, limit: int) -> None:
+        self.message(f"step {state.step}: non-finite loss/grad norm ({result.loss}, {result.grad_norm}); "
+                     f"update skipped ({state.bad_steps}/{limit})")
+        self.log({"step": state.step, "skipped": True, "loss": _num(result.loss), "grad_norm": _num(result.grad_norm),
+                  "n_layers": state.n_layers, "mem_gb": self.throughput.mem_gb()})
+
+    def summary(self, state, stopped_by: str | None, run_dir: Path) -> str:
+        head = f"stopped by {stopped_by} after step {state.step}" if stopped_by else f"finished {state.step} steps"
+        loss = (f"loss {self.first_loss:.4f} -> {self.last.get('loss', float('nan')):.4f}"
+                if self.first_loss is not None else "no steps run")
+        return (f"{head}: {loss}, {state.tokens:,} tokens, {state.n_layers} layers, "
+                f"{self.last.get('tokens_per_s', 0):.0f} tok/s; run dir {run_dir} (metrics.jsonl, checkpoints/)")
+
+    def log(self, row: dict[str, Any]) -> None: ...
+    def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Metrics(NullMetrics):
+    """Rank 0: the rows go to metrics.jsonl, W&B and the progress bar."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, start_step: int, throughput: Throughput, data=None):
+        super().__init__(cfg, throughput, data)
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self._trim_after(start_step)
         self.file = open(self.path, "a")
@@ -179,15 +250,15 @@ class Metrics:
             self.wandb.finish()
 
 
-class NullMetrics:
-    def log(self, row: dict[str, Any]) -> None: ...
-    def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def close(self) -> None: ...
+def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, dist, data=None,
+                 peak_flops: float = 0.0) -> Metrics | NullMetrics:
+    throughput = Throughput(cfg, dist, peak_flops)
+    return Metrics(cfg, run_dir, start_step, throughput, data) if dist.is_main else NullMetrics(cfg, throughput)
 
 
-def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, is_main: bool) -> Metrics | NullMetrics:
-    return Metrics(cfg, run_dir, start_step) if is_main else NullMetrics()
+def _num(x: float):
+    """A float for JSON, or its string when non-finite (JSON has no NaN/inf)."""
+    return x if x == x and abs(x) != float("inf") else str(x)
 
 
 def _row_step(line: str) -> float:

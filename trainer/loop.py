@@ -1,0 +1,136 @@
+"""The training loop: build the parts once, then compose them step by step. Each part owns
+its cadence (when to grow, evaluate, run diagnostics, log, stop and checkpoint), so the
+loop below only says in which order they act."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from trainer import init_from
+from trainer.checkpoint import Checkpointer, TrainState
+from trainer.config import ConfigError, RunConfig, from_yaml_text, resume_diff, to_yaml, validate
+from trainer.data import prepare_data
+from trainer.diagnostics import Diagnostics
+from trainer.dist import init_distributed, print0
+from trainer.engine import build_engine, build_model, set_lr
+from trainer.evaluator import Evaluator
+from trainer.growth import Grower
+from trainer.init_from import resolve_init_source
+from trainer.metrics import make_metrics, peak_flops_per_device
+from trainer.preemption import StopRequest
+from trainer.profiling import StepProfiler
+from trainer.provenance import run_info
+from trainer.schedule import lr_at
+from trainer.step import train_step
+from trainer.ulysses import attention_core
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.sp, cfg.parallel.timeout_minutes)
+        validate(cfg, world_size=self.dist.world)
+        self.run_dir = cfg.run_dir
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist,
+                                 every=cfg.checkpoint.every, last_step=cfg.run.max_steps)
+        self.stop = StopRequest.from_env(stop_at=cfg.run.stop_at)
+        self.resume_from = self.ckpt.latest()
+        # run.init_from: only a fresh run starts from another run's weights; a run with its
+        # own checkpoints resumes from them.
+        self.init_src = resolve_init_source(cfg) if self.resume_from is None and cfg.run.init_from else None
+        self._check_or_record_config()
+        self.state = TrainState(n_layers=cfg.model.n_layers)
+        if self.resume_from is not None:
+            self.state = Checkpointer.read_state(self.resume_from)[0]
+
+    def _check_or_record_config(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if saved.exists() and self.resume_from is not None:
+            changed = resume_diff(from_yaml_text(saved.read_text()), self.cfg)
+            if changed and not self.cfg.run.force_resume:
+                raise ConfigError(f"run {self.run_dir} was started with different values for {', '.join(changed)}; "
+                                  f"resuming would change the model or data. Use a new run.name, or run.force_resume=true")
+        if self.dist.is_main and (self.resume_from is None or not saved.exists()):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(to_yaml(self.cfg))
+            info = run_info(self.dist.world)
+            if self.init_src is not None:
+                info["init_from"] = str(self.init_src.checkpoint)
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+        self.dist.barrier()
+
+    def fit(self) -> int:
+        cfg, dist = self.cfg, self.dist
+        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, self.run_dir,
+                            dist.is_main, dist.barrier, world=dist.world, any_rank=dist.any)
+        core = attention_core(dist, cfg.model.kv_heads)
+        engine = self._build_engine(core)
+        # The peak probe runs before the checkpoint restores the RNG (it also forks the RNG).
+        peak, _ = peak_flops_per_device(dist.device, cfg.parallel.precision, cfg.logging.peak_flops)
+        state = self._resume(engine, data)
+        metrics = make_metrics(cfg, self.run_dir, state.step, dist, data, peak_flops=peak)
+        profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, dist.rank, dist.device, state.step)
+        grower = Grower(cfg, dist, core, self.ckpt, metrics)
+        evaluator = Evaluator(cfg, dist, data, metrics)
+        diagnostics = Diagnostics(cfg, dist, data, metrics)
+
+        stopped_by = None
+        while state.step < cfg.run.max_steps and stopped_by is None:
+            engine = grower.maybe_grow(state, engine)
+            set_lr(engine, lr_at(cfg, state.step))
+            t0 = time.perf_counter()
+            result = train_step(engine, data, dist, cfg, state.step)
+            state.advance(result.skipped, metrics.throughput.samples_per_step, metrics.throughput.tokens_per_step)
+            if trace := profiler.after_step(state.step):
+                metrics.message(f"step {state.step}: wrote profiler trace {trace}")
+            if result.skipped and self._too_many_bad_steps(result, state, metrics):
+                profiler.close()
+                metrics.close()
+                return 3
+            metrics.log_train(state, result, time.perf_counter() - t0, engine.module)
+            evaluator.maybe_run(state, engine)
+            diagnostics.maybe_run(state.step, engine)
+            stopped_by = self.stop.reason(state.step, dist)
+            if self.ckpt.should_save(state.step, stopping=stopped_by is not None):
+                self.ckpt.save(engine, state)
+
+        profiler.close()
+        metrics.close()
+        print0(metrics.summary(state, stopped_by, self.run_dir))
+        return 0
+
+    def _build_engine(self, core):
+        """The engine for the state we start from, with run.init_from's weights in a fresh run."""
+        model = build_model(self.cfg, self.state.n_layers, core)
+        if self.init_src is None:
+            return build_engine(self.cfg, self.dist, model)
+        init_from.check_tokenizer(self.init_src, self.run_dir)
+        weights = init_from.source_weights(self.init_src)
+        init_from.load_into_model(model, weights)
+        engine = build_engine(self.cfg, self.dist, model)
+        init_from.load_into_engine(engine, weights)
+        print0(f"initialised from {self.init_src.checkpoint} (weights only: step 0, fresh optimizer and schedule)")
+        return engine
+
+    def _resume(self, engine, data) -> TrainState:
+        state = self.state
+        if self.resume_from is not None:
+            state = self.ckpt.load(engine, self.resume_from)
+            print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")
+        p = self.cfg.parallel
+        if state.step and not state.samples:  # a checkpoint from before samples were recorded
+            state.samples = state.step * p.micro_batch * p.grad_accum * self.dist.dp_size
+        data.seek(state.step, state.samples)
+        return state
+
+    def _too_many_bad_steps(self, result, state, metrics) -> bool:
+        """Log a skipped (non-finite) step; True when run.max_bad_steps in a row means stop."""
+        limit = self.cfg.run.max_bad_steps
+        metrics.log_skipped(state, result, limit)
+        if state.bad_steps < limit:
+            return False
+        done = self.ckpt.complete_steps()
+        print0(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps={limit}); stopping. "
+               f"The last good checkpoint is intact: {done[-1] if done else 'none'}", file=sys.stderr)
+        return True

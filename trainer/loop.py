@@ -16,7 +16,6 @@ from trainer.dist import init_distributed, print0
 from trainer.engine import build_engine, build_model, set_lr
 from trainer.evaluator import Evaluator
 from trainer.growth import Grower
-from trainer.init_from import resolve_init_source
 from trainer.metrics import make_metrics, peak_flops_per_device
 from trainer.preemption import StopRequest
 from trainer.profiling import StepProfiler
@@ -38,7 +37,7 @@ class Trainer:
         self.resume_from = self.ckpt.latest()
         # run.init_from: only a fresh run starts from another run's weights; a run with its
         # own checkpoints resumes from them.
-        self.init_src = resolve_init_source(cfg) if self.resume_from is None and cfg.run.init_from else None
+        self.init_src = init_from.resolve_init_source(cfg) if self.resume_from is None and cfg.run.init_from else None
         self._check_or_record_config()
         self.state = TrainState(n_layers=cfg.model.n_layers)
         if self.resume_from is not None:

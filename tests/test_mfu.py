@@ -91,9 +91,9 @@ def test_cpu_probe_leaves_the_rng_state_untouched():
 # The resumed trainer's first train_step records the RNG state and stops the run.
 RESUME_SCRIPT = """
 import sys, torch
-import trainer.step
+import trainer.loop
 from trainer.config import load_config
-from trainer.train import Trainer
+from trainer.loop import Trainer
 
 class Seen(Exception):
     pass
@@ -102,7 +102,7 @@ def first_step(*args, **kwargs):
     torch.save(torch.get_rng_state(), sys.argv[1])
     raise Seen
 
-trainer.step.train_step = first_step
+trainer.loop.train_step = first_step
 try:
     Trainer(load_config("configs/tiny.yaml", sys.argv[2:])).fit()
 except Seen:

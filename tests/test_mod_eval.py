@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from benchmarks import ablate
 from trainer.config import load_config
 from trainer.dist import Dist
-from trainer.step import evaluate
-from trainer.train import Trainer
+from trainer.evaluator import Evaluator
 
 TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
         "data.seq_len=16", "parallel.micro_batch=2", "run.eval_batches=2", "model.init_std=0.3"]
@@ -38,9 +37,9 @@ def _eval_row(capacity: float):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
                for _ in range(2)]
-    trainer = Trainer.__new__(Trainer)  # only the eval row: no process group, no run dir
-    trainer.cfg, trainer.dist = cfg, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
-    row = trainer._eval_row(model, _ValData(batches), type("S", (), {"step": 7, "n_layers": 4})(), evaluate)
+    dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
+    evaluator = Evaluator(cfg, dist, _ValData(batches), metrics=None)
+    row = evaluator.row(model, type("S", (), {"step": 7, "n_layers": 4})())
 
     def reference(causal: bool) -> float:  # mean token CE, computed straight from the model
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Fault injection (DESIGN §9): kill -9 anywhere, damaged checkpoints, signals, NaNs, bad
+"""Fault injection (docs/design.md §9): kill -9 anywhere, damaged checkpoints, signals, NaNs, bad
 input. Run alone with `make faults` (pytest -m faults)."""
 from __future__ import annotations
 

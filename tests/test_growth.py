@@ -1,4 +1,4 @@
-"""Progressive depth growth (DESIGN §6): the weight mapping pinned at model level, Adam
+"""Progressive depth growth (docs/design.md §6): the weight mapping pinned at model level, Adam
 moments carried through a real DeepSpeed engine at ZeRO 0-3, and growth through the real
 entry point (event, depth, exact resume across growth, ZeRO parity).
 

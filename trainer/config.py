@@ -158,7 +158,7 @@ class RunConfig:
         return self.growth.stages[-1].layers if self.growth.stages else self.model.n_layers
 
 
-# Keys whose change makes an existing run's checkpoints meaningless (DESIGN §3).
+# Keys whose change makes an existing run's checkpoints meaningless (docs/design.md §3).
 FROZEN_ON_RESUME = ("model", "data", "growth", "run.seed")
 # ...except these data keys, which change how data is prepared or evaluated, not what is trained on.
 RESUMABLE_DATA_KEYS = ("data.prepare", "data.auto_prepare_mb", "data.num_proc", "data.eval", "data.cache_dir")

@@ -1,8 +1,8 @@
-"""Depth diagnostics (DESIGN §8): per-layer numbers that make the seeds' claims visible,
+"""Depth diagnostics (docs/design.md §8): per-layer numbers that make the seeds' claims visible,
 computed every `logging.diag_every` steps on one fixed batch (the first validation batch).
 
 One row per call, flat keys so W&B plots each as a series; l = 1..L is the 1-based block
-index (as in DESIGN §4 and the MoD stats):
+index (as in docs/design.md §4 and the MoD stats):
 
     diag/resid_rms/l{l}       RMS of block l's output, the residual stream after block l;
                               l0 is the stream entering block 1 (the embedding output)

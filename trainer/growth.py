@@ -1,4 +1,4 @@
-"""Progressive depth growth (DESIGN §6): at `growth.stages[i].at_step` the model becomes
+"""Progressive depth growth (docs/design.md §6): at `growth.stages[i].at_step` the model becomes
 `layers` deep, its weights and Adam moments mapped from the shallower one.
 
 Methods (0-based source block of each new block, old depth L, new depth N):
@@ -8,7 +8,7 @@ Methods (0-based source block of each new block, old depth L, new depth N):
                 factors and MoD routing are unchanged), and the new blocks L..N-1 are made
                 exact no-ops: pre-LN zeroes their o_proj and down_proj, peri-LN their
                 output-norm gains (attn_out, mlp_out; the sublayer weights stay non-zero, see
-                the Peri-LN pitfall in DESIGN §4). Post-LN cannot be made function
+                the Peri-LN pitfall in docs/design.md §4). Post-LN cannot be made function
                 preserving this way; config validation rejects it.
 
 Parameters follow their block by name (`blocks.{j}.x` -> `blocks.{i}.x`). A name the new

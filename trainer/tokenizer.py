@@ -107,7 +107,7 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def copy_to(self, directory: Path) -> Path:
-        """Atomic copy as `directory/tokenizer.model` (the run dir's tokenizer/, DESIGN §3)."""
+        """Atomic copy as `directory/tokenizer.model` (the run dir's tokenizer/, docs/design.md §3)."""
         directory.mkdir(parents=True, exist_ok=True)
         dst = directory / "tokenizer.model"
         tmp = directory / f".tokenizer.model.tmp-{os.getpid()}"

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (DESIGN §5): every rank of an SP group reads the same
+"""Ulysses sequence parallelism (docs/design.md §5): every rank of an SP group reads the same
 sample, keeps a contiguous slice of it, and attention runs through DeepSpeed's
 `DistributedAttention` (all-to-all: scatter heads, gather sequence) around the model's own
 local core. The model never sees a process group; it only receives this core."""

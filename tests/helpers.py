@@ -50,6 +50,14 @@ def train(overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml
     return proc
 
 
+def torchrun_module(module: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc -m module args...` from the repo root, output captured
+    (the multi-rank test code lives in tests/workers/)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -1,17 +1,15 @@
 """Depth growth in bf16 on 1 and 2 GPUs: the fp32 masters and Adam moments are carried
-name by name at every ZeRO stage (tests/test_growth.py's worker, run on CUDA), identity
+name by name at every ZeRO stage (tests/workers/growth_moments.py, run on CUDA), identity
 growth keeps the loss, and a growing run follows its fp32 CPU twin. `make test-gpu`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, NPROCS, TIMEOUT, assert_losses_close, bf16_overrides,
                                   fp32_cpu_overrides)
-from tests.helpers import ROOT, _env, free_port, losses, metrics, train
+from tests.helpers import losses, metrics, torchrun_module, train
 
 pytestmark = GPU
 
@@ -19,9 +17,7 @@ pytestmark = GPU
 @pytest.mark.parametrize("nproc", NPROCS)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_growth_carries_fp32_masters_and_moments(tmp_path, stage, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "tests.test_growth", str(stage), str(tmp_path), "bf16"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun_module("tests.workers.growth_moments", nproc, str(stage), str(tmp_path), "bf16", timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((tmp_path / f"moments-ok-{stage}").read_text())["checked"] > 20
 

@@ -38,6 +38,8 @@ class RunSection:
     stop_at: int = 0  # checkpoint and exit cleanly after this step (0 = run to max_steps); the schedule is unchanged
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 4
+    eval_tasks: List[str] = field(default_factory=list)  # lm_eval tasks run at the eval cadence (rank 0)
+    eval_tasks_limit: int = 0  # at most this many examples per task in the loop; 0 = all
     max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
     force_resume: bool = False  # resume even if model/data keys changed since the run started
     init_from: str = ""  # run dir or checkpoints/step-N dir: a fresh run starts from its weights (not optimizer/step)
@@ -258,6 +260,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                    ("logging.diag_every", cfg.logging.diag_every), ("schedule.warmup_steps", cfg.schedule.warmup_steps),
                    ("growth.rewarm_steps", cfg.growth.rewarm_steps), ("data.max_docs", d.max_docs),
                    ("data.max_tokens", d.max_tokens), ("run.eval_batches", r.eval_batches),
+                   ("run.eval_tasks_limit", r.eval_tasks_limit),
                    ("run.stop_at", r.stop_at)]:
         _need(v >= 0, key, v, "must be >= 0")
     _choice("model.norm", m.norm, PLACEMENTS)

@@ -13,7 +13,10 @@ from trainer.step import evaluate
 
 class Evaluator:
     def __init__(self, cfg: RunConfig, dist: Dist, data, metrics):
+        from trainer.downstream import make_downstream
+
         self.cfg, self.dist, self.data, self.metrics = cfg, dist, data, metrics
+        self.downstream = make_downstream(cfg, dist, cfg.run_dir)  # run.eval_tasks; checks the names now
 
     def due(self, step: int) -> bool:
         every = self.cfg.run.eval_every
@@ -25,6 +28,8 @@ class Evaluator:
             return None
         row = self.row(engine, state)
         self.metrics.log(row)
+        if tasks_row := self.downstream.run(engine, state.step):
+            self.metrics.log(tasks_row)
         return row
 
     def row(self, engine, state: TrainState) -> dict:

@@ -166,7 +166,7 @@ def _llama_config(cfg: ModelConfig, tok_ids: dict):
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        dtype="float32", **tok_ids)
+        dtype="float32", architectures=["LlamaForCausalLM"], **tok_ids)
 
 
 def _harness_config(cfg: ModelConfig, tok_ids: dict):

@@ -233,7 +233,7 @@ def test_evaluate_cli_gives_our_own_loglikelihood_accuracy_on_the_local_task(all
         theirs = [r[0] for r in sample["filtered_resps"]]
         assert ll == pytest.approx(theirs, abs=1e-4), doc
         acc.append(max(range(4), key=lambda i: ll[i]) == doc["answer"])
-        norm = [x / len((" " + c).encode()) for x, c in zip(ll, doc["choices"])]
+        norm = [x / len(c) for x, c in zip(ll, doc["choices"])]  # lm_eval's acc_norm: per character
         acc_norm.append(max(range(4), key=lambda i: norm[i]) == doc["answer"])
     result = evaluated["results"]["harness_smoke"]
     assert result["acc,none"] == pytest.approx(sum(acc) / 24)
@@ -252,6 +252,24 @@ def test_in_loop_eval_rows_match_offline_evaluate_and_leave_training_unchanged(a
     out = tmp_path / "runs"
     train(tiny_overrides(out, "allon", **ALL_ON, **{"run.max_steps": 4, "run.eval_every": 2, "optim.lr": 1e-2}))
     assert losses(out / "allon") == losses(all_on_run)
+
+
+@pytest.mark.slow
+def test_in_loop_eval_at_zero3_on_two_ranks_scores_the_gathered_weights(tmp_path):
+    """ZeRO-3 partitions every weight over the ranks; the in-loop row must equal an offline
+    evaluation of the checkpoint written at the same step."""
+    out = tmp_path / "runs"
+    train(tiny_overrides(out, "z3", **{"run.max_steps": 2, "run.eval_every": 0, "parallel.zero_stage": 3,
+                                        "run.eval_tasks": "[harness_smoke]", "run.eval_tasks_limit": 12}),
+          nproc=2, env=OFFLINE)
+    row = [r for r in metrics(out / "z3") if "eval/harness_smoke/acc" in r]
+    assert [r["step"] for r in row] == [2]
+    res = tmp_path / "res.json"
+    proc = run_cli("trainer.evaluate", out / "z3", "--tasks", "harness_smoke", "--limit", 12, "--output", res)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads(res.read_text())["results"]["harness_smoke"]
+    assert row[0]["eval/harness_smoke/acc"] == pytest.approx(offline["acc,none"])
+    assert row[0]["eval/harness_smoke/acc_norm"] == pytest.approx(offline["acc_norm,none"])
 
 
 @pytest.mark.slow

@@ -3,15 +3,15 @@
 At the validation cadence the current weights are exported (the same `trainer.export` path
 as `python -m trainer.evaluate`) to `<run_dir>/downstream/step-N/`, scored by lm_eval's
 `HFLM` on rank 0, and logged as one `eval/<task>/<metric>` row; the export is deleted after.
-Other ranks wait at a barrier (under ZeRO-3 they first help gather the weights). lm_eval
-seeds the global RNGs for reproducible evaluation; the training process's RNG states are
-restored afterwards, so a run with downstream evals trains exactly as one without.
+The weights are the fp32 masters (gathered from every rank under ZeRO); other ranks then
+wait at a barrier. Building the export model and lm_eval both use the global RNGs (lm_eval
+seeds them for reproducible evaluation); the training process's RNG states are restored
+afterwards, so a run with downstream evals trains exactly as one without.
 """
 from __future__ import annotations
 
 import random
 import shutil
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,16 +21,17 @@ from trainer.config import RunConfig
 from trainer.dist import Dist
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """fp32 CPU copies of every weight; collective under ZeRO-3, so call it on all ranks."""
-    module = engine.module
-    gather = nullcontext()
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+def fp32_weights(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on CPU, keyed by parameter name (a tied head once): the fp32
+    masters under ZeRO and bf16, as a checkpoint export reads them, not the bf16 module
+    copy. Collective under ZeRO 1-3, so every rank calls it, visiting parameters in order."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
-    with gather:
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    out = {}
+    for name, p in engine.module.named_parameters():
+        managed = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # ZeRO-3 / ZeRO-1,2 or bf16 fragment
+        out[name] = (safe_get_full_fp32_param(p) if managed else p).detach().float().cpu().clone()
+    return out
 
 
 class DownstreamEval:
@@ -49,16 +50,18 @@ class DownstreamEval:
         from trainer.evaluate import metric_row, run_lm_eval
         from trainer.hf_export import write_export
 
-        state = full_state_dict(engine)
+        weights = fp32_weights(engine)
         row = None
         if self.dist.is_main:
-            model = Transformer(engine.module.cfg)
-            model.load_state_dict(state)
             out = self.dir / f"step-{step}"
-            write_export(model, self.tokenizer if self.tokenizer.is_file() else None, out)
             py_state, np_state = random.getstate(), np.random.get_state()
             devices = [self.dist.device] if self.dist.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
+                model = Transformer(engine.module.cfg)
+                missing, unexpected = model.load_state_dict(weights, strict=False)
+                assert not unexpected and set(missing) <= {"lm_head.weight"} and \
+                    (not missing or model.cfg.tie_embeddings), (missing, unexpected)
+                write_export(model, self.tokenizer if self.tokenizer.is_file() else None, out)
                 results = run_lm_eval(out, self.tasks, self.tm, self.limit, self.batch_size, str(self.dist.device))
             random.setstate(py_state)
             np.random.set_state(np_state)

@@ -1,29 +1,58 @@
-"""Atomic, verifiable checkpoints (DESIGN §9).
+"""Atomic, verifiable, parallel checkpoints, optionally written in the background, and
+resumable on another world size or ZeRO stage.
 
-Layout: `checkpoints/step-N/` holds DeepSpeed's engine files (model, optimizer), one
-`trainer_state_rank{r}.pt` per rank (step, tokens, depth, RNG), `MANIFEST.json` (size and
-sha256 of every file) and finally `COMPLETE`. A save goes to `step-N.tmp/`, all ranks
-barrier, rank 0 writes the manifest, renames, then writes `COMPLETE`. DeepSpeed's own
-`latest` file is never written or trusted: it is updated before DeepSpeed's barrier.
+Layout of `checkpoints/step-N/`:
+- DeepSpeed's engine files (`mp_rank_00_model_states.pt`, `*zero_pp_rank_*_optim_states.pt`);
+- `trainer_state_rank{r}.pt`: step, tokens, depth, RNG, and the layout (world size, DP, SP,
+  ZeRO stage) the checkpoint was saved with;
+- `manifest.rank{r}.json`: size and xxh3-128 of every file rank r wrote;
+- `MANIFEST.json`: the union of the rank parts, merged by rank 0;
+- `COMPLETE`, written last, once every rank's bytes are fsync'd;
+- `universal/`, only after a resume on another layout: DeepSpeed's universal checkpoint,
+  converted from the files above (which stay untouched).
+
+Saving. Every rank writes and hashes its own files at the same time. DeepSpeed hands each
+state dict to its checkpoint engine; ours (`RankWriter`) streams torch.save's bytes through
+xxh3 into the file and fsyncs it, so the hash costs no second read. Files go to
+`step-N.tmp/`; rank 0 merges the parts, renames the directory to `step-N/`, then writes
+`COMPLETE`. DeepSpeed's own `latest` file is never written or trusted (it is updated
+before DeepSpeed's barrier).
+
+Async (`checkpoint.async: true`). The engine copies each state dict to host memory and a
+background thread per rank writes it; the loop waits only for the copy. Rank 0's thread
+seals the checkpoint once every rank's manifest part is on disk. The next save and the end
+of the run (a preemption stop included) wait for a pending save. DeepSpeed 0.19.8's
+DecoupledCheckpointEngine is not used: it needs the `deepspeed` launcher's CROSS_SIZE, fails
+without a model-parallel unit ('UniversalParallelInfo' has no 'dp_rank') as in our pure-DP
+runs, and moves live tensors into /dev/shm for a spawned writer process.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import xxhash
 
 from trainer import faults
 from trainer.dist import Dist, print0
 from trainer.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+HASH = "xxh3_128"
+PART = "manifest.rank{}.json"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(UserError):
@@ -46,16 +75,34 @@ class TrainState:
         self.bad_steps = self.bad_steps + 1 if skipped else 0
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _hash_file(path: Path, algo: str = HASH) -> str:
+    with open(path, "rb") as f:  # sha256: manifests written before the switch to xxh3
+        return hashlib.file_digest(f, "sha256" if algo == "sha256" else xxhash.xxh3_128).hexdigest()
 
 
 def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
+    """Write `text` durably and atomically: readers see no file or the whole file."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- layout (for resuming elsewhere) ---------------------------------------------------
+def current_layout(dist: Dist, engine) -> dict:
+    # ZeRO partitions over every rank (DeepSpeed's sequence-data-parallel group), so the
+    # world size, not DP alone, fixes how the optimizer files are split.
+    return {"world_size": dist.world, "dp": dist.dp_size, "sp": dist.sp, "zero_stage": engine.zero_optimization_stage()}
 
 
 def _rng_state() -> dict:
@@ -65,11 +112,22 @@ def _rng_state() -> dict:
     return state
 
 
+@dataclass
+class _Pending:
+    step: int
+    thread: Optional[threading.Thread] = None
+    error: Optional[BaseException] = None
+
+
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: Dist, every: int = 0, last_step: int = 0):
+    def __init__(self, root: Path, keep: int, dist: Dist, every: int = 0, last_step: int = 0,
+                 async_save: bool = False, seal_timeout_s: float = 1800):
         self.root, self.keep, self.dist = Path(root), keep, dist
         self.every, self.last_step = every, last_step  # the cadence: every N steps (0 = off) and at the end
+        self.async_save, self.seal_timeout_s = async_save, seal_timeout_s
         self.loaded: Optional[Path] = None  # never deleted by retention
+        self._pending: Optional[_Pending] = None
+        self.last_blocking_s = 0.0  # how long the last save held up the caller
 
     def should_save(self, step: int, stopping: bool = False) -> bool:
         """After `step`: on a stop request, every `checkpoint.every` steps, and after the last step."""
@@ -83,7 +141,8 @@ class Checkpointer:
         return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
     def verify(self, path: Path) -> Optional[str]:
-        """None if every file matches the manifest, else what is wrong (one line)."""
+        """None if every file matches the manifest, else what is wrong (one line). Files are
+        hashed in parallel threads (xxhash and file reads release the GIL)."""
         manifest_path = path / "MANIFEST.json"
         if not manifest_path.is_file():
             return "MANIFEST.json is missing"
@@ -91,14 +150,20 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             return "MANIFEST.json is unreadable"
+        algo = manifest.get("hash", "sha256")
+        todo = []
         for rel, meta in manifest["files"].items():
             f = path / rel
             if not f.is_file():
                 return f"{rel} is missing"
             if f.stat().st_size != meta["size"]:
                 return f"{rel} has {f.stat().st_size} bytes, expected {meta['size']}"
-            if _sha256(f) != meta["sha256"]:
-                return f"{rel} fails its sha256 check"
+            todo.append((rel, f, meta[algo]))
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+            digests = list(pool.map(lambda item: _hash_file(item[1], algo), todo))
+        for (rel, _, want), got in zip(todo, digests):
+            if got != want:
+                return f"{rel} fails its {algo} check"
         return None
 
     def latest(self) -> Optional[Path]:
@@ -116,29 +181,108 @@ class Checkpointer:
 
     # ---- saving --------------------------------------------------------------------
     def save(self, engine, state: TrainState) -> Path:
+        """Collective. Returns once the files are on disk and sealed (sync), or once the
+        state is copied to host memory (async; `wait()` seals)."""
+        t0 = time.perf_counter()
         name = f"step-{state.step}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if self._pending is not None and self._pending.step == state.step:
+            self.wait()  # e.g. growth re-saving the step just checkpointed
+            return final
+        self.wait()
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
                 shutil.rmtree(final)
         self.dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=f"{name}.tmp", save_latest=False)
-        torch.save({"state": asdict(state), "rng": _rng_state()}, tmp / f"trainer_state_rank{self.dist.rank}.pt")
-        faults.pause_mid_save()
-        self.dist.barrier()
-        if self.dist.is_main:
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {"step": state.step, "n_layers": state.n_layers,
-                        "files": {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                                  for p in files}}
-            _fsync_write(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
-            os.replace(tmp, final)
-            _fsync_write(final / "COMPLETE", f"{state.step}\n")
-            self._retain()
-        self.dist.barrier()
+        from trainer.checkpoint_io import RankWriter
+
+        layout = current_layout(self.dist, engine)
+        writer = RankWriter(tmp, deferred=self.async_save)
+        default_engine, engine.checkpoint_engine = engine.checkpoint_engine, writer
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        finally:
+            engine.checkpoint_engine = default_engine
+        writer.save({"state": asdict(state), "rng": _rng_state(), "layout": layout},
+                    str(tmp / f"trainer_state_rank{self.dist.rank}.pt"))
+        if self.async_save:
+            # daemon: a crash must not hang on a part another rank will never write
+            pending = _Pending(state.step)
+            pending.thread = threading.Thread(name=f"checkpoint-{name}", daemon=True,
+                                              target=self._background, args=(pending, writer, tmp, final, state, layout))
+            pending.thread.start()
+            self._pending = pending
+        else:
+            self._write_part(writer, tmp)
+            faults.pause_mid_save()
+            self.dist.barrier()
+            if self.dist.is_main:
+                self._seal(tmp, final, state, layout)
+            self.dist.barrier()
+        self.last_blocking_s = time.perf_counter() - t0
         return final
+
+    def wait(self) -> None:
+        """Block until this rank's pending async save is written (and, on rank 0, sealed)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.thread.join()
+        if pending.error is not None:
+            raise CheckpointError(f"background save of step-{pending.step} failed: {pending.error}")
+
+    def _background(self, pending: _Pending, writer, tmp: Path, final: Path, state, layout) -> None:
+        try:
+            try:
+                writer.flush()
+            except BaseException as e:  # tell rank 0 not to wait for this part
+                _fsync_write(tmp / PART.format(self.dist.rank), json.dumps({"error": repr(e)}))
+                raise
+            self._write_part(writer, tmp)
+            faults.pause_mid_save()
+            if self.dist.is_main:
+                self._await_parts(tmp)
+                self._seal(tmp, final, state, layout)
+        except BaseException as e:
+            pending.error = e
+
+    def _write_part(self, writer, tmp: Path) -> None:
+        _fsync_write(tmp / PART.format(self.dist.rank), json.dumps({"files": writer.files}, indent=1))
+
+    def _await_parts(self, tmp: Path) -> None:
+        deadline = time.monotonic() + self.seal_timeout_s
+        for r in range(self.dist.world):
+            part = tmp / PART.format(r)
+            while not part.is_file():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {r} did not finish writing {tmp.name} in {self.seal_timeout_s:.0f} s")
+                time.sleep(0.02)
+            err = json.loads(part.read_text()).get("error")
+            if err:
+                raise RuntimeError(f"rank {r} failed writing {tmp.name}: {err}")
+
+    def _seal(self, tmp: Path, final: Path, state: TrainState, layout: dict) -> None:
+        """Rank 0: merge the per-rank manifests, rename into place, then COMPLETE."""
+        files: dict[str, dict] = {}
+        for r in range(self.dist.world):
+            files.update(json.loads((tmp / PART.format(r)).read_text())["files"])
+        for p in sorted(tmp.rglob("*")):  # small extras DeepSpeed copies in directly (zero_to_fp32.py)
+            rel = str(p.relative_to(tmp))
+            if p.is_file() and rel not in files and not p.name.startswith("manifest.rank"):
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[rel] = {"size": p.stat().st_size, HASH: _hash_file(p)}
+        manifest = {"step": state.step, "n_layers": state.n_layers, "layout": layout, "hash": HASH,
+                    "files": dict(sorted(files.items()))}
+        _fsync_write(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _fsync_write(final / "COMPLETE", f"{state.step}\n")
+        _fsync_dir(final)
+        self._retain()
 
     def _retain(self) -> None:
         complete = self.complete_steps()
@@ -154,20 +298,86 @@ class Checkpointer:
     # ---- loading -------------------------------------------------------------------
     @staticmethod
     def read_state(path: Path, rank: int = 0) -> tuple[TrainState, dict]:
+        state, rng, _ = Checkpointer._read_blob(path, rank)
+        return state, rng
+
+    @staticmethod
+    def _read_blob(path: Path, rank: int = 0) -> tuple[TrainState, dict, Optional[dict]]:
         f = Path(path) / f"trainer_state_rank{rank}.pt"
-        if not f.is_file():  # resuming on a different world size: rank 0's step/depth still apply
+        if not f.is_file():  # resuming on a larger world: rank 0's step/depth still apply
             f = Path(path) / "trainer_state_rank0.pt"
         blob = torch.load(f, map_location="cpu", weights_only=True)
-        return TrainState(**blob["state"]), blob["rng"]
+        return TrainState(**blob["state"]), blob["rng"], blob.get("layout")
 
     def load(self, engine, path: Path) -> TrainState:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        state, rng, saved = self._read_blob(path, self.dist.rank)
+        now = current_layout(self.dist, engine)
+        universal = saved is not None and _needs_universal(path, saved, now)
+        tag_dir = self._universal_dir(path) if universal else path
+        engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-        state, rng = self.read_state(path, self.dist.rank)
+        if universal:
+            print0(f"resumed {path.name} saved on {saved['world_size']} ranks at ZeRO-{saved['zero_stage']} "
+                   f"on {now['world_size']} ranks at ZeRO-{now['zero_stage']} through DeepSpeed's universal checkpoint")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         self.loaded = path
         return state
+
+    def _universal_dir(self, path: Path) -> Path:
+        """`path/universal`, converted once by rank 0 (into a temp dir, then renamed) and
+        reused by later resumes; the original files are not touched."""
+        out = path / UNIVERSAL
+        if self.dist.is_main and not (out / "COMPLETE").is_file():
+            _convert_to_universal(path, out)
+        self.dist.barrier()
+        return out
+
+
+def _needs_universal(path: Path, saved: dict, now: dict) -> bool:
+    """False when DeepSpeed can load the files as they are; raises for unsupported combinations."""
+    if saved["zero_stage"] == 0 and now["zero_stage"] == 0:
+        return False  # replicated weights and optimizer: any world size reads mp_rank_00
+    if saved["world_size"] == now["world_size"] and saved["zero_stage"] == now["zero_stage"]:
+        return False
+    if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
+        raise CheckpointError(
+            f"checkpoint {path} was saved at parallel.zero_stage={saved['zero_stage']} on {saved['world_size']} ranks "
+            f"and cannot be resumed at parallel.zero_stage={now['zero_stage']} on {now['world_size']} ranks: "
+            f"resharding needs ZeRO 1-3 on both sides (or ZeRO-0 on both); resume with "
+            f"parallel.zero_stage={saved['zero_stage']}" + ("" if saved["zero_stage"] else " or start a new run"))
+    return True
+
+
+def _convert_to_universal(path: Path, out: Path) -> None:
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = path / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {path} to DeepSpeed's universal checkpoint failed: {e!r}") from None
+    (path / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass the tag
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_write(tmp / "COMPLETE", "universal\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _fsync_dir(path)

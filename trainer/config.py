@@ -118,10 +118,34 @@ class GrowthConfig:
     rewarm_steps: int = 0
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class CheckpointConfig:
+    """`async` is a Python keyword, so the dataclass writes its own __init__/__repr__/__eq__ and
+    code reads it as `cfg.checkpoint.async_save`; YAML and overrides say `checkpoint.async`."""
+
     every: int = 50  # 0 = only at the end and on preemption
     keep: int = 2
+    # true: copy the state to host memory, write it on a background thread per rank, and
+    # seal (COMPLETE) once every rank's bytes are fsync'd; the next save or exit waits for it
+    __annotations__["async"] = bool
+    locals()["async"] = False
+
+    def __init__(self, every: int = 50, keep: int = 2, **kw: Any):
+        self.every, self.keep = every, keep
+        setattr(self, "async", kw.pop("async", False))
+        if kw:
+            raise TypeError(f"unknown checkpoint keys {sorted(kw)}")
+
+    @property
+    def async_save(self) -> bool:
+        return getattr(self, "async")
+
+    def __repr__(self) -> str:
+        return f"CheckpointConfig(every={self.every}, keep={self.keep}, async={self.async_save})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckpointConfig) and (self.every, self.keep, self.async_save) == \
+            (other.every, other.keep, other.async_save)
 
 
 @dataclass

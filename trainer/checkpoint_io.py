@@ -1,0 +1,124 @@
+"""Bytes on disk for trainer/checkpoint.py: hashed, fsync'd writes, host snapshots, and the
+DeepSpeed checkpoint engine that routes each rank's files through them.
+
+Separate from checkpoint.py because it imports deepspeed, which finding and verifying
+checkpoints (and `trainer.load_model`) do not need.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from trainer.checkpoint import HASH
+
+
+class HashingFile:
+    """Write-only file that hashes the bytes passing through and fsyncs on close."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "wb", buffering=1 << 20)
+        self._h = xxhash.xxh3_128()
+        self._size = 0
+
+    def write(self, b) -> int:
+        self._h.update(b)
+        n = self._f.write(b)
+        self._size += n
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> dict:
+        """{"size", HASH} of what was written, once it is on disk."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return {"size": self._size, HASH: self._h.hexdigest()}
+
+
+def save_hashed(obj: Any, path: str) -> dict:
+    """torch.save(obj, path), fsync'd, hashing the bytes on their way out (no second read)."""
+    f = HashingFile(path)
+    try:
+        torch.save(obj, f)
+    finally:
+        meta = f.close()
+    return meta
+
+
+def _host_copy(obj: Any, memo: dict) -> Any:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        st = t.untyped_storage()
+        key = (str(st.device), st.data_ptr())
+        host = memo.get(key)
+        if host is None:
+            on_gpu = st.device.type != "cpu"
+            host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=on_gpu).untyped_storage()
+            host.copy_(st, non_blocking=on_gpu)
+            memo[key] = host
+        return torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping type (OrderedDict, defaultdict)
+        for k, v in obj.items():
+            out[k] = _host_copy(v, memo)
+        return out
+    if isinstance(obj, list):
+        return [_host_copy(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_host_copy(v, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj  # ints, strings, DeepSpeed's config object: not changed by training
+
+
+def host_snapshot(state: Any) -> Any:
+    """`state` with every tensor copied to host memory. Tensors that share a storage share one
+    copy, so saving the snapshot writes the same file as saving the live state."""
+    memo: dict = {}
+    out = _host_copy(state, memo)
+    if torch.cuda.is_available() and any(not dev.startswith("cpu") for dev, _ in memo):
+        torch.cuda.synchronize()
+    return out
+
+
+class RankWriter(CheckpointEngine):
+    """DeepSpeed calls `save(state_dict, path)` on its checkpoint engine for every file this
+    rank owns. Plugged in for one save: a synchronous writer streams each file to disk at
+    once; a deferred one keeps a host snapshot for `flush()` on a background thread."""
+
+    def __init__(self, root: Path, deferred: bool):
+        super().__init__(None)
+        self.name = "harness.RankWriter"
+        self.root, self.deferred = Path(root), deferred
+        self.files: dict[str, dict] = {}  # path inside the step dir -> {"size", HASH}
+        self._queue: list[tuple[str, Any]] = []
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        if self.deferred:
+            self._queue.append((path, host_snapshot(state_dict)))
+        else:
+            self.files[self._rel(path)] = save_hashed(state_dict, path)
+
+    def flush(self) -> None:
+        while self._queue:
+            path, blob = self._queue.pop(0)
+            self.files[self._rel(path)] = save_hashed(blob, path)
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info) -> bool:
+        return True
+
+    def _rel(self, path: str) -> str:
+        return str(Path(path).relative_to(self.root))

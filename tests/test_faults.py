@@ -40,11 +40,14 @@ def _steps_logged(run: Path) -> int:
         return 0
 
 
-def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp_path, async_save):
     out = tmp_path / "runs"
     extra = {"run.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 2}
     train(tiny_overrides(out, "ref", **extra))
-    over = tiny_overrides(out, "crashy", **extra)
+    # async: the pause is in the background writer, so the loop runs on and the kill lands
+    # while the next save waits for the unsealed one
+    over = tiny_overrides(out, "crashy", **extra, **{"checkpoint.async": str(async_save).lower()})
     run = out / "crashy"
 
     # 1) mid-training, between checkpoints
@@ -71,9 +74,10 @@ def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp
     assert not any(run.glob("checkpoints/step-*.tmp"))
 
 
-def _two_checkpoints(tmp_path) -> tuple[list[str], Path]:
+def _two_checkpoints(tmp_path, async_save: bool = False) -> tuple[list[str], Path]:
     out = tmp_path / "runs"
-    over = tiny_overrides(out, "ck", **{"run.max_steps": 12, "checkpoint.every": 4, "checkpoint.keep": 3})
+    over = tiny_overrides(out, "ck", **{"run.max_steps": 12, "checkpoint.every": 4, "checkpoint.keep": 3,
+                                        "checkpoint.async": str(async_save).lower()})
     train([*over, "run.stop_at=8"])
     run = out / "ck"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-8"]
@@ -87,9 +91,10 @@ def test_checkpoint_without_complete_marker_is_ignored(tmp_path):
     assert "resumed from" in proc.stdout and "step-4" in proc.stdout
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupt_newest_checkpoint_falls_back_to_previous_in_one_line(tmp_path, damage):
-    over, run = _two_checkpoints(tmp_path)
+@pytest.mark.parametrize("damage,async_save", [("truncate", False), ("flip", False), ("truncate", True)],
+                         ids=["truncate", "flip", "truncate-async"])
+def test_corrupt_newest_checkpoint_falls_back_to_previous_in_one_line(tmp_path, damage, async_save):
+    over, run = _two_checkpoints(tmp_path, async_save)
     victim = max((run / "checkpoints/step-8").glob("*model_states.pt"), key=lambda p: p.stat().st_size)
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 0xFF]))
@@ -100,10 +105,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_in_one_line(tmp_path, 
     assert _steps_logged(run) == 12
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_finishes_step_checkpoints_and_exits_zero(tmp_path, sig):
+@pytest.mark.parametrize("sig,async_save", [(signal.SIGTERM, False), (signal.SIGUSR1, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-async"])
+def test_signal_finishes_step_checkpoints_and_exits_zero(tmp_path, sig, async_save):
     out = tmp_path / "runs"
-    over = tiny_overrides(out, "sig", **{"run.max_steps": 400, "checkpoint.every": 0})
+    over = tiny_overrides(out, "sig", **{"run.max_steps": 400, "checkpoint.every": 0,
+                                         "checkpoint.async": str(async_save).lower()})
     proc = _start(over)
     run = out / "sig"
     _wait_for(lambda: _steps_logged(run) >= 3, proc)

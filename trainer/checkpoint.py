@@ -127,7 +127,6 @@ class Checkpointer:
         self.async_save, self.seal_timeout_s = async_save, seal_timeout_s
         self.loaded: Optional[Path] = None  # never deleted by retention
         self._pending: Optional[_Pending] = None
-        self.last_blocking_s = 0.0  # how long the last save held up the caller
 
     def should_save(self, step: int, stopping: bool = False) -> bool:
         """After `step`: on a stop request, every `checkpoint.every` steps, and after the last step."""
@@ -140,7 +139,8 @@ class Checkpointer:
         dirs = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
         return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
-    def verify(self, path: Path) -> Optional[str]:
+    @staticmethod
+    def verify(path: Path) -> Optional[str]:
         """None if every file matches the manifest, else what is wrong (one line). Files are
         hashed in parallel threads (xxhash and file reads release the GIL)."""
         manifest_path = path / "MANIFEST.json"
@@ -183,7 +183,6 @@ class Checkpointer:
     def save(self, engine, state: TrainState) -> Path:
         """Collective. Returns once the files are on disk and sealed (sync), or once the
         state is copied to host memory (async; `wait()` seals)."""
-        t0 = time.perf_counter()
         name = f"step-{state.step}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if self._pending is not None and self._pending.step == state.step:
@@ -221,7 +220,6 @@ class Checkpointer:
             if self.dist.is_main:
                 self._seal(tmp, final, state, layout)
             self.dist.barrier()
-        self.last_blocking_s = time.perf_counter() - t0
         return final
 
     def wait(self) -> None:
@@ -314,12 +312,15 @@ class Checkpointer:
         now = current_layout(self.dist, engine)
         universal = saved is not None and _needs_universal(path, saved, now)
         tag_dir = self._universal_dir(path) if universal else path
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         engine._config.load_universal_checkpoint = universal
         try:
             load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         finally:
             engine._config.load_universal_checkpoint = False
+        if universal:
+            _repair_after_universal_load(engine, hyper)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         if universal:
@@ -339,6 +340,20 @@ class Checkpointer:
             _convert_to_universal(path, out)
         self.dist.barrier()
         return out
+
+
+def _repair_after_universal_load(engine, hyper: list[dict]) -> None:
+    """Undo two side effects of DeepSpeed's ZeRO-3 universal loader: it copies group 0's
+    hyperparameters into every group (weight decay into the no-decay group; they come from our
+    config, so put them back), and it stores one `step` tensor in every parameter's Adam
+    state, which AdamW then increments once per group each step (wrong bias correction)."""
+    from trainer.engine import base_optimizer
+
+    for group, values in zip(engine.optimizer.param_groups, hyper):
+        group.update(values)
+    for st in base_optimizer(engine).state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
 
 
 def _needs_universal(path: Path, saved: dict, now: dict) -> bool:
@@ -373,6 +388,15 @@ def _convert_to_universal(path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"converting {path} to DeepSpeed's universal checkpoint failed: {e!r}") from None
     (path / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass the tag
+    # Weights and moments come from zero/; the model-states file only carries metadata, but
+    # DeepSpeed looks for it under the *target* stage's name (mp_rank_00_... at ZeRO 1-2,
+    # zero_pp_rank_0_mp_rank_00_... at ZeRO-3), and the converter keeps the source's names.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if (tmp / n).is_file()]
+    for n in names:
+        if have and not (tmp / n).exists():
+            shutil.copyfile(tmp / have[0], tmp / n)
+    _add_stage3_optimizer_header(tmp / "zero")
     for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -381,3 +405,18 @@ def _convert_to_universal(path: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     _fsync_dir(path)
+
+
+def _add_stage3_optimizer_header(zero_dir: Path) -> None:
+    """Converted from ZeRO 1/2, `zero/optimizer_state.pt` holds the hyperparameters at the top
+    level, where the ZeRO 1/2 loader reads them; the ZeRO-3 loader reads the Adam step and the
+    hyperparameters under `optimizer_state_dict` (the layout a ZeRO-3 source gives). Add that
+    view so one universal checkpoint loads at any stage."""
+    path = zero_dir / "optimizer_state.pt"
+    sd = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own file (pickled config)
+    if "optimizer_state_dict" in sd or "param_groups" not in sd:
+        return
+    step_file = next(zero_dir.glob("*/step.pt"), None)
+    step = torch.load(step_file, map_location="cpu", weights_only=False) if step_file else 0
+    sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    torch.save(sd, path)

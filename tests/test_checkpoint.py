@@ -1,0 +1,59 @@
+"""Checkpoint bytes: hashed-while-written files equal plain torch.save, async snapshots hold the
+state at save time, and verification names a damaged file."""
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+
+import torch
+import xxhash
+
+from trainer.checkpoint import HASH, Checkpointer
+from trainer.checkpoint_io import RankWriter, save_hashed
+
+
+def _state() -> dict:
+    flat = torch.arange(24, dtype=torch.float32)
+    return {"module": OrderedDict(a=flat[:8].view(2, 4), b=flat[8:]),  # views of one storage, like ZeRO's flat buffers
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(5.0)}},
+                          "param_groups": [{"lr": 1e-3, "params": [0]}]},
+            "step": 7}
+
+
+def test_hashed_write_is_plain_torch_save_and_its_xxh3(tmp_path):
+    state = _state()
+    meta = save_hashed(state, str(tmp_path / "f.pt"))
+    plain = io.BytesIO()
+    torch.save(state, plain)  # a stream, as ours: the zip root is then "archive", not the file's stem
+    data = (tmp_path / "f.pt").read_bytes()
+    assert data == plain.getvalue()
+    assert meta == {"size": len(data), HASH: xxhash.xxh3_128(data).hexdigest()}
+
+
+def test_async_snapshot_holds_the_state_at_save_time(tmp_path):
+    state = _state()
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "async").mkdir()
+    sync = RankWriter(tmp_path / "sync", deferred=False)
+    sync.save(state, str(tmp_path / "sync/f.pt"))
+    deferred = RankWriter(tmp_path / "async", deferred=True)
+    deferred.save(state, str(tmp_path / "async/f.pt"))
+    state["module"]["a"].add_(100.0)  # the next optimizer step, before the background write
+    state["optimizer"]["state"][0]["exp_avg"].mul_(0)
+    deferred.flush()
+    assert deferred.files["f.pt"] == sync.files["f.pt"], "same bytes as writing synchronously at save time"
+    loaded = torch.load(tmp_path / "async/f.pt", weights_only=True)
+    assert loaded["module"]["a"][0, 0].item() == 0.0
+    assert loaded["module"]["a"].untyped_storage().data_ptr() == loaded["module"]["b"].untyped_storage().data_ptr()
+
+
+def test_verify_names_the_truncated_or_flipped_file(tmp_path):
+    files = {name: save_hashed({"w": torch.randn(64)}, str(tmp_path / name)) for name in ("x.pt", "y.pt")}
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"hash": HASH, "files": files}))
+    assert Checkpointer.verify(tmp_path) is None
+    data = (tmp_path / "y.pt").read_bytes()
+    (tmp_path / "y.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert Checkpointer.verify(tmp_path) == f"y.pt fails its {HASH} check"
+    (tmp_path / "x.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:100])
+    assert Checkpointer.verify(tmp_path) == f"x.pt has 100 bytes, expected {files['x.pt']['size']}"

@@ -22,7 +22,7 @@ def _start(overrides, env=None) -> subprocess.Popen:
                             env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:

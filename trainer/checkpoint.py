@@ -127,6 +127,7 @@ class Checkpointer:
         self.async_save, self.seal_timeout_s = async_save, seal_timeout_s
         self.loaded: Optional[Path] = None  # never deleted by retention
         self._pending: Optional[_Pending] = None
+        self._host_buffers = None  # reused by every async save (see checkpoint_io.HostBuffers)
 
     def should_save(self, step: int, stopping: bool = False) -> bool:
         """After `step`: on a stop request, every `checkpoint.every` steps, and after the last step."""
@@ -195,10 +196,12 @@ class Checkpointer:
             if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
                 shutil.rmtree(final)
         self.dist.barrier()
-        from trainer.checkpoint_io import RankWriter
+        from trainer.checkpoint_io import HostBuffers, RankWriter
 
+        if self.async_save and self._host_buffers is None:
+            self._host_buffers = HostBuffers()
         layout = current_layout(self.dist, engine)
-        writer = RankWriter(tmp, deferred=self.async_save)
+        writer = RankWriter(tmp, deferred=self.async_save, buffers=self._host_buffers)
         default_engine, engine.checkpoint_engine = engine.checkpoint_engine, writer
         try:
             engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)

@@ -7,9 +7,10 @@ checkpoints (and `trainer.load_model`) do not need.
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import xxhash
@@ -18,19 +19,51 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from trainer.checkpoint import HASH
 
 
+WRITEBACK_CHUNK = 32 << 20  # bytes written between nudges to the kernel to start writeback
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None: starts writeback of a range without waiting."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 class HashingFile:
-    """Write-only file that hashes the bytes passing through and fsyncs on close."""
+    """Write-only file that hashes the bytes passing through and fsyncs on close.
+
+    Every WRITEBACK_CHUNK bytes it asks the kernel to start writing them to disk, so the
+    disk works while torch.save serialises the rest and the closing fsync waits only for
+    the tail, not for the whole file."""
 
     def __init__(self, path: str):
         self._f = open(path, "wb", buffering=1 << 20)
         self._h = xxhash.xxh3_128()
         self._size = 0
+        self._started = 0  # bytes already handed to writeback
 
     def write(self, b) -> int:
-        self._h.update(b)
-        n = self._f.write(b)
-        self._size += n
-        return n
+        view = memoryview(b).cast("B")
+        for off in range(0, len(view), WRITEBACK_CHUNK):
+            piece = view[off:off + WRITEBACK_CHUNK]
+            self._h.update(piece)
+            self._size += self._f.write(piece)
+            if self._size - self._started >= WRITEBACK_CHUNK:
+                self._start_writeback()
+        return len(view)
+
+    def _start_writeback(self) -> None:
+        if _SYNC_FILE_RANGE is not None:
+            self._f.flush()
+            _SYNC_FILE_RANGE(self._f.fileno(), self._started, self._size - self._started, _SYNC_FILE_RANGE_WRITE)
+        self._started = self._size
 
     def flush(self) -> None:
         self._f.flush()
@@ -53,7 +86,29 @@ def save_hashed(obj: Any, path: str) -> dict:
     return meta
 
 
-def _host_copy(obj: Any, memo: dict) -> Any:
+class HostBuffers:
+    """Host storages kept from one async save to the next. Allocating (and, for a GPU,
+    pinning) a checkpoint's worth of memory on every save costs more than the copy itself;
+    the previous snapshot's storages are free again once its write has finished."""
+
+    def __init__(self):
+        self._free: dict[int, list] = {}
+        self._lent: list = []
+
+    def take(self, nbytes: int, pin: bool):
+        pool = self._free.get(nbytes)
+        buf = pool.pop() if pool else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).untyped_storage()
+        self._lent.append(buf)
+        return buf
+
+    def give_back(self) -> None:
+        """After the write that used them has finished."""
+        for buf in self._lent:
+            self._free.setdefault(buf.nbytes(), []).append(buf)
+        self._lent = []
+
+
+def _host_copy(obj: Any, memo: dict, buffers: HostBuffers) -> Any:
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         st = t.untyped_storage()
@@ -61,28 +116,28 @@ def _host_copy(obj: Any, memo: dict) -> Any:
         host = memo.get(key)
         if host is None:
             on_gpu = st.device.type != "cpu"
-            host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=on_gpu).untyped_storage()
+            host = buffers.take(st.nbytes(), pin=on_gpu)
             host.copy_(st, non_blocking=on_gpu)
             memo[key] = host
         return torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the mapping type (OrderedDict, defaultdict)
         for k, v in obj.items():
-            out[k] = _host_copy(v, memo)
+            out[k] = _host_copy(v, memo, buffers)
         return out
     if isinstance(obj, list):
-        return [_host_copy(v, memo) for v in obj]
+        return [_host_copy(v, memo, buffers) for v in obj]
     if isinstance(obj, tuple):
-        items = [_host_copy(v, memo) for v in obj]
+        items = [_host_copy(v, memo, buffers) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj  # ints, strings, DeepSpeed's config object: not changed by training
 
 
-def host_snapshot(state: Any) -> Any:
+def host_snapshot(state: Any, buffers: Optional[HostBuffers] = None) -> Any:
     """`state` with every tensor copied to host memory. Tensors that share a storage share one
     copy, so saving the snapshot writes the same file as saving the live state."""
     memo: dict = {}
-    out = _host_copy(state, memo)
+    out = _host_copy(state, memo, buffers or HostBuffers())
     if torch.cuda.is_available() and any(not dev.startswith("cpu") for dev, _ in memo):
         torch.cuda.synchronize()
     return out
@@ -93,10 +148,11 @@ class RankWriter(CheckpointEngine):
     rank owns. Plugged in for one save: a synchronous writer streams each file to disk at
     once; a deferred one keeps a host snapshot for `flush()` on a background thread."""
 
-    def __init__(self, root: Path, deferred: bool):
+    def __init__(self, root: Path, deferred: bool, buffers: Optional[HostBuffers] = None):
         super().__init__(None)
         self.name = "harness.RankWriter"
         self.root, self.deferred = Path(root), deferred
+        self.buffers = buffers or HostBuffers()
         self.files: dict[str, dict] = {}  # path inside the step dir -> {"size", HASH}
         self._queue: list[tuple[str, Any]] = []
 
@@ -105,7 +161,7 @@ class RankWriter(CheckpointEngine):
 
     def save(self, state_dict, path: str) -> None:
         if self.deferred:
-            self._queue.append((path, host_snapshot(state_dict)))
+            self._queue.append((path, host_snapshot(state_dict, self.buffers)))
         else:
             self.files[self._rel(path)] = save_hashed(state_dict, path)
 
@@ -113,6 +169,7 @@ class RankWriter(CheckpointEngine):
         while self._queue:
             path, blob = self._queue.pop(0)
             self.files[self._rel(path)] = save_hashed(blob, path)
+        self.buffers.give_back()
 
     def load(self, path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)

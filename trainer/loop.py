@@ -32,7 +32,8 @@ class Trainer:
         validate(cfg, world_size=self.dist.world)
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist,
-                                 every=cfg.checkpoint.every, last_step=cfg.run.max_steps)
+                                 every=cfg.checkpoint.every, last_step=cfg.run.max_steps,
+                                 async_save=cfg.checkpoint.async_save)
         self.stop = StopRequest.from_env(stop_at=cfg.run.stop_at)
         self.resume_from = self.ckpt.latest()
         # run.init_from: only a fresh run starts from another run's weights; a run with its
@@ -84,6 +85,7 @@ class Trainer:
             if trace := profiler.after_step(state.step):
                 metrics.message(f"step {state.step}: wrote profiler trace {trace}")
             if result.skipped and self._too_many_bad_steps(result, state, metrics):
+                self.ckpt.wait()
                 profiler.close()
                 metrics.close()
                 return 3
@@ -94,6 +96,7 @@ class Trainer:
             if self.ckpt.should_save(state.step, stopping=stopped_by is not None):
                 self.ckpt.save(engine, state)
 
+        self.ckpt.wait()  # an async save (the final or preemption one included) is sealed before exit
         profiler.close()
         metrics.close()
         print0(metrics.summary(state, stopped_by, self.run_dir))
@@ -129,6 +132,7 @@ class Trainer:
         metrics.log_skipped(state, result, limit)
         if state.bad_steps < limit:
             return False
+        self.ckpt.wait()
         done = self.ckpt.complete_steps()
         print0(f"error: {state.bad_steps} non-finite steps in a row (run.max_bad_steps={limit}); stopping. "
                f"The last good checkpoint is intact: {done[-1] if done else 'none'}", file=sys.stderr)

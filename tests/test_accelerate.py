@@ -13,6 +13,8 @@ import yaml
 
 from tests.helpers import ROOT, metrics, tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test launches the real trainer
+
 CONFIGS = ROOT / "configs" / "accelerate"
 # Keys that would put batch / precision / ZeRO settings in a second place: the trainer
 # builds DeepSpeed's JSON from our YAML and never reads accelerate's copies.

@@ -42,6 +42,7 @@ def results(tmp_path_factory):
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("throughput", "mod", NAME_AM)}
 
 
+@pytest.mark.slow
 def test_throughput_reports_ratios_against_hf_started_from_our_weights(results):
     out = results["throughput"]
     for key in ("ratio_vs_hf", "ratio_vs_hf_wall", "ratio_vs_hf_plain_loop", "mfu", "hf_mfu", "peak_flops"):
@@ -55,6 +56,7 @@ def test_throughput_reports_ratios_against_hf_started_from_our_weights(results):
     assert out["command"].startswith("python -m benchmarks.throughput --dims")
 
 
+@pytest.mark.slow
 def test_mod_reports_speedup_and_flop_ideal(results):
     out = results["mod"]
     assert out["speedup"] > 0 and out["speedup_plain"] > 0 and out["speedup_wall"] > 0
@@ -64,6 +66,7 @@ def test_mod_reports_speedup_and_flop_ideal(results):
     assert out["profile"]["routing_ops_mod_plain"]["by_op"], "routing operators were not seen by the profiler"
 
 
+@pytest.mark.slow
 def test_activation_memory_shrinks_with_more_checkpointed_blocks_at_identical_losses(results):
     out = results[NAME_AM]
     assert out["losses_identical_across_modes"]

@@ -68,6 +68,7 @@ def test_angle_between_is_accurate_down_to_tiny_angles(angle):
     assert angle_between(x, y).item() == pytest.approx(angle, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_diag_rows_hold_every_series_for_all_options_on_and_leave_training_bit_identical(tmp_path):
     out = tmp_path / "runs"
     train(tiny_overrides(out, "without_diag", **ALL_ON))
@@ -97,6 +98,7 @@ def test_diag_rows_hold_every_series_for_all_options_on_and_leave_training_bit_i
     assert (out / "with_diag" / "plots" / "diagnostics.png").stat().st_size > 0 and (tmp_path / "cmp.png").is_file()
 
 
+@pytest.mark.slow
 def test_diagnostics_leave_zero2_training_bit_identical_on_two_ranks(tmp_path):
     # autograd.grad with explicit inputs runs no AccumulateGrad, so ZeRO-2's gradient hooks
     # (which would add this batch's gradients into the next step's) never fire.
@@ -108,6 +110,7 @@ def test_diagnostics_leave_zero2_training_bit_identical_on_two_ranks(tmp_path):
     assert len(_diag_rows(out / "with_diag")) == 4
 
 
+@pytest.mark.slow
 def test_diag_row_under_ulysses_sp2_and_zero3_equals_single_process(tmp_path):
     out = tmp_path / "runs"
     extra = {**ALL_ON, "run.max_steps": 2, "parallel.grad_accum": 2, "model.mod.route_chunks": 2,
@@ -120,6 +123,7 @@ def test_diag_row_under_ulysses_sp2_and_zero3_equals_single_process(tmp_path):
         assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_residual_stream_grows_far_more_with_depth_under_pre_ln_than_peri_ln_or_lns(tmp_path):
     """Peri-LN (Kim et al., 2025) and LNS (Sun et al., 2025): Pre-LN's residual stream keeps
     growing with depth; Peri-LN bounds each block's increment and LNS damps deep layers'.

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT, _env, losses, metrics, train, tiny_overrides
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test runs the real trainer
 
 STEPS = 24
 

@@ -6,11 +6,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, _env
 
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}
 
 
+@pytest.mark.slow
 def test_gpu_suite_is_collected_and_skipped_without_cuda():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu"],
                           cwd=ROOT, env=_env(NO_CUDA), capture_output=True, text=True, timeout=300)
@@ -20,6 +23,7 @@ def test_gpu_suite_is_collected_and_skipped_without_cuda():
     assert skipped and int(skipped.group(1)) >= 20 and not re.search(r"passed|failed|error", summary), summary
 
 
+@pytest.mark.slow
 def test_gpu_throughput_benchmark_exits_with_one_line_without_cuda(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_throughput", "--out", str(tmp_path)], cwd=ROOT,
                           env=_env(NO_CUDA), capture_output=True, text=True, timeout=120)

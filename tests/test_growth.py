@@ -201,6 +201,7 @@ _BF16 = [pytest.param(s, n, "bf16", marks=pytest.mark.slow, id=f"bf16-zero{s}") 
 
 @pytest.mark.parametrize("stage,nproc,precision", [(0, 1, "fp32"), (1, 2, "fp32"), (2, 2, "fp32"), (3, 2, "fp32"),
                                                    *_BF16])
+@pytest.mark.slow
 def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path, stage, nproc, precision):
     args = [str(stage), str(tmp_path), precision]
     proc = torchrun_module("tests.workers.growth_moments", nproc, *args)
@@ -218,6 +219,7 @@ def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path,
 GROW = {"run.max_steps": 8, "growth.stages": "[{at_step: 4, layers: 4, method: stack}]"}
 
 
+@pytest.mark.slow
 def test_growth_run_logs_event_deepens_and_keeps_training(tmp_path):
     out = tmp_path / "runs"
     proc = train(tiny_overrides(out, "g", **GROW))
@@ -232,6 +234,7 @@ def test_growth_run_logs_event_deepens_and_keeps_training(tmp_path):
     assert manifest["n_layers"] == 2  # the growth-step checkpoint holds the depth before growth
 
 
+@pytest.mark.slow
 def test_identity_growth_keeps_the_loss_of_the_ungrown_model_at_the_first_step_after_growth(tmp_path):
     """The first loss after growth is computed by the deeper model before its first update:
     with identity growth it must equal the shallow run's loss at that step."""
@@ -245,6 +248,7 @@ def test_identity_growth_keeps_the_loss_of_the_ungrown_model_at_the_first_step_a
     assert got[6] != ref[6]  # after its first update the deeper model is a different model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [4, 6])
 def test_resume_across_growth_is_bit_identical(tmp_path, stop_at):
     """Stopped exactly at the growth step (the checkpoint predates growth, which runs again
@@ -260,6 +264,7 @@ def test_resume_across_growth_is_bit_identical(tmp_path, stop_at):
     assert strip(metrics(out / "part")) == strip(metrics(out / "full"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage):
     out = tmp_path / "runs"

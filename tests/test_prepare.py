@@ -124,6 +124,7 @@ def test_sidecars_describe_their_shard(corpus, tokenizer, tmp_path):
     assert text.startswith("f0 Paragraph") and text.endswith("\n\n")  # cut just after a separator
 
 
+@pytest.mark.slow
 def test_kill_9_mid_prepare_then_rerun_redoes_only_unfinished_shards(corpus, tokenizer, tmp_path):
     args = [sys.executable, "-m", "trainer.prepare", "configs/tiny.yaml", f"data.source={corpus}",
             f"data.tokenizer={tokenizer}", f"model.vocab_size={VOCAB}", "data.shard_mb=0.01",

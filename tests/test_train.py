@@ -9,6 +9,8 @@ import torch
 from tests.helpers import losses, metrics, train, tiny_overrides
 
 
+pytestmark = pytest.mark.slow  # every test launches the real trainer
+
 def test_pulse_run_trains_logs_checkpoints_and_summarises(tmp_path):
     out = tmp_path / "runs"
     proc = train(tiny_overrides(out, "pulse", **{"run.max_steps": 12, "run.eval_every": 6, "checkpoint.every": 6,

@@ -41,6 +41,7 @@ def _pair(tmp_path, name, **extra):
     return out / f"{name}-sp1", out / f"{name}-sp2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sp2_matches_sp1_loss_grad_norm_and_weights(tmp_path, stage):
     _assert_same_run(*_pair(tmp_path, f"z{stage}", **{"parallel.zero_stage": stage}))
@@ -56,6 +57,7 @@ def test_sp2_matches_sp1_on_the_other_gradient_reduction_paths(tmp_path, stage, 
     _assert_same_run(*_pair(tmp_path, f"z{stage}", **{"parallel.zero_stage": stage, **extra}))
 
 
+@pytest.mark.slow
 def test_sp2_matches_sp1_with_mod_and_learned_value_residual(tmp_path):
     # sp (2) is a multiple of n_kv_heads (1): kv heads are replicated across the SP group.
     _assert_same_run(*_pair(tmp_path, "mod", **{
@@ -63,6 +65,7 @@ def test_sp2_matches_sp1_with_mod_and_learned_value_residual(tmp_path):
         "model.value_residual": "learned", "model.n_kv_heads": 1}))
 
 
+@pytest.mark.slow
 def test_sp2_checkpoint_resumes_at_sp2_and_loads_at_sp1(tmp_path):
     out = tmp_path / "runs"
     over = tiny_overrides(out, "res", **{"run.max_steps": 8, "parallel.sp": 2, "parallel.zero_stage": 2})

@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# DeepSpeed JIT-builds its CPU shared-memory comm op on a CPU machine's first run (about a
+	# minute); building it here, once, keeps that out of every run and test (and out of a
+	# test's timeout, where a killed build leaves its lock behind and later runs wait on it).
+	$(BIN)/python -c "import torch; from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; \
+	    torch.cuda.is_available() or B().load()"
 	touch $(STAMP)
 
 # Tokenizer + token shards for CONFIG, with WORKERS processes (default: all CPUs). Resumable.

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, command_line, machine_info, median, print_summary, write_result
+from benchmarks.common import command_line, launch_ranks, machine_info, median, print_summary, write_result
 
 NAME = "checkpoint"
 DIMS = dict(d_model=512, n_layers=14, n_heads=8, n_kv_heads=8, vocab_size=8192, seq_len=64)
@@ -167,32 +166,12 @@ def worker(dims: dict, reps: int, steps_between: int, work_dir: Path, result_fil
     dist.barrier()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(dims: dict, reps: int, steps_between: int, timeout: int) -> dict:
-    port = _free_port()
     with tempfile.TemporaryDirectory(dir=os.environ.get("CHECKPOINT_BENCH_DIR")) as tmp:
         result_file = Path(tmp) / "result.json"
-        procs = []
-        for rank in range(RANKS):
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-            env.update(RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-            cmd = [sys.executable, "-m", "benchmarks.checkpoint", "--worker", "--dims", json.dumps(dims),
-                   "--reps", str(reps), "--steps-between", str(steps_between), "--work-dir", tmp,
-                   "--result-file", str(result_file)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-        for p, log in zip(procs, logs):
-            if p.returncode != 0:
-                raise RuntimeError(f"rank exited {p.returncode}:\n{log[-4000:]}")
+        launch_ranks("benchmarks.checkpoint", RANKS, ["--dims", json.dumps(dims), "--reps", str(reps),
+                                                      "--steps-between", str(steps_between), "--work-dir", tmp,
+                                                      "--result-file", str(result_file)], timeout)
         out = json.loads(result_file.read_text())
         out["files_rank1"] = json.loads((Path(tmp) / "rank1_files.json").read_text())
         return out

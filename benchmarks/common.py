@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -243,6 +244,27 @@ def timing_parser(name: str, doc: str | None, batch_help: str = "micro batch") -
     ap.add_argument("--dims", type=json.loads, default={}, help='JSON overriding DIMS, e.g. \'{"d_model": 64}\'')
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     return ap
+
+
+def launch_ranks(module: str, n: int, args: Sequence[str], timeout: float, env_extra: dict | None = None,
+                 drop_env: Sequence[str] = ()) -> None:
+    """Run `python -m <module> --worker <args>` as ranks 0..n-1 of one gloo job on this host
+    (one OpenMP thread each) and raise with a rank's log if any exits non-zero."""
+    from trainer.dist import free_port
+
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK")) and k not in drop_env}
+        env.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, "--worker", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        if p.returncode != 0:
+            raise RuntimeError(f"{module} rank {rank} of {n} exited {p.returncode}:\n{log[-4000:]}")
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:

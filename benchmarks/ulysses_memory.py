@@ -33,16 +33,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, command_line, machine_info, print_summary, write_result
-from trainer.dist import free_port
+from benchmarks.common import command_line, launch_ranks, machine_info, print_summary, write_result
 
 NAME = "ulysses_memory"
 DIMS = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=2048)
@@ -106,7 +103,8 @@ def overrides(seq: int, sp: int, dims: dict) -> dict:
 
 
 def worker(seq: int, sp: int, steps: int, dims: dict, result_file: Path) -> None:
-    """One rank: warm-up step, then `steps` measured steps; writes its figures to result_file."""
+    """One rank: warm-up step, then `steps` measured steps; writes its figures to result_file,
+    in which "{rank}" stands for the rank."""
     import torch
 
     from benchmarks.common import FixedBatch, engine_train_step, run_config, set_threads
@@ -138,33 +136,20 @@ def worker(seq: int, sp: int, steps: int, dims: dict, result_file: Path) -> None
                      "activation_vmhwm": None if hwm is None else hwm - before,
                      "activation_sampled": sampler.peak - before, "samples": sampler.samples, "wall_s": wall,
                      "sample_interval_ms": 1e3 * wall / max(1, sampler.samples)})
-    result_file.write_text(json.dumps({"rank": dist.rank, "sp_rank": dist.sp_rank, "local_tokens": seq // sp,
-                                       "losses": step.losses, "torch_threads": torch.get_num_threads(),
-                                       "steps": rows}))
+    out = Path(str(result_file).format(rank=dist.rank))
+    out.write_text(json.dumps({"rank": dist.rank, "sp_rank": dist.sp_rank, "local_tokens": seq // sp,
+                               "losses": step.losses, "torch_threads": torch.get_num_threads(), "steps": rows}))
     dist.barrier()
 
 
 def launch(seq: int, sp: int, steps: int, dims: dict, mmap_threshold: bool, timeout: int) -> list[dict]:
     """Run `sp` ranks of `worker` as separate processes; returns their results by rank."""
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for rank in range(sp):
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-            env.update(RANK=str(rank), WORLD_SIZE=str(sp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-            if mmap_threshold:
-                env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-            else:
-                env.pop("MALLOC_MMAP_THRESHOLD_", None)
-            cmd = [sys.executable, "-m", "benchmarks.ulysses_memory", "--worker", "--seq", str(seq), "--sp", str(sp),
-                   "--steps", str(steps), "--dims", json.dumps(dims), "--result-file", str(Path(tmp) / f"rank{rank}.json")]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-        for p, log in zip(procs, logs):
-            if p.returncode != 0:
-                raise RuntimeError(f"sp={sp} rank exited {p.returncode}:\n{log[-4000:]}")
+        args = ["--seq", str(seq), "--sp", str(sp), "--steps", str(steps), "--dims", json.dumps(dims),
+                "--result-file", str(Path(tmp) / "rank{rank}.json")]
+        launch_ranks("benchmarks.ulysses_memory", sp, args, timeout,
+                     env_extra={"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if mmap_threshold else None,
+                     drop_env=() if mmap_threshold else ("MALLOC_MMAP_THRESHOLD_",))
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(sp)]
 
 

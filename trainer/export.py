@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.hf_export import is_llama_compatible, write_export
+from trainer.hf_export import is_llama_compatible, llama_config, to_llama_state_dict, write_export
 
-__all__ = ["export", "is_llama_compatible", "main"]
+__all__ = ["export", "is_llama_compatible", "llama_config", "main", "to_llama_state_dict"]
 
 
 def run_tokenizer(run_dir: Path) -> Path | None:

@@ -144,7 +144,8 @@ def export_tokenizer(sp_model: Path, out_dir: Path, max_len: int) -> dict:
     return {f"{role}_token_id": (i if i >= 0 else None) for role, i in specials.items() if role != "unk"}
 
 
-def _llama_state_dict(state: dict) -> dict:
+def to_llama_state_dict(state: dict) -> dict:
+    """Our parameter names -> HF Llama's (a Llama-compatible model only)."""
     from trainer.errors import UserError
 
     out = {}
@@ -158,7 +159,8 @@ def _llama_state_dict(state: dict) -> dict:
     return out
 
 
-def _llama_config(cfg: ModelConfig, tok_ids: dict):
+def llama_config(cfg: ModelConfig, tok_ids: dict):
+    """The transformers LlamaConfig of a Llama-compatible model."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -199,8 +201,8 @@ def write_export(model: Transformer, sp_model: Path | None, out_dir: Path) -> Pa
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # re-tied on load from the config's tie_word_embeddings
     if is_llama_compatible(cfg):
-        config = _llama_config(cfg, tok_ids)
-        state = _llama_state_dict(state)
+        config = llama_config(cfg, tok_ids)
+        state = to_llama_state_dict(state)
     else:
         config = _harness_config(cfg, tok_ids)
         state = {f"transformer.{k}": v for k, v in state.items()}

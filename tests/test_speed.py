@@ -106,7 +106,7 @@ def test_compiled_blocks_match_eager_over_10_steps_across_growth_with_mod_and_sp
     for s in ref:
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
     ev = {n: next(r for r in rs if "val_loss" in r) for n, rs in rows.items()}
-    for key in ("val_loss", "val_loss_causal"):
+    for key in ("val_loss", "val_loss_topk"):
         assert ev["compiled"][key] == pytest.approx(ev["eager"][key], rel=1e-5), key
 
 

@@ -41,18 +41,12 @@ import time
 from pathlib import Path
 
 from benchmarks import ablation_stats
-from benchmarks.common import RESULTS, ROOT, flops_per_token
+from benchmarks.common import RESULTS, ROOT, SHAKESPEARE, flops_per_token, repo_relative
 
 CONFIGS = ROOT / "configs" / "ablations"
 SUMMARIES = RESULTS / "ablation"
 SETTINGS = {"default": CONFIGS, "deep": CONFIGS / "deep"}
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 REFERENCE = "pre_ln"  # the variant the table's deltas are relative to
-
-
-def _rel(path: Path) -> str:
-    """`path` relative to the repository when inside it (commands read as a user types them)."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def variant_configs(only: list[str] | None = None, folder: Path = CONFIGS) -> list[Path]:
@@ -127,7 +121,7 @@ def summarise(run: dict, out: Path, tokens_per_step: int) -> dict:
         "tokens": steps * tokens_per_step, "total_flops": fpt * steps * tokens_per_step,
         "curve": [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
                    "flops": fpt * r["step"] * tokens_per_step, "val_loss": v} for r, v in zip(evals, val)],
-        "run_dir": _rel(out / run["run_name"]), "command": run.get("command", ""),
+        "run_dir": repo_relative(out / run["run_name"]), "command": run.get("command", ""),
     })
     if topk and topk[-1] is not None:  # MoD's top-k routing as trained, for reference only
         res["final_val_loss_topk"] = topk[-1]
@@ -167,7 +161,7 @@ def source_path(name: str) -> str:
     if name == "shakespeare":
         if not SHAKESPEARE.exists():
             raise SystemExit(f"--sources shakespeare: {SHAKESPEARE} not found; pass a path or 'embedded'")
-        return str(SHAKESPEARE)
+        return repo_relative(SHAKESPEARE)
     return name
 
 
@@ -190,7 +184,7 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None) -> list[dict
         paths = variant_configs(args.only, folder)
         for source in args.sources:
             corpus = corpus_name(source)
-            common = [f"run.out_dir={_rel(out)}", f"data.source={source_path(source)}", "logging.progress=false",
+            common = [f"run.out_dir={repo_relative(out)}", f"data.source={source_path(source)}", "logging.progress=false",
                       "logging.every=1"]
             budget, runs = plan(paths, common, args.steps_scale, folder)
             lrs = args.lrs or [budget["lr"]]
@@ -285,7 +279,7 @@ def main(argv=None) -> int:
         if run_dirs:
             plot_compare(run_dirs, args.results / "ablation_diagnostics.png", labels=list(first))
     print(ablation_stats.markdown(rep))
-    print(f"wrote {_rel(args.results / 'ablation.json')} and ablation.md ({len(summaries)} runs)")
+    print(f"wrote {repo_relative(args.results / 'ablation.json')} and ablation.md ({len(summaries)} runs)")
     return 0
 
 

@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, flops_per_token, machine_info, run_config
+from benchmarks.common import RESULTS, ROOT, SHAKESPEARE, flops_per_token, machine_info, repo_relative, run_config
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 DIMS = {"model.d_model": 128, "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 1024,
         "model.max_seq_len": 128, "data.seq_len": 128, "parallel.micro_batch": 16, "optim.lr": 3e-3,
@@ -34,12 +33,12 @@ def depth_flops_per_token(n_layers: int) -> float:
 
 
 def run(name: str, out: Path, steps: int, eval_every: int, source: str, extra: dict) -> tuple[list[dict], str]:
-    over = {**DIMS, "run.out_dir": str(out), "run.name": name, "run.max_steps": steps, "run.eval_every": eval_every,
-            "run.eval_batches": 8, "data.source": source, "data.cache_dir": str(out / ".cache"), **extra}
+    over = {**DIMS, "run.out_dir": repo_relative(out), "run.name": name, "run.max_steps": steps, "run.eval_every": eval_every,
+            "run.eval_batches": 8, "data.source": source, "data.cache_dir": repo_relative(out / ".cache"), **extra}
     cmd = [sys.executable, "-m", "trainer.train", "configs/tiny.yaml", *[f"{k}={v}" for k, v in over.items()]]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows, " ".join(cmd[1:])
+    return rows, " ".join(["python", *cmd[1:]])
 
 
 def flops_curve(rows: list[dict], tokens_per_step: int, fpt: dict[int, float]) -> list[tuple[int, float, float]]:
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     steps = 60 if args.quick else args.steps
     eval_every = max(5, steps // 30)
-    source = str(SHAKESPEARE) if SHAKESPEARE.exists() else "embedded"
+    source = repo_relative(SHAKESPEARE) if SHAKESPEARE.exists() else "embedded"
     fpt = {FULL: depth_flops_per_token(FULL), SHALLOW: depth_flops_per_token(SHALLOW)}
     tokens_per_step = DIMS["parallel.micro_batch"] * DIMS["data.seq_len"]
     budget = fpt[FULL] * tokens_per_step * steps

@@ -115,13 +115,24 @@ class Throughput:
         self.dist, self.seq_len, self.peak = dist, cfg.data.seq_len, peak_flops
         self.samples_per_step = p.micro_batch * p.grad_accum * dist.dp_size
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
+        self._flops_key, self._flops_value = None, (0.0, 0.0)
         self.a2a = all_to_all_bytes_per_layer(p.micro_batch, cfg.data.seq_len, p.sp, cfg.model.n_heads,
                                               cfg.model.kv_heads, cfg.model.head_dim, 2 if p.precision == "bf16" else 4)
 
     def fields(self, dt: float, model) -> dict:
         per_s = self.tokens_per_step / dt / (self.peak * self.dist.world)
-        return {"tokens_per_s": self.tokens_per_step / dt, "mfu": model.flops_per_token(self.seq_len) * per_s,
-                "hfu": model.hardware_flops_per_token(self.seq_len) * per_s, "a2a_bytes_per_layer": self.a2a}
+        model_flops, hardware_flops = self._flops(model)
+        return {"tokens_per_s": self.tokens_per_step / dt, "mfu": model_flops * per_s, "hfu": hardware_flops * per_s,
+                "a2a_bytes_per_layer": self.a2a}
+
+    def _flops(self, model) -> tuple[float, float]:
+        """FLOPs per token, counted over the module tree (ms at depth) once per model: the
+        model only changes when growth rebuilds it, which changes its depth."""
+        key = (id(model), len(model.blocks))
+        if self._flops_key != key:
+            self._flops_key = key
+            self._flops_value = (model.flops_per_token(self.seq_len), model.hardware_flops_per_token(self.seq_len))
+        return self._flops_value
 
     def mem_gb(self) -> float:
         """The largest peak memory over ranks since the previous row (a collective: every

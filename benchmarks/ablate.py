@@ -1,9 +1,10 @@
 """Architecture ablation with a protocol: every variant in `configs/ablations/` (and the
 deep-narrow setting in `configs/ablations/deep/`), trained by the real entry point on each
-corpus, at several learning rates and seeds, one run after another.
+corpus, at several learning rates and seeds, `--jobs` runs at a time (default 1).
 
     python -m benchmarks.ablate [--seeds 2] [--lrs 1.5e-3,3e-3,6e-3] [--sources shakespeare,embedded]
-                                [--settings default,deep] [--only a,b] [--steps-scale X] [--report-only]
+                                [--settings default,deep] [--only a,b] [--jobs N] [--steps-scale X]
+                                [--report-only]
 
 Protocol. Each (setting, corpus, variant, LR, seed) is one run. The table reports every
 variant at the shared LR (the base config's) and at its own best LR, as papers compare
@@ -22,7 +23,10 @@ Resumable. Each finished run's summary is written to benchmarks/results/ablation
 <corpus>/<variant>/lr<lr>-seed<seed>.json and a rerun skips it, so a sweep longer than one
 session continues where it stopped (commit the summaries as they finish). Each run's
 subprocess gets OMP_NUM_THREADS=1 unless the caller sets it: on a 2-core machine shared
-with other work, two OpenMP threads per process measured ~8× slower than one.
+with other work, two OpenMP threads per process measured ~8× slower than one. So on N cores,
+`--jobs N` runs N one-thread runs at once; each corpus is prepared once before they start
+(`trainer.prepare`), so parallel runs never build the same data cache. The losses do not
+depend on --jobs (CPU fp32, fixed seeds), only the wall time does.
 
 Writes benchmarks/results/ablation.json and ablation.md (the tables), and, from the shared-LR
 first-seed runs of the default setting, ablation_val_vs_tokens.png, ablation_val_vs_flops.png
@@ -38,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import ablation_stats
@@ -50,14 +55,17 @@ REFERENCE = "pre_ln"  # the variant the table's deltas are relative to
 
 
 def variant_configs(only: list[str] | None = None, folder: Path = CONFIGS) -> list[Path]:
-    # The reference first and everything-on last, so the table reads as base -> single options -> all.
+    """The variants of a setting: the reference first and everything-on last, so the table
+    reads base -> single options -> all; with --only, those named, in the order given (the
+    order the runs start in, so the most wanted finish first)."""
     paths = sorted((p for p in folder.glob("*.yaml") if p.stem != "base"),
                    key=lambda p: (p.stem != REFERENCE, p.stem == "all_on", p.stem))
     if only:
         unknown = set(only) - {p.stem for p in paths}
         if unknown and folder == CONFIGS:
             raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; have {[p.stem for p in paths]}")
-        paths = [p for p in paths if p.stem in only]
+        by_name = {p.stem: p for p in paths}
+        paths = [by_name[name] for name in only if name in by_name]
     return paths
 
 
@@ -173,12 +181,23 @@ def summary_path(root: Path, setting: str, corpus: str, variant: str, lr: float,
     return root / setting / corpus / variant / f"lr{lr:g}-seed{seed}.json"
 
 
-def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None) -> list[dict]:
-    """Train every missing (setting, corpus, variant, LR, seed) and return all their summaries.
-    A run whose summary exists is skipped; a summary is written atomically, only when its
-    run finished, so an interrupted sweep loses at most the run in progress."""
-    run_fn = run_fn or train
-    found = []
+def prepare_corpus(config: Path, common: list[str], env: dict) -> None:
+    """Tokenizer and shards of one corpus, once, before parallel runs start: two runs that
+    each found the cache empty would otherwise both build it (the two-phase workflow)."""
+    cmd = [sys.executable, "-m", "trainer.prepare", str(config.relative_to(ROOT)), *common, "--workers", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"preparing {common[1]} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=None) -> list[dict]:
+    """Train every missing (setting, corpus, variant, LR, seed), up to `args.jobs` at once,
+    and return all their summaries. A run whose summary exists is skipped; a summary is
+    written atomically, only when its run finished, so an interrupted sweep loses at most the
+    runs in progress. Runs start in setting, corpus, variant (the --only order), LR, seed
+    order; the summaries come back in the table's order whatever the order of finishing."""
+    run_fn, prepare_fn = run_fn or train, prepare_fn or prepare_corpus
+    found, pending = [], []
     for setting in args.settings:
         folder = SETTINGS[setting]
         paths = variant_configs(args.only, folder)
@@ -188,32 +207,46 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None) -> list[dict
                       "logging.every=1"]
             budget, runs = plan(paths, common, args.steps_scale, folder)
             lrs = args.lrs or [budget["lr"]]
+            todo = []
             for run in runs:
                 for lr in lrs:
                     for seed in range(args.seeds):
                         path = summary_path(summaries, setting, corpus, run["variant"], lr, seed)
                         if path.is_file():
                             found.append(json.loads(path.read_text()))
-                            continue
-                        if args.report_only:
-                            continue
-                        name = f"{setting}-{corpus}-{run['variant']}-lr{lr:g}-s{seed}"
-                        this = {**run, "run_name": name, "overrides": [*run["overrides"], f"run.name={name}",
-                                                                       f"optim.lr={lr}", f"run.seed={1337 + seed}"]}
-                        print(f"{name}: {run['budget']}, {run['steps']} steps", end="", flush=True)
-                        wall = run_fn(this, out, env)
-                        summary = {"setting": setting, "source": corpus, "variant": run["variant"], "lr": lr,
-                                   "seed": seed, "shared_lr": budget["lr"], "steps_scale": args.steps_scale,
-                                   "wall_s": round(wall, 1), **summarise(this, out, budget["tokens_per_step"])}
-                        # The weights are not needed for the report; a sweep keeps hundreds of runs.
-                        shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = path.with_suffix(".tmp")
-                        tmp.write_text(json.dumps(summary, indent=1))
-                        os.replace(tmp, path)
-                        found.append(summary)
-                        print(f" -> val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
-    return found
+                        elif not args.report_only:
+                            name = f"{setting}-{corpus}-{run['variant']}-lr{lr:g}-s{seed}"
+                            overrides = [*run["overrides"], f"run.name={name}", f"optim.lr={lr}",
+                                         f"run.seed={1337 + seed}"]
+                            todo.append(({**run, "run_name": name, "overrides": overrides}, path,
+                                         {"setting": setting, "source": corpus, "variant": run["variant"], "lr": lr,
+                                          "seed": seed, "shared_lr": budget["lr"], "steps_scale": args.steps_scale},
+                                         budget["tokens_per_step"]))
+            if todo:
+                prepare_fn(folder / "base.yaml", common, env)
+            pending += todo
+
+    def one(job) -> dict:
+        run, path, head, tokens_per_step = job
+        print(f"{run['run_name']}: {run['budget']}, {run['steps']} steps: started", flush=True)
+        wall = run_fn(run, out, env)
+        summary = {**head, "wall_s": round(wall, 1), **summarise(run, out, tokens_per_step)}
+        # The weights are not needed for the report; a sweep keeps hundreds of runs.
+        shutil.rmtree(out / run["run_name"] / "checkpoints", ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+        print(f"{run['run_name']}: val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
+        return summary
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        found += list(pool.map(one, pending))
+    order = {name: i for i, name in enumerate(args.only or [])}
+    return sorted(found, key=lambda s: (args.settings.index(s["setting"]),
+                                        [corpus_name(x) for x in args.sources].index(s["source"]),
+                                        s["variant"] != REFERENCE, order.get(s["variant"], len(order)),
+                                        s["variant"] == "all_on", s["variant"], s["lr"], s["seed"]))
 
 
 def report(summaries: list[dict], args) -> dict:
@@ -248,7 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", type=lambda v: v.split(","), default=["default"],
                     help=f"comma-separated settings from {list(SETTINGS)} (default: default)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply steps and cadences (e.g. 0.05 to check)")
-    ap.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated variants (default: all)")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None,
+                    help="comma-separated variants, started in this order (default: all)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each a one-thread process (default 1; the machine's cores at most)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the stored summaries")
     ap.add_argument("--out", type=Path, default=RESULTS / "ablation_runs", help="run.out_dir of the runs")
     ap.add_argument("--summaries", type=Path, default=SUMMARIES, help="where finished runs' summaries are kept")
@@ -259,6 +295,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--settings: unknown {bad}; expected some of {list(SETTINGS)}")
     if args.seeds < 1:
         raise SystemExit(f"--seeds {args.seeds}: must be >= 1")
+    if not 1 <= args.jobs <= (os.cpu_count() or 1):
+        raise SystemExit(f"--jobs {args.jobs}: must be between 1 and this machine's {os.cpu_count()} cores")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
     env.setdefault("OMP_NUM_THREADS", "1")
     out = args.out.resolve()

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     for cache in ("cache1", "cache2"):
         shutil.rmtree(work / cache, ignore_errors=True)
     payload = {
-        "benchmark": "prepare", "device": f"CPU ({os.cpu_count()} cores, shared with other work)",
+        "benchmark": "prepare", "device": f"CPU ({os.cpu_count()} cores; load average in loadavg_before/after)",
         "command": command_line("prepare", argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": load_after,
         "corpus": {**info, "documents": raw["documents"], "vocab_size": args.vocab,

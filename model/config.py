@@ -39,6 +39,7 @@ class ModelConfig:
     norm_type: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
     embed_norm: bool = False  # a norm on the embedding output (Peri-LN's option; also valid as a Pre-LN control)
+    out_norm_gain: float = 1.0  # initial gain of Peri-LN's output norms Ñ (1 as in OLMo-core and Gemma-2)
     ln_scaling: bool = False  # LayerNorm Scaling: sublayer-input norms of block l times 1/sqrt(l)
     value_residual: str = "none"  # none | fixed | learned | shared
     mod: ModConfig = field(default_factory=ModConfig)

@@ -81,7 +81,10 @@ class Transformer(nn.Module):
         """normal(0, init_std) for every linear and the embedding, out-projections scaled by
         1/sqrt(2L) under depth_scaled_init unless ln_scaling (LNS authors: the two together
         diminish LNS). Out-projections are never zero: under Peri-LN an RMSNorm of a zero
-        vector has a huge Jacobian. Norm gains start at 1, λ at 0.5, biases at 0."""
+        vector has a huge Jacobian. Norm gains start at 1, λ at 0.5, biases at 0, except
+        Peri-LN's output norms Ñ, which start at model.out_norm_gain: each sublayer's first
+        increment then has RMS out_norm_gain instead of 1, against an embedding of RMS
+        init_std (1 with embed_norm)."""
         cfg = self.cfg
         out_std = cfg.init_std
         if cfg.depth_scaled_init and not cfg.ln_scaling:
@@ -94,6 +97,10 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, cfg.init_std)
+        if cfg.norm == "peri":
+            for block in self.blocks:
+                for out in (block.attn_out, block.mlp_out):
+                    nn.init.constant_(out.weight, cfg.out_norm_gain)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 routing: Optional[Routing] = None) -> torch.Tensor:

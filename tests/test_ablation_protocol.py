@@ -59,15 +59,22 @@ def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):
         return 1.0
 
     args = argparse.Namespace(settings=["default"], only=["pre_ln", "lns"], sources=["embedded"],
-                              steps_scale=0.01, lrs=[1e-3, 2e-3], seeds=2, report_only=False)
-    first = ablate.sweep(args, tmp_path / "runs", tmp_path / "summaries", {}, run_fn=fake_train)
+                              steps_scale=0.01, lrs=[1e-3, 2e-3], seeds=2, report_only=False, jobs=2)
+    prepared = []
+    first = ablate.sweep(args, tmp_path / "runs", tmp_path / "summaries", {}, run_fn=fake_train,
+                         prepare_fn=lambda config, common, env: prepared.append(config.name))
+    assert prepared == ["base.yaml"]  # once per corpus, before its runs
     assert len(calls) == 2 * 2 * 2 and len(first) == 8
     stored = sorted(p.relative_to(tmp_path / "summaries").as_posix() for p in (tmp_path / "summaries").rglob("*.json"))
     assert "default/embedded/lns/lr0.002-seed1.json" in stored and len(stored) == 8
 
     (tmp_path / "summaries/default/embedded/lns/lr0.002-seed1.json").unlink()  # as if interrupted there
     calls.clear()
-    again = ablate.sweep(args, tmp_path / "runs2", tmp_path / "summaries", {}, run_fn=fake_train)
+    again = ablate.sweep(args, tmp_path / "runs2", tmp_path / "summaries", {}, run_fn=fake_train,
+                         prepare_fn=lambda *a: None)
     assert calls == ["default-embedded-lns-lr0.002-s1"] and len(again) == 8
+    # The table's order (the --only order, then LR, seed) whatever order the runs finished in.
+    assert [(s["variant"], s["lr"], s["seed"]) for s in again][:5] == [
+        ("pre_ln", 1e-3, 0), ("pre_ln", 1e-3, 1), ("pre_ln", 2e-3, 0), ("pre_ln", 2e-3, 1), ("lns", 1e-3, 0)]
     rep = ablate.report(again, args)
     assert rep["tables"][0]["shared_lr"] == 3e-3 and {r["variant"] for r in rep["tables"][0]["rows"]} == {"pre_ln", "lns"}

@@ -64,6 +64,8 @@ BAD = [
     (["logging.profile_steps=[5, 3]"], "1 <= first <= last"),
     (["logging.profile_steps=[0, 3]"], "logging.profile_steps=[0, 3]"),
     (["logging.profile_steps=[4]"], "logging.profile_steps=[4]"),
+    (["model.out_norm_gain=0.1"], "model.norm=pre has none"),
+    (["model.norm=peri", "model.out_norm_gain=-1"], "must be a number >= 0"),
 ]
 
 

@@ -111,6 +111,27 @@ def test_layernorm_scaling_factors_are_one_over_sqrt_depth_on_input_norms_only(n
     assert not any("scale" in name for name in model.state_dict())  # a constant, not state
 
 
+@pytest.mark.parametrize("g", [1.0, 0.02, 0.0])
+def test_peri_output_norm_gains_start_at_out_norm_gain_and_other_norms_at_one(g):
+    torch.manual_seed(0)
+    # init_std large enough that the attention output's mean square dwarfs the norm's eps.
+    model = Transformer(tiny(norm="peri", embed_norm=True, n_layers=3, out_norm_gain=g, init_std=0.5))
+    for block in model.blocks:
+        for slot in (block.attn_out, block.mlp_out):
+            assert torch.equal(slot.weight, torch.full((D,), g))
+        for slot in (block.attn_in, block.mlp_in):
+            assert torch.equal(slot.weight, torch.ones(D))
+    assert torch.equal(model.embed_norm.weight, torch.ones(D)) and torch.equal(model.norm.weight, torch.ones(D))
+    # The attention sublayer's first increment to the residual stream has RMS g per token.
+    ids = torch.randint(0, 64, (B, T))
+    block = model.blocks[0]
+    with torch.no_grad():
+        x = model.embed_norm(model.embed_tokens(ids))
+        inc = block.attn_out(block.attn(block.attn_in(x), model.rotary(torch.arange(T)), None)[0])
+    rms_inc = inc.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms_inc, torch.full_like(rms_inc, g), rtol=1e-3, atol=1e-6)
+
+
 # ---------------------------------------------------------------- value residual
 
 def capture_values(model, layers):

@@ -306,6 +306,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _need(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
     _need(not (m.ln_scaling and m.norm == "post"), "model.ln_scaling", m.ln_scaling,
           "LayerNorm Scaling needs model.norm=pre or peri (post-LN has no sublayer-input norm)")
+    _need(math.isfinite(m.out_norm_gain) and m.out_norm_gain >= 0, "model.out_norm_gain", m.out_norm_gain,
+          "must be a number >= 0")
+    _need(m.out_norm_gain == 1.0 or m.norm == "peri", "model.out_norm_gain", m.out_norm_gain,
+          f"sets Peri-LN's output-norm gains; model.norm={m.norm} has none (use model.norm=peri, or leave it at 1)")
     _need(m.mod.capacity == 0 or 0 < m.mod.capacity <= 1, "model.mod.capacity", m.mod.capacity,
           "must be in (0, 1], or 0 to turn Mixture-of-Depths off")
     _need(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")

@@ -194,7 +194,8 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
     """Train every missing (setting, corpus, variant, LR, seed), up to `args.jobs` at once,
     and return all their summaries. A run whose summary exists is skipped; a summary is
     written atomically, only when its run finished, so an interrupted sweep loses at most the
-    runs in progress. Runs start in setting, corpus, variant (the --only order), LR, seed
+    runs in progress; a run that fails is reported, gets no summary, and is retried by the next
+    sweep. Runs start in setting, corpus, variant (the --only order), LR, seed
     order; the summaries come back in the table's order whatever the order of finishing."""
     run_fn, prepare_fn = run_fn or train, prepare_fn or prepare_corpus
     found, pending = [], []
@@ -226,10 +227,15 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
                 prepare_fn(folder / "base.yaml", common, env)
             pending += todo
 
-    def one(job) -> dict:
+    def one(job) -> dict | None:
         run, path, head, tokens_per_step = job
         print(f"{run['run_name']}: {run['budget']}, {run['steps']} steps: started", flush=True)
-        wall = run_fn(run, out, env)
+        try:
+            wall = run_fn(run, out, env)
+        except SystemExit as e:  # the others go on; no summary, so the next sweep retries it
+            print(f"{run['run_name']}: FAILED: {e}", flush=True)
+            failed.append(run["run_name"])
+            return None
         summary = {**head, "wall_s": round(wall, 1), **summarise(run, out, tokens_per_step)}
         # The weights are not needed for the report; a sweep keeps hundreds of runs.
         shutil.rmtree(out / run["run_name"] / "checkpoints", ignore_errors=True)
@@ -240,8 +246,11 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
         print(f"{run['run_name']}: val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
         return summary
 
+    failed: list[str] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        found += list(pool.map(one, pending))
+        found += [s for s in pool.map(one, pending) if s is not None]
+    if failed:
+        print(f"{len(failed)} run(s) failed and will be retried by the next sweep: {', '.join(failed)}", flush=True)
     order = {name: i for i, name in enumerate(args.only or [])}
     return sorted(found, key=lambda s: (args.settings.index(s["setting"]),
                                         [corpus_name(x) for x in args.sources].index(s["source"]),

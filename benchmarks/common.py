@@ -155,12 +155,15 @@ class FixedBatch:
 
 def plain_train_step(model: torch.nn.Module, loss_fn: Callable, cfg) -> Callable[[], None]:
     """train_step's math without DeepSpeed: loss_fn(model) (already ÷ tokens), backward,
-    clip_grad_norm_ at optim.grad_clip, torch AdamW with `param_groups`' weight-decay split.
-    Phases are marked for the profiler. The returned callable keeps its losses in `.losses`."""
+    clip_grad_norm_ at optim.grad_clip, torch AdamW with `param_groups`' weight-decay split and
+    the engine's kernel (`adamw_kernel`). Phases are marked for the profiler. The returned
+    callable keeps its losses in `.losses`."""
+    from trainer.engine import adamw_kernel
     from trainer.optim import param_groups
 
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            **adamw_kernel(next(model.parameters()).device))
     losses: list[float] = []
 
     def step():

@@ -37,6 +37,7 @@ from torch import nn
 from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
                                machine_info, median, op_profile, plain_train_step, print_summary,
                                run_config, set_threads, speedups, timing_parser, write_result)
+from trainer.engine import adamw_kernel
 from trainer.metrics import matmul_probe
 
 NAME = "throughput"
@@ -136,6 +137,7 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
                    "tokens_per_step": tokens, "threads": threads, "dtype": "float32", "device": "cpu",
                    "hf_attn_implementation": attn_impl, "optimizer": {
                        "class": "torch.optim.AdamW (engine: trainer.optim.SkipNonFiniteAdamW, a subclass)",
+                       "kernel": adamw_kernel(torch.device("cpu")),
                        "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
                        "weight_decay": cfg.optim.weight_decay, "grad_clip": cfg.optim.grad_clip},
                    "zero_stage": 0, "warmup_rounds": warmup, "measured_rounds": reps,

@@ -5,9 +5,10 @@ A summary is one finished run: {setting, source, variant, lr, seed, final_val_lo
 Per (setting, source, variant, lr) the seeds give a mean and a spread; the spread is the
 range (max − min) over seeds, the more conservative choice for the 2–3 seeds a CPU sweep
 affords. Each variant is then reported twice, as papers compare them: at its own best LR
-(lowest mean) and at the shared LR. A claim that a variant lowers the loss is marked
-reproduced only when its improvement over the reference exceeds the larger of the two seed
-spreads; with a single seed nothing can be marked reproduced.
+(lowest mean) and at the shared LR. A difference from the reference counts (better or
+worse) only when it exceeds the larger of the two seed spreads, and a claim that a variant
+lowers the loss is marked reproduced only when it is better by that rule; with a single
+seed nothing counts.
 """
 from __future__ import annotations
 
@@ -37,12 +38,18 @@ def best_lr(lrs: dict[float, dict]) -> float:
     return min(lrs, key=lambda lr: lrs[lr]["mean"])
 
 
-def reproduced(variant: dict, reference: dict) -> bool:
-    """True when the variant's mean is lower than the reference's by more than either spread
-    (and both have at least two seeds, so a spread exists)."""
+def verdict(variant: dict, reference: dict) -> str:
+    """"better" or "worse" when the means differ by more than either seed spread (both with
+    at least two seeds, so a spread exists), else "noise"."""
     if variant["n"] < 2 or reference["n"] < 2:
-        return False
-    return reference["mean"] - variant["mean"] > max(variant["spread"], reference["spread"])
+        return "noise"
+    diff, spread = variant["mean"] - reference["mean"], max(variant["spread"], reference["spread"])
+    return "better" if -diff > spread else "worse" if diff > spread else "noise"
+
+
+def reproduced(variant: dict, reference: dict) -> bool:
+    """A claim that the variant lowers the loss holds: it is better beyond both seed spreads."""
+    return verdict(variant, reference) == "better"
 
 
 def compare(variants: dict[str, dict[float, dict]], reference: str, shared_lr: float) -> list[dict]:
@@ -62,6 +69,7 @@ def compare(variants: dict[str, dict[float, dict]], reference: str, shared_lr: f
             if there is not None:
                 row[label]["delta"] = here["mean"] - there["mean"]
                 row[label]["reproduced"] = name != reference and reproduced(here, there)
+                row[label]["verdict"] = verdict(here, there) if name != reference else "reference"
         rows.append(row)
     return rows
 
@@ -71,8 +79,8 @@ def markdown(report: dict) -> str:
     out = [f"# Ablation sweep ({report['protocol']})", ""]
     for table in report["tables"]:
         out += [f"## {table['setting']} · {table['source']}", "",
-                "| variant | shared LR: val loss | Δ vs ref | reproduced | best LR | val loss at best LR | Δ vs ref "
-                "| reproduced |", "|---|---:|---:|:-:|---:|---:|---:|:-:|"]
+                "| variant | shared LR: val loss | Δ vs ref | beyond seed spread | best LR | val loss at best LR "
+                "| Δ vs ref | beyond seed spread |", "|---|---:|---:|:-:|---:|---:|---:|:-:|"]
         for row in table["rows"]:
             cells = []
             for label in ("shared", "best"):
@@ -82,12 +90,14 @@ def markdown(report: dict) -> str:
                     continue
                 lr = [f"{c['lr']:g}"] if label == "best" else []
                 delta = f"{c['delta']:+.4f}" if "delta" in c else "-"
-                mark = "yes" if c.get("reproduced") else "no"
+                mark = {"better": "**better**", "worse": "**worse**", "noise": "no", "reference": "-"}[
+                    c.get("verdict", "noise")]
                 cells += lr + [f"{c['mean']:.4f} ± {c['spread'] / 2:.4f} (n={c['n']})", delta, mark]
             out.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
         for extra in table.get("notes", []):
             out += ["", extra]
         out.append("")
-    out += [f"± is half the range over seeds; a Δ counts as reproduced only when the improvement exceeds the "
-            f"larger seed range of the two. Reference: `{report['reference']}`.", ""]
+    out += [f"± is half the range over seeds; a Δ is marked better or worse only when it exceeds the larger seed "
+            f"range of the two (a claim that a variant helps is reproduced only when it is marked better). "
+            f"Reference: `{report['reference']}`.", ""]
     return "\n".join(out)

@@ -27,6 +27,9 @@ def test_reproduced_needs_a_difference_beyond_both_seed_spreads_and_two_seeds():
     assert not ablation_stats.reproduced(ablation_stats.cell([3.5, 4.3]), ref)  # within its own spread
     assert not ablation_stats.reproduced(ablation_stats.cell([4.2, 4.3]), ref)  # worse
     assert not ablation_stats.reproduced(ablation_stats.cell([3.0]), ablation_stats.cell([4.0]))  # one seed
+    assert ablation_stats.verdict(ablation_stats.cell([4.3, 4.35]), ref) == "worse"  # 0.25 worse > 0.1
+    assert ablation_stats.verdict(ablation_stats.cell([4.1, 4.12]), ref) == "noise"  # 0.06 worse < 0.1
+    assert ablation_stats.verdict(ablation_stats.cell([3.8, 3.85]), ref) == "better"
 
 
 def test_each_variant_is_compared_at_the_shared_lr_and_at_its_own_best_lr():
@@ -43,7 +46,7 @@ def test_each_variant_is_compared_at_the_shared_lr_and_at_its_own_best_lr():
     md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln",
                                   "tables": [{"setting": "default", "source": "c", "rows": list(rows.values())}]})
     peri_line = next(line for line in md.splitlines() if line.startswith("| peri |"))
-    assert peri_line.endswith("| yes |") and "3.7100 ± 0.0100 (n=2)" in peri_line
+    assert peri_line.endswith("| **better** |") and "3.7100 ± 0.0100 (n=2)" in peri_line
 
 
 def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):

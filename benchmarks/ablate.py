@@ -318,13 +318,13 @@ def main(argv=None) -> int:
     (args.results / "ablation.md").write_text(ablation_stats.markdown(rep))
     first = {s["variant"]: s for s in summaries if s["setting"] == "default" and s["seed"] == 0
              and s["lr"] == s["shared_lr"] and s["source"] == corpus_name(args.sources[0])}
-    if first and not args.report_only:
+    if first:  # curves from the summaries; the diagnostics plot only where the run dirs are at hand
         plot_curves({"variants": first}, args.results)
         from benchmarks.plot_diagnostics import plot_compare
 
-        run_dirs = [ROOT / v["run_dir"] for v in first.values() if (ROOT / v["run_dir"]).is_dir()]
-        if run_dirs:
-            plot_compare(run_dirs, args.results / "ablation_diagnostics.png", labels=list(first))
+        at_hand = {name: ROOT / v["run_dir"] for name, v in first.items() if (ROOT / v["run_dir"]).is_dir()}
+        if at_hand:
+            plot_compare(list(at_hand.values()), args.results / "ablation_diagnostics.png", labels=list(at_hand))
     print(ablation_stats.markdown(rep))
     print(f"wrote {repo_relative(args.results / 'ablation.json')} and ablation.md ({len(summaries)} runs)")
     return 0

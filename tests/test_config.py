@@ -31,6 +31,14 @@ def test_overrides_are_parsed_as_yaml_into_typed_fields():
     assert cfg.parallel.deepspeed["zero_optimization"]["reduce_bucket_size"] == 1000
 
 
+@pytest.mark.parametrize("value,expected", [("on", "on"), ("no", "no"), ("123", "123"), ("1e-3", "1e-3"),
+                                            ('"quoted"', "quoted"), ("a=b", "a=b")])
+def test_a_string_key_takes_its_override_verbatim_where_yaml_would_read_a_bool_or_number(value, expected):
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"run.name={value}", "model.embed_norm=on", "optim.lr=1e-3"])
+    assert cfg.run.name == expected
+    assert cfg.model.embed_norm is True and cfg.optim.lr == 1e-3  # typed keys still parse as YAML
+
+
 def test_extends_merges_parent_then_child(tmp_path):
     (tmp_path / "base.yaml").write_text("model: {d_model: 128, n_heads: 4}\nrun: {name: base}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun: {name: child}\n")

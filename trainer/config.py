@@ -6,7 +6,9 @@ from this tree, so a value lives in exactly one place.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -216,6 +218,16 @@ def _one_line(e: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: bad value for '{key}': {msg}")
 
 
+def _is_str_field(key: str) -> bool:
+    """Whether dotted `key` names a str field of RunConfig."""
+    cls: Any = RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        cls = typing.get_type_hints(cls).get(part)
+    return cls is str
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """YAML file (+ extends) then `key=value` overrides (values parsed as YAML) → validated RunConfig."""
     cfg = OmegaConf.structured(RunConfig)
@@ -228,6 +240,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. optim.lr=1e-3)")
         try:
+            key, value = (part.strip() for part in item.split("=", 1))
+            if _is_str_field(key):
+                # Verbatim (less any quotes): YAML would read run.name=on as a boolean and
+                # run.name=1e-3 as a number.
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value[:1] in "'\"" else value, merge=True)
+                continue
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _one_line(e, f"override '{item}'") from None

@@ -51,6 +51,11 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
     proc = train(part)
     assert "resumed from" in proc.stdout and "step-20" in proc.stdout
     assert losses(out / "part") == losses(out / "full")
+    # config.yaml keeps the first launch's config; the resume's change is recorded beside it.
+    assert "stop_at: 20" in (out / "part" / "config.yaml").read_text()
+    assert "resuming with changed config (recorded in config_changes.jsonl): run.stop_at 20 -> 0" in proc.stdout
+    rows = [json.loads(line) for line in (out / "part" / "config_changes.jsonl").read_text().splitlines()]
+    assert [r["changed"] for r in rows] == [{"run.stop_at": {"was": 20, "now": 0}}]
 
 
 def test_export_round_trip_matches_hf_llama_logits(tmp_path):

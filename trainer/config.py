@@ -413,14 +413,18 @@ def _validate_source(key: str, source: str, d: DataConfig) -> None:
         _need(path.stat().st_size > 0, key, source, "file is empty")
 
 
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (old value, new value)} for every leaf key that differs."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def resume_diff(old: RunConfig, new: RunConfig) -> list[str]:
     """Frozen keys that differ between the run's saved config and this launch's."""
-    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
     def under(k: str, roots) -> bool:
         return any(k == f or k.startswith(f + ".") for f in roots)
 
-    return sorted(k for k in set(a) | set(b)
-                  if under(k, FROZEN_ON_RESUME) and not under(k, RESUMABLE_DATA_KEYS) and a.get(k) != b.get(k))
+    return [k for k in config_changes(old, new) if under(k, FROZEN_ON_RESUME) and not under(k, RESUMABLE_DATA_KEYS)]
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:

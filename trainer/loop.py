@@ -9,7 +9,8 @@ import time
 
 from trainer import init_from
 from trainer.checkpoint import Checkpointer, TrainState
-from trainer.config import ConfigError, RunConfig, from_yaml_text, resume_diff, to_yaml, validate
+from trainer.config import (ConfigError, RunConfig, config_changes, from_yaml_text, resume_diff, to_yaml,
+                            validate)
 from trainer.data import prepare_data
 from trainer.diagnostics import Diagnostics
 from trainer.dist import init_distributed, print0
@@ -47,10 +48,12 @@ class Trainer:
     def _check_or_record_config(self) -> None:
         saved = self.run_dir / "config.yaml"
         if saved.exists() and self.resume_from is not None:
-            changed = resume_diff(from_yaml_text(saved.read_text()), self.cfg)
+            first = from_yaml_text(saved.read_text())
+            changed = resume_diff(first, self.cfg)
             if changed and not self.cfg.run.force_resume:
                 raise ConfigError(f"run {self.run_dir} was started with different values for {', '.join(changed)}; "
                                   f"resuming would change the model or data. Use a new run.name, or run.force_resume=true")
+            self._record_changes(first)
         if self.dist.is_main and (self.resume_from is None or not saved.exists()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             saved.write_text(to_yaml(self.cfg))
@@ -59,6 +62,19 @@ class Trainer:
                 info["init_from"] = str(self.init_src.checkpoint)
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         self.dist.barrier()
+
+    def _record_changes(self, first: RunConfig) -> None:
+        """config.yaml keeps the config the run started with; each resume that changes keys
+        (an LR, a schedule, run.max_steps) appends them to config_changes.jsonl and says so."""
+        changes = config_changes(first, self.cfg)
+        if not changes or not self.dist.is_main:
+            return
+        with open(self.run_dir / "config_changes.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume_from": str(self.resume_from),
+                                "changed": {k: {"was": a, "now": b} for k, (a, b) in changes.items()}},
+                               default=str) + "\n")
+        print0("resuming with changed config (recorded in config_changes.jsonl): "
+               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
     def fit(self) -> int:
         cfg, dist = self.cfg, self.dist

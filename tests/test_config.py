@@ -85,6 +85,20 @@ def test_bad_config_gives_one_clear_line_and_nonzero_exit(overrides, needle, cap
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("overrides,warned", [
+    (["model.norm=peri"], True),
+    (["model.norm=peri", "model.embed_norm=true"], False),
+    (["model.norm=peri", "model.out_norm_gain=0.02"], False),
+    (["model.norm=pre"], False),
+])
+def test_peri_without_embed_norm_warns_once_at_start_and_still_runs(overrides, warned, capsys):
+    assert main(["configs/tiny.yaml", *overrides, "--dry-run"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: model.norm=peri")]
+    assert len(err) == (1 if warned else 0), err
+    if warned:
+        assert "model.embed_norm=true" in err[0] and "ablation" in err[0]
+
+
 def test_empty_data_file_is_rejected(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -354,6 +354,22 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _validate_data_path(d)
 
 
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that validate but that this project's ablation measured to hurt, each with the
+    measurement it rests on (README, "What reproduced"). trainer.train and --dry-run print
+    them once, at start; they never stop a run."""
+    m, out = cfg.model, []
+    if m.norm == "peri" and not m.embed_norm and m.out_norm_gain == 1.0:
+        out.append("model.norm=peri without model.embed_norm: each block adds increments of RMS 1 to an embedding "
+                   f"of RMS init_std={m.init_std}; {PERI_TRAP_MEASURED}. Set model.embed_norm=true (or a small "
+                   "model.out_norm_gain)")
+    return out
+
+
+# The measurement behind the peri-without-embed_norm warning (benchmarks/results/ablation.md).
+PERI_TRAP_MEASURED = "measured worse than Pre-LN in our ablation"
+
+
 def _validate_growth(cfg: RunConfig) -> None:
     prev_step, prev_layers = 0, cfg.model.n_layers
     for i, st in enumerate(cfg.growth.stages):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.config import load_config
+from trainer.config import config_warnings, load_config
 from trainer.dist import collective_failure, print0
 from trainer.errors import UserError
 
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
+        for warning in config_warnings(cfg):
+            print0(f"warning: {warning}", file=sys.stderr)
         # The planner and the loop import DeepSpeed (seconds); importing them only now keeps
         # a bad config's error instant.
         if args.dry_run:

@@ -56,6 +56,12 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
     assert "resuming with changed config (recorded in config_changes.jsonl): run.stop_at 20 -> 0" in proc.stdout
     rows = [json.loads(line) for line in (out / "part" / "config_changes.jsonl").read_text().splitlines()]
     assert [r["changed"] for r in rows] == [{"run.stop_at": {"was": 20, "now": 0}}]
+    train([*part, "run.max_steps=31"])  # a second change is appended
+    again = train([*part, "run.max_steps=31"])  # the same command after it (a preemption's resume) is not
+    assert "resuming with changed config" in again.stdout
+    rows = [json.loads(line) for line in (out / "part" / "config_changes.jsonl").read_text().splitlines()]
+    assert [r["changed"] for r in rows] == [{"run.stop_at": {"was": 20, "now": 0}},
+                                            {"run.max_steps": {"was": 30, "now": 31}, "run.stop_at": {"was": 20, "now": 0}}]
 
 
 def test_export_round_trip_matches_hf_llama_logits(tmp_path):

@@ -64,17 +64,22 @@ class Trainer:
         self.dist.barrier()
 
     def _record_changes(self, first: RunConfig) -> None:
-        """config.yaml keeps the config the run started with; each resume that changes keys
-        (an LR, a schedule, run.max_steps) appends them to config_changes.jsonl and says so."""
+        """config.yaml keeps the config the run started with; a resume whose config differs
+        from it (an LR, a schedule, run.max_steps) says so, and appends the differences to
+        config_changes.jsonl unless they are the same as the last row's."""
         changes = config_changes(first, self.cfg)
         if not changes or not self.dist.is_main:
             return
-        with open(self.run_dir / "config_changes.jsonl", "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume_from": str(self.resume_from),
-                                "changed": {k: {"was": a, "now": b} for k, (a, b) in changes.items()}},
-                               default=str) + "\n")
         print0("resuming with changed config (recorded in config_changes.jsonl): "
                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        changed = json.loads(json.dumps({k: {"was": a, "now": b} for k, (a, b) in changes.items()}, default=str))
+        log = self.run_dir / "config_changes.jsonl"
+        rows = log.read_text().splitlines() if log.exists() else []
+        if rows and json.loads(rows[-1])["changed"] == changed:
+            return  # the same command again (a preemption's resume): nothing new to record
+        with open(log, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resume_from": str(self.resume_from),
+                                "changed": changed}) + "\n")
 
     def fit(self) -> int:
         cfg, dist = self.cfg, self.dist

@@ -64,7 +64,7 @@ def compare(variants: dict[str, dict[float, dict]], reference: str, shared_lr: f
             here = lrs.get(lr)
             if here is None:
                 continue
-            row[label] = {"lr": lr, **here}
+            row[label] = {"lr": lr, "lrs_run": len(lrs), **here}
             there = ref.get(lr_of(ref)) if ref else None
             if there is not None:
                 row[label]["delta"] = here["mean"] - there["mean"]
@@ -79,7 +79,7 @@ def markdown(report: dict) -> str:
     out = [f"# Ablation sweep ({report['protocol']})", ""]
     for table in report["tables"]:
         out += [f"## {table['setting']} · {table['source']}", "",
-                "| variant | shared LR: val loss | Δ vs ref | beyond seed spread | best LR | val loss at best LR "
+                "| variant | shared LR: val loss | Δ vs ref | beyond seed spread | best LR (of LRs run) | val loss at best LR "
                 "| Δ vs ref | beyond seed spread |", "|---|---:|---:|:-:|---:|---:|---:|:-:|"]
         for row in table["rows"]:
             cells = []
@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
                 if c is None:
                     cells += ["-"] * (3 if label == "shared" else 4)
                     continue
-                lr = [f"{c['lr']:g}"] if label == "best" else []
+                lr = [f"{c['lr']:g} (of {c.get('lrs_run', '?')})"] if label == "best" else []
                 delta = f"{c['delta']:+.4f}" if "delta" in c else "-"
                 mark = {"better": "**better**", "worse": "**worse**", "noise": "no", "reference": "-"}[
                     c.get("verdict", "noise")]

@@ -46,7 +46,7 @@ def test_each_variant_is_compared_at_the_shared_lr_and_at_its_own_best_lr():
     md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln",
                                   "tables": [{"setting": "default", "source": "c", "rows": list(rows.values())}]})
     peri_line = next(line for line in md.splitlines() if line.startswith("| peri |"))
-    assert peri_line.endswith("| **better** |") and "3.7100 ± 0.0100 (n=2)" in peri_line
+    assert peri_line.endswith("| **better** |") and "3.7100 ± 0.0100 (n=2)" in peri_line and "| 0.006 (of 2) |" in peri_line
 
 
 def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):

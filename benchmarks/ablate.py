@@ -230,6 +230,8 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
                 prepare_fn(folder / "base.yaml", common, env)
             pending += todo
 
+    failed: list[str] = []
+
     def one(job) -> dict | None:
         run, path, head, tokens_per_step = job
         print(f"{run['run_name']}: {run['budget']}, {run['steps']} steps: started", flush=True)
@@ -249,7 +251,6 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
         print(f"{run['run_name']}: val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
         return summary
 
-    failed: list[str] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         found += [s for s in pool.map(one, pending) if s is not None]
     if failed:

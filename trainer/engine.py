@@ -133,8 +133,8 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
 
 def adamw_kernel(device: torch.device) -> dict[str, bool]:
     """torch's fused AdamW, one kernel over all tensors, where torch has it (CUDA and CPU): on
-    CPU it measured 7.4x faster than the multi-tensor foreach path (26M parameters, one
-    thread, 19 vs 141 ms a step), which stays the choice on other devices."""
+    CPU it cut benchmarks.throughput's clip+optimizer phase from 111 to 34 ms a step against
+    the multi-tensor foreach path, which stays the choice on other devices."""
     fused = device.type in ("cuda", "cpu")
     return {"foreach": not fused, "fused": fused}
 

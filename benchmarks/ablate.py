@@ -265,18 +265,27 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
 def report(summaries: list[dict], args) -> dict:
     tables = []
     for (setting, corpus), variants in ablation_stats.aggregate(summaries).items():
-        shared = next(s["shared_lr"] for s in summaries if s["setting"] == setting and s["source"] == corpus)
-        table = {"setting": setting, "source": corpus, "shared_lr": shared,
-                 "rows": ablation_stats.compare(variants, REFERENCE, shared), "notes": []}
-        if setting == "deep":  # Curse of Depth: do the last layers still matter?
-            gaps = ablation_stats.aggregate(
-                [s for s in summaries if s["setting"] == setting and s["source"] == corpus
-                 and s.get("skip_last_quarter_gap") is not None], metric="skip_last_quarter_gap")
-            for variant, lrs in next(iter(gaps.values()), {}).items():
-                c = lrs.get(shared)
-                if c:
-                    table["notes"].append(f"{variant}: loss rise when the last quarter of blocks is skipped "
-                                          f"{c['mean']:.4f} ± {c['spread'] / 2:.4f} (shared LR, n={c['n']})")
+        here = [s for s in summaries if s["setting"] == setting and s["source"] == corpus]
+        shared = here[0]["shared_lr"]
+        rows = ablation_stats.compare(variants, REFERENCE, shared)
+        for row in rows:  # what the budget was: MoD variants train longer at the same FLOPs
+            s = next(s for s in here if s["variant"] == row["variant"])
+            row["budget"] = f"{s['budget']}, {s['steps']} steps" if s.get("budget") == "iso-FLOP" else None
+        table = {"setting": setting, "source": corpus, "shared_lr": shared, "rows": rows, "notes": []}
+        # Curse of Depth: do the last blocks still matter? Every run's last diagnostics have it.
+        depth = {metric: next(iter(ablation_stats.aggregate(
+                     [s for s in here if s.get(metric) is not None], metric=metric).values()), {})
+                 for metric in ablation_stats.DEPTH_METRICS}
+        if any(depth.values()):
+            table["depth"] = ablation_stats.compare_depth(depth, rows, REFERENCE)
+        topk = ablation_stats.aggregate([s for s in here if s.get("final_val_loss_topk") is not None],
+                                        metric="final_val_loss_topk")
+        for variant, lrs in next(iter(topk.values()), {}).items():
+            c = lrs.get(shared)
+            if c:  # the headline is the causal rule's loss; top-k (as trained) peeks at later tokens
+                table["notes"].append(f"{variant}: val loss with top-k routing as trained (sees later tokens, "
+                                      f"not usable for generation) {c['mean']:.4f} ± {c['spread'] / 2:.4f} at the "
+                                      f"shared LR (n={c['n']}); the table gives the causal rule's")
         tables.append(table)
     protocol = (f"{args.seeds} seed(s) × LRs {args.lrs or 'shared'} × corpora {args.sources}, settings "
                 f"{args.settings}, steps scale {args.steps_scale}")

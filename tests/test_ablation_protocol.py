@@ -46,7 +46,52 @@ def test_each_variant_is_compared_at_the_shared_lr_and_at_its_own_best_lr():
     md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln",
                                   "tables": [{"setting": "default", "source": "c", "rows": list(rows.values())}]})
     peri_line = next(line for line in md.splitlines() if line.startswith("| peri |"))
-    assert peri_line.endswith("| **better** |") and "3.7100 ± 0.0100 (n=2)" in peri_line and "| 0.006 (of 2) |" in peri_line
+    assert peri_line.endswith("| **better** |") and "3.7100 ± 0.0100 (n=2)" in peri_line and "| 0.006 (of 2, **edge**) |" in peri_line
+
+
+def test_a_best_lr_at_either_end_of_the_grid_is_flagged_as_a_lower_bound():
+    lrs = {lr: ablation_stats.cell([v, v + 0.01]) for lr, v in ((1e-3, 4.0), (2e-3, 3.9), (4e-3, 3.95))}
+    assert not ablation_stats.at_edge(lrs, ablation_stats.best_lr(lrs))  # bracketed: 2e-3 beats both sides
+    lrs[8e-3] = ablation_stats.cell([3.5, 3.51])
+    assert ablation_stats.best_lr(lrs) == 8e-3 and ablation_stats.at_edge(lrs, 8e-3)
+    assert ablation_stats.at_edge(lrs, 1e-3) and not ablation_stats.at_edge({1e-3: lrs[1e-3]}, 1e-3)  # one LR: no grid
+    row = ablation_stats.compare({"pre_ln": lrs}, "pre_ln", 2e-3)[0]
+    assert row["best"]["at_edge"] is True and row["shared"]["at_edge"] is False
+
+
+def test_depth_table_compares_each_variant_at_the_lrs_of_its_loss_row():
+    def s(variant, lr, seed, loss, gap, angle):
+        return {**_s(variant, lr, seed, loss, setting="deep"), "skip_last_quarter_gap": gap, "last_quarter_angle": angle}
+
+    runs = [s("pre_ln", 3e-3, 0, 4.0, 0.10, 0.05), s("pre_ln", 3e-3, 1, 4.01, 0.12, 0.05),
+            s("pre_ln", 6e-3, 0, 4.3, 0.30, 0.09), s("pre_ln", 6e-3, 1, 4.31, 0.31, 0.09),
+            s("lns", 3e-3, 0, 3.9, 0.11, 0.06), s("lns", 3e-3, 1, 3.91, 0.13, 0.06),
+            s("lns", 6e-3, 0, 3.8, 0.50, 0.04), s("lns", 6e-3, 1, 3.81, 0.52, 0.04)]
+    args = argparse.Namespace(seeds=2, lrs=[3e-3, 6e-3], sources=["c"], settings=["deep"], steps_scale=1.0)
+    table = ablate.report(runs, args)["tables"][0]
+    rows = {r["variant"]: r for r in table["depth"]}
+    # LNS's best LR is 6e-3, Pre-LN's 3e-3: the best-LR column compares 0.51 with 0.11.
+    best = rows["lns"]["best"]
+    assert best["lr"] == 6e-3 and best["skip_last_quarter_gap"]["delta"] == pytest.approx(0.40)
+    assert best["skip_last_quarter_gap"]["verdict"] == "larger" and best["last_quarter_angle"]["verdict"] == "smaller"
+    shared = rows["lns"]["shared"]["skip_last_quarter_gap"]  # 0.12 vs 0.11 inside the 0.02 spreads
+    assert shared["delta"] == pytest.approx(0.01) and shared["verdict"] == "noise"
+    assert "delta" not in rows["pre_ln"]["best"]["skip_last_quarter_gap"]
+    md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln", "tables": [table]})
+    lns_depth = [line for line in md.splitlines() if line.startswith("| lns |")][-1]
+    assert "| 0.5100 ± 0.0100 | +0.4000 **larger** |" in lns_depth
+
+
+def test_iso_flop_rows_name_their_budget_and_keep_the_top_k_loss_as_a_note():
+    mod = [{**_s("mod", 3e-3, seed, 3.7 + seed / 100), "budget": "iso-FLOP", "steps": 512,
+            "final_val_loss_topk": 3.6} for seed in (0, 1)]
+    dense = [{**_s("pre_ln", 3e-3, seed, 4.0), "budget": "iso-token", "steps": 300} for seed in (0, 1)]
+    args = argparse.Namespace(seeds=2, lrs=[3e-3], sources=["c"], settings=["default"], steps_scale=1.0)
+    table = ablate.report(dense + mod, args)["tables"][0]
+    md = ablation_stats.markdown({"protocol": "p", "reference": "pre_ln", "tables": [table]})
+    assert any(line.startswith("| mod (iso-FLOP, 512 steps) | 3.7050") for line in md.splitlines())
+    assert any(line.startswith("| pre_ln | ") for line in md.splitlines())
+    assert any(n.startswith("mod: val loss with top-k routing") and "3.6000" in n for n in table["notes"])
 
 
 def test_sweep_resumes_by_skipping_runs_whose_summary_exists(tmp_path):

@@ -132,8 +132,8 @@ def summarise(run: dict, out: Path, tokens_per_step: int) -> dict:
         "run_dir": repo_relative(out / run["run_name"]), "command": run.get("command", ""),
     })
     info = out / run["run_name"] / "run_info.json"
-    if info.is_file():  # the code that trained it: a sweep spans sessions and commits
-        res["git_commit"] = json.loads(info.read_text()).get("git_commit")
+    if info.is_file():  # the code and machine that trained it: a sweep spans sessions, commits and machines
+        res.update({k: v for k, v in json.loads(info.read_text()).items() if k in ("git_commit", "device")})
     if topk and topk[-1] is not None:  # MoD's top-k routing as trained, for reference only
         res["final_val_loss_topk"] = topk[-1]
     diag = [r for r in rows if r.get("diag")]

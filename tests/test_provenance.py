@@ -24,3 +24,16 @@ def test_git_commit_is_head_and_marks_uncommitted_changes_dirty(tmp_path):
 
 def test_git_commit_outside_a_checkout_is_none(tmp_path):
     assert git_commit(tmp_path) is None
+
+
+def test_run_info_names_the_device_that_computed():
+    # fp32 results are bit-reproducible only on the same kind of processor, so a result that
+    # spans machines (the ablation sweep) must say which one computed each run.
+    import torch
+
+    from trainer.provenance import compute_device, run_info
+
+    device = run_info(1)["device"]
+    assert device == compute_device()
+    if not torch.cuda.is_available():
+        assert f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)" in device

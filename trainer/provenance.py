@@ -21,10 +21,29 @@ def git_commit(root: Path = ROOT) -> str | None:
         return None
 
 
+def compute_device() -> str:
+    """The processor the math ran on: the GPU's name, or the CPU's model and the instruction set
+    torch's kernels were chosen for. fp32 results are bit-reproducible only on the same kind:
+    another CPU's kernels round differently, which seeds a chaotic divergence like a new seed's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
 def run_info(world: int) -> dict:
-    """The run dir's run_info.json: commit, command line, world size, library versions, host."""
+    """The run dir's run_info.json: commit, command line, world size, library versions, host
+    and the device that computed."""
     import deepspeed
     import torch
 
     return {"git_commit": git_commit(), "argv": sys.argv, "world_size": world, "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": platform.node()}
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": platform.node(),
+            "device": compute_device()}

@@ -60,7 +60,7 @@ bench: setup
 # The full protocol (hours on 2 cores); finished runs are skipped, so rerun it to continue.
 # One one-thread run per core (JOBS=1 leaves the other cores free).
 JOBS ?= $(shell nproc)
-ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --sources shakespeare,embedded --settings default,deep --jobs $(JOBS)
+ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --extend-edges 1 --sources shakespeare,embedded --settings default,deep --jobs $(JOBS)
 ablate: setup
 	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
 

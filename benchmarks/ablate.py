@@ -4,12 +4,13 @@ corpus, at several learning rates and seeds, `--jobs` runs at a time (default 1)
 
     python -m benchmarks.ablate [--seeds 2] [--lrs 1.5e-3,3e-3,6e-3] [--sources shakespeare,embedded]
                                 [--settings default,deep] [--only a,b] [--jobs N] [--steps-scale X]
-                                [--report-only]
+                                [--extend-edges N] [--report-only]
 
 Protocol. Each (setting, corpus, variant, LR, seed) is one run. The table reports every
 variant at the shared LR (the base config's) and at its own best LR, as papers compare
 them, each as mean ± spread over seeds; a claim is marked reproduced only when the
-difference exceeds the seed spread (benchmarks/ablation_stats.py). The deep setting
+difference exceeds the seed spread (benchmarks/ablation_stats.py). A best LR at the grid's
+edge is flagged, and --extend-edges adds LRs beyond it until the optimum is bracketed. The deep setting
 (24 narrow layers) adds the Curse-of-Depth measures: the loss with the last quarter of
 blocks skipped and the last quarter's mean angular update (trainer/diagnostics.py).
 
@@ -193,14 +194,9 @@ def prepare_corpus(config: Path, common: list[str], env: dict) -> None:
         raise SystemExit(f"preparing {common[1]} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
 
-def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=None) -> list[dict]:
-    """Train every missing (setting, corpus, variant, LR, seed), up to `args.jobs` at once,
-    and return all their summaries. A run whose summary exists is skipped; a summary is
-    written atomically, only when its run finished, so an interrupted sweep loses at most the
-    runs in progress; a run that fails is reported, gets no summary, and is retried by the next
-    sweep. Runs start in setting, corpus, variant (the --only order), LR, seed
-    order; the summaries come back in the table's order whatever the order of finishing."""
-    run_fn, prepare_fn = run_fn or train, prepare_fn or prepare_corpus
+def missing_runs(args, out: Path, summaries: Path, env: dict, extra: dict, prepare_fn) -> tuple[list, list]:
+    """The summaries already stored and the runs still to train, over the grid (`args.lrs`)
+    plus each variant's LRs in `extra` ({(setting, corpus, variant): [lr, ...]})."""
     found, pending = [], []
     for setting in args.settings:
         folder = SETTINGS[setting]
@@ -210,10 +206,9 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
             common = [f"run.out_dir={repo_relative(out)}", f"data.source={source_path(source)}", "logging.progress=false",
                       "logging.every=1"]
             budget, runs = plan(paths, common, args.steps_scale, folder)
-            lrs = args.lrs or [budget["lr"]]
             todo = []
             for run in runs:
-                for lr in lrs:
+                for lr in [*(args.lrs or [budget["lr"]]), *extra.get((setting, corpus, run["variant"]), [])]:
                     for seed in range(args.seeds):
                         path = summary_path(summaries, setting, corpus, run["variant"], lr, seed)
                         if path.is_file():
@@ -229,7 +224,63 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
             if todo:
                 prepare_fn(folder / "base.yaml", common, env)
             pending += todo
+    return found, pending
 
+
+def edge_extensions(found: list[dict], args, extra: dict) -> dict:
+    """{(setting, corpus, variant): lr} for each variant whose finished LRs put its best at an
+    edge, with fewer than args.extend_edges LRs added beyond the grid so far."""
+    if not getattr(args, "extend_edges", 0):
+        return {}
+    new = {}
+    for (setting, corpus), variants in ablation_stats.aggregate(found).items():
+        grid = args.lrs or [next(s["shared_lr"] for s in found if (s["setting"], s["source"]) == (setting, corpus))]
+        for variant, lrs in variants.items():
+            key = (setting, corpus, variant)
+            lr = ablation_stats.edge_extension(lrs, grid, args.seeds, args.extend_edges)
+            if lr is not None and lr not in extra.get(key, []):
+                new[key] = lr
+    return new
+
+
+def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=None) -> list[dict]:
+    """Train every missing (setting, corpus, variant, LR, seed), up to `args.jobs` at once,
+    and return all their summaries. A run whose summary exists is skipped; a summary is
+    written atomically, only when its run finished, so an interrupted sweep loses at most the
+    runs in progress; a run that fails is reported, gets no summary, and is retried by the next
+    sweep. Runs start in setting, corpus, variant (the --only order), LR, seed
+    order; the summaries come back in the table's order whatever the order of finishing.
+
+    With --extend-edges N, a variant whose best LR is the grid's smallest or largest gets the
+    next LR beyond it (one grid step), up to N times, each round after the last one's runs
+    finished, so its optimum ends up bracketed (or the table still says **edge**)."""
+    run_fn, prepare_fn = run_fn or train, prepare_fn or prepare_corpus
+    extra: dict = {}
+    failed: set[str] = set()  # retried by the next sweep, not by this one's later rounds
+    while True:
+        found, pending = missing_runs(args, out, summaries, env, extra, prepare_fn)
+        done, failures = run_all([job for job in pending if job[0]["run_name"] not in failed], args.jobs, out, env,
+                                 run_fn)
+        found, failed = found + done, failed | set(failures)
+        new = edge_extensions(found, args, extra)
+        if not new:
+            break
+        for key, lr in new.items():
+            print(f"{'/'.join(key)}: best LR at the grid's edge; adding lr {lr:g}", flush=True)
+            extra.setdefault(key, []).append(lr)
+    if failed:
+        print(f"{len(failed)} run(s) failed and will be retried by the next sweep: {', '.join(sorted(failed))}",
+              flush=True)
+    order = {name: i for i, name in enumerate(args.only or [])}
+    return sorted(found, key=lambda s: (args.settings.index(s["setting"]),
+                                        [corpus_name(x) for x in args.sources].index(s["source"]),
+                                        s["variant"] != REFERENCE, order.get(s["variant"], len(order)),
+                                        s["variant"] == "all_on", s["variant"], s["lr"], s["seed"]))
+
+
+def run_all(pending: list, jobs: int, out: Path, env: dict, run_fn) -> tuple[list[dict], list[str]]:
+    """Train `pending`, `jobs` at a time: the summaries of those that finished, and the names
+    of those that failed."""
     failed: list[str] = []
 
     def one(job) -> dict | None:
@@ -251,15 +302,9 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
         print(f"{run['run_name']}: val loss {summary['final_val_loss']:.4f} in {wall:.0f}s", flush=True)
         return summary
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        found += [s for s in pool.map(one, pending) if s is not None]
-    if failed:
-        print(f"{len(failed)} run(s) failed and will be retried by the next sweep: {', '.join(failed)}", flush=True)
-    order = {name: i for i, name in enumerate(args.only or [])}
-    return sorted(found, key=lambda s: (args.settings.index(s["setting"]),
-                                        [corpus_name(x) for x in args.sources].index(s["source"]),
-                                        s["variant"] != REFERENCE, order.get(s["variant"], len(order)),
-                                        s["variant"] == "all_on", s["variant"], s["lr"], s["seed"]))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = [s for s in pool.map(one, pending) if s is not None]
+    return done, failed
 
 
 def report(summaries: list[dict], args) -> dict:
@@ -289,6 +334,8 @@ def report(summaries: list[dict], args) -> dict:
         tables.append(table)
     protocol = (f"{args.seeds} seed(s) × LRs {args.lrs or 'shared'} × corpora {args.sources}, settings "
                 f"{args.settings}, steps scale {args.steps_scale}")
+    if getattr(args, "extend_edges", 0):
+        protocol += f", up to {args.extend_edges} LR(s) added beyond a best LR at the grid's edge"
     return {"protocol": protocol, "reference": REFERENCE, "tables": tables, "cpus": os.cpu_count(),
             "load_avg_end": round(os.getloadavg()[0], 2)}
 
@@ -303,6 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", type=lambda v: v.split(","), default=["default"],
                     help=f"comma-separated settings from {list(SETTINGS)} (default: default)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply steps and cadences (e.g. 0.05 to check)")
+    ap.add_argument("--extend-edges", type=int, default=0, metavar="N",
+                    help="for a variant whose best LR is at the grid's edge, add the next LR beyond it (one grid "
+                         "step), up to N times, so its optimum is bracketed (default 0)")
     ap.add_argument("--only", type=lambda v: v.split(","), default=None,
                     help="comma-separated variants, started in this order (default: all)")
     ap.add_argument("--jobs", type=int, default=1,
@@ -315,6 +365,8 @@ def main(argv=None) -> int:
     bad = [s for s in args.settings if s not in SETTINGS]
     if bad:
         raise SystemExit(f"--settings: unknown {bad}; expected some of {list(SETTINGS)}")
+    if args.extend_edges < 0:
+        raise SystemExit(f"--extend-edges {args.extend_edges}: must be >= 0 (0 keeps the grid as given)")
     if args.seeds < 1:
         raise SystemExit(f"--seeds {args.seeds}: must be >= 1")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):

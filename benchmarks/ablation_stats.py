@@ -49,6 +49,22 @@ def at_edge(lrs: dict[float, dict], lr: float) -> bool:
     return len(lrs) >= 2 and lr in (min(lrs), max(lrs))
 
 
+def edge_extension(lrs: dict[float, dict], grid: list[float], seeds: int, max_extra: int) -> float | None:
+    """The LR to add so that a variant's best is bracketed: one grid step (the grid's geometric
+    ratio; 2 for a one-LR grid) below the smallest or above the largest LR run, when the best
+    of a complete set (every grid LR, and every LR added so far, with `seeds` seeds) is there
+    and fewer than `max_extra` LRs were added beyond the grid. None otherwise."""
+    if any(lr not in lrs or lrs[lr]["n"] < seeds for lr in grid) or any(c["n"] < seeds for c in lrs.values()):
+        return None
+    if sum(lr not in grid for lr in lrs) >= max_extra:
+        return None
+    best = best_lr(lrs)
+    if not at_edge(lrs, best):
+        return None
+    ratio = (max(grid) / min(grid)) ** (1 / (len(grid) - 1)) if len(grid) > 1 else 2.0
+    return float(f"{(min(lrs) / ratio if best == min(lrs) else max(lrs) * ratio):.3g}")
+
+
 def sign_beyond_spread(variant: dict, reference: dict) -> int:
     """+1 / -1 when the variant's mean is above / below the reference's by more than either
     seed spread (both with at least two seeds, so a spread exists), else 0."""

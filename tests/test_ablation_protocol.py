@@ -144,3 +144,84 @@ def test_a_failed_run_leaves_no_summary_and_the_others_finish(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "summaries").rglob("*.json")] == ["lr0.001-seed0.json"]
     assert "1 run(s) failed and will be retried by the next sweep: default-embedded-pre_ln-lr0.002-s0" \
         in capsys.readouterr().out
+
+
+def test_edge_extension_adds_one_grid_step_beyond_a_best_lr_at_the_edge():
+    grid = [1.5e-3, 3e-3, 6e-3]
+
+    def lrs(losses, n=2):
+        return {lr: ablation_stats.cell([v] * n) for lr, v in losses.items()}
+
+    assert ablation_stats.edge_extension(lrs({1.5e-3: 4.0, 3e-3: 3.9, 6e-3: 3.8}), grid, 2, 1) == 1.2e-2
+    assert ablation_stats.edge_extension(lrs({1.5e-3: 3.7, 3e-3: 3.9, 6e-3: 3.8}), grid, 2, 1) == 7.5e-4
+    assert ablation_stats.edge_extension(lrs({1.5e-3: 4.0, 3e-3: 3.7, 6e-3: 3.8}), grid, 2, 1) is None  # bracketed
+    assert ablation_stats.edge_extension(lrs({1.5e-3: 4.0, 3e-3: 3.9}), grid, 2, 1) is None  # grid not finished
+    assert ablation_stats.edge_extension(lrs({1.5e-3: 4.0, 3e-3: 3.9, 6e-3: 3.8}, n=1), grid, 2, 1) is None  # 1 seed
+    extended = lrs({1.5e-3: 4.0, 3e-3: 3.9, 6e-3: 3.8, 1.2e-2: 3.7})
+    assert ablation_stats.edge_extension(extended, grid, 2, 1) is None  # its one extension is spent
+    assert ablation_stats.edge_extension(extended, grid, 2, 2) == 2.4e-2
+    assert ablation_stats.edge_extension(lrs({3e-3: 3.9}), [3e-3], 2, 1) is None  # one LR: no edge to extend
+
+
+def _loss_with_optimum(opt):
+    """A fake run whose final val loss is lowest at lr=opt (a parabola in log2 lr)."""
+    import math
+
+    def train(run, out, env):
+        lr = next(float(o.split("=")[1]) for o in run["overrides"] if o.startswith("optim.lr="))
+        if opt == "fail-small" and lr < 1e-3:
+            raise SystemExit(f"{run['run_name']} failed (exit 1)")
+        loss = 3.0 + math.log2(lr / (opt if isinstance(opt, float) else 5e-4)) ** 2 / 10
+        (out / run["run_name"]).mkdir(parents=True)
+        (out / run["run_name"] / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": loss, "val_loss": loss}))
+        return 1.0
+
+    return train
+
+
+def test_sweep_extends_the_grid_until_the_best_lr_is_bracketed_then_resumes_with_nothing_to_do(tmp_path, capsys):
+    args = argparse.Namespace(settings=["default"], only=["pre_ln"], sources=["embedded"], steps_scale=0.01,
+                              lrs=[1e-3, 2e-3], seeds=1, report_only=False, jobs=1, extend_edges=3)
+    first = ablate.sweep(args, tmp_path / "runs", tmp_path / "s", {}, run_fn=_loss_with_optimum(4e-3),
+                         prepare_fn=lambda *a: None)
+    # 2e-3 is the grid's best and its edge -> 4e-3 (best, edge again) -> 8e-3: 4e-3 is bracketed.
+    assert [s["lr"] for s in first] == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert "default/embedded/pre_ln: best LR at the grid's edge; adding lr 0.004" in capsys.readouterr().out
+    row = ablation_stats.compare(ablation_stats.aggregate(first)[("default", "embedded")], "pre_ln", 3e-3)[0]
+    assert row["best"]["lr"] == 4e-3 and row["best"]["lrs_run"] == 4 and row["best"]["at_edge"] is False
+
+    calls = []
+
+    def record(run, out, env):
+        calls.append(run["run_name"])
+        return 1.0
+
+    again = ablate.sweep(args, tmp_path / "runs2", tmp_path / "s", {}, run_fn=record, prepare_fn=lambda *a: None)
+    assert calls == [] and [s["lr"] for s in again] == [1e-3, 2e-3, 4e-3, 8e-3]  # the extensions are found too
+    report_only = argparse.Namespace(**{**vars(args), "report_only": True})
+    assert len(ablate.sweep(report_only, tmp_path / "runs3", tmp_path / "s", {}, run_fn=record)) == 4 and calls == []
+
+    # The extensions are capped, and without --extend-edges the grid is as given.
+    capped = argparse.Namespace(**{**vars(args), "extend_edges": 1})
+    got = ablate.sweep(capped, tmp_path / "runs4", tmp_path / "s2", {}, run_fn=_loss_with_optimum(1e-1),
+                       prepare_fn=lambda *a: None)
+    assert [s["lr"] for s in got] == [1e-3, 2e-3, 4e-3]
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "extend_edges"})
+    assert len(ablate.sweep(plain, tmp_path / "runs5", tmp_path / "s3", {}, run_fn=_loss_with_optimum(1e-1),
+                            prepare_fn=lambda *a: None)) == 2
+
+
+def test_a_run_that_fails_is_not_retried_by_the_same_sweeps_extension_rounds(tmp_path, capsys):
+    args = argparse.Namespace(settings=["default"], only=["pre_ln"], sources=["embedded"], steps_scale=0.01,
+                              lrs=[1e-3, 2e-3], seeds=1, report_only=False, jobs=1, extend_edges=2)
+    tried = []
+    fake = _loss_with_optimum("fail-small")  # best at 1e-3, the lower edge; the extension 5e-4 fails
+
+    def train(run, out, env):
+        tried.append(run["run_name"])
+        return fake(run, out, env)
+
+    done = ablate.sweep(args, tmp_path / "runs", tmp_path / "s", {}, run_fn=train, prepare_fn=lambda *a: None)
+    assert [s["lr"] for s in done] == [1e-3, 2e-3] and tried.count("default-embedded-pre_ln-lr0.0005-s0") == 1
+    assert "1 run(s) failed and will be retried by the next sweep: default-embedded-pre_ln-lr0.0005-s0" \
+        in capsys.readouterr().out

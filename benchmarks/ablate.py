@@ -266,7 +266,8 @@ def sweep(args, out: Path, summaries: Path, env: dict, run_fn=None, prepare_fn=N
         if not new:
             break
         for key, lr in new.items():
-            print(f"{'/'.join(key)}: best LR at the grid's edge; adding lr {lr:g}", flush=True)
+            if not args.report_only:  # there, the table's **edge** says it
+                print(f"{'/'.join(key)}: best LR at the grid's edge; adding lr {lr:g}", flush=True)
             extra.setdefault(key, []).append(lr)
     if failed:
         print(f"{len(failed)} run(s) failed and will be retried by the next sweep: {', '.join(sorted(failed))}",

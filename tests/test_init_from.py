@@ -40,6 +40,7 @@ def test_init_from_starts_from_source_weights_with_new_seq_len_and_sp(source_run
     overrides = _stage2(out)
     proc = train(overrides, nproc=2)
     assert "initialised from" in proc.stdout and "step-30" in proc.stdout
+    assert not (out / "dst" / "init_from.weights.pt").exists()  # rank 0's consolidated copy, once loaded
 
     # Reference: the source's weights in a model built with the new run's config (theta,
     # table length), on the new run's first batch, SP=1, one process.
@@ -126,3 +127,29 @@ def test_init_from_with_another_tokenizer_is_one_line(tmp_path):
         check_tokenizer(source, dst)
     (dst / "tokenizer" / "tokenizer.model").write_bytes(b"merges A")
     check_tokenizer(source, dst)  # the same file: accepted
+
+
+def test_source_weights_are_consolidated_once_by_rank_0_and_mapped_by_every_rank(source_run, tmp_path, monkeypatch):
+    from trainer import init_from
+
+    class Rank:  # a Dist as these functions use it; the barrier is the real one's no-op at world 1
+        def __init__(self, main):
+            self.is_main = main
+
+        def barrier(self):
+            pass
+
+    reads = []
+    real = init_from.source_weights
+    monkeypatch.setattr(init_from, "source_weights", lambda src: reads.append(src.checkpoint) or real(src))
+    src = resolve_init_source(load_config(TINY, _stage2(source_run)))
+    want = consolidated_state_dict(src.checkpoint)
+    got = {rank: init_from.shared_source_weights(src, tmp_path, Rank(rank == 0)) for rank in (0, 1)}
+    assert reads == [src.checkpoint]  # rank 1 read rank 0's file, not the source checkpoint
+    for weights in got.values():
+        assert weights.keys() == want.keys() and all(torch.equal(weights[k], want[k]) for k in want)
+    assert init_from.shared_weights_path(tmp_path).is_file()
+    init_from.release_shared_weights(tmp_path, Rank(False))
+    assert init_from.shared_weights_path(tmp_path).is_file()  # only rank 0 removes it
+    init_from.release_shared_weights(tmp_path, Rank(True))
+    assert not init_from.shared_weights_path(tmp_path).exists() and not list(tmp_path.iterdir())

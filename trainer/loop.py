@@ -129,10 +129,12 @@ class Trainer:
         if self.init_src is None:
             return build_engine(self.cfg, self.dist, model)
         init_from.check_tokenizer(self.init_src, self.run_dir)
-        weights = init_from.source_weights(self.init_src)
+        weights = init_from.shared_source_weights(self.init_src, self.run_dir, self.dist)
         init_from.load_into_model(model, weights)
         engine = build_engine(self.cfg, self.dist, model)
         init_from.load_into_engine(engine, weights)
+        del weights  # the mapping, before its file goes
+        init_from.release_shared_weights(self.run_dir, self.dist)
         print0(f"initialised from {self.init_src.checkpoint} (weights only: step 0, fresh optimizer and schedule)")
         return engine
 

@@ -182,3 +182,16 @@ def test_without_a_process_group_nothing_is_called(monkeypatch):
     t = torch.ones(2)
     assert d.all_reduce(t) is t and d.all_gather(t) == [t] and d.broadcast_object(5) == 5 and not d.any(False)
     d.barrier()
+
+
+@pytest.mark.parametrize("env, prints", [({"RANK": "0"}, True), ({"RANK": "1"}, False),
+                                         ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, False),
+                                         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, True), ({}, True)])
+def test_print0_knows_rank_0_before_the_process_group_exists(monkeypatch, capsys, env, prints):
+    # Start-up warnings print before init_distributed sets RANK; a bare srun sets only SLURM_*.
+    for key in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dist_module.print0("hello")
+    assert (capsys.readouterr().out == "hello\n") is prints

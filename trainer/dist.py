@@ -177,7 +177,19 @@ def collective_failure(exc: BaseException, timeout_minutes: float) -> str | None
     return f"rank {rank}: {why}: {first[:300]}. Re-run the same command to resume from the last complete checkpoint."
 
 
+def env_rank() -> int:
+    """This process's global rank from the launcher's variables, also before init_distributed
+    has set RANK (a bare `srun python -m trainer.train` sets only SLURM_PROCID), as
+    launcher_env reads them."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
 def print0(*args: Any, **kw: Any) -> None:
-    """print on global rank 0 only, so call sites never test the rank."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """print on global rank 0 only, so call sites never test the rank; also the start-up
+    messages printed before the process group exists (config warnings)."""
+    if env_rank() == 0:
         print(*args, **kw, flush=True)

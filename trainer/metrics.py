@@ -25,8 +25,9 @@ from trainer.ulysses import all_to_all_bytes_per_layer
 # torch.cuda.get_device_name(), most specific first: "NVIDIA H100 80GB HBM3" is the SXM
 # part, "NVIDIA L40" (not listed) must not match L4. A100 40/80 GB, SXM and PCIe, share
 # their peaks. A10G (AWS only) follows AWS/Baseten's figures; NVIDIA publishes none.
-# B200 fp32 is NVIDIA's HGX B200 datasheet figure, 600 TFLOP/s per 8-GPU board = 75 per GPU;
-# the 80 quoted elsewhere is the 1,200 W GB200 part's (GB200 NVL72: 5,760 / 72).
+# B200 is the HGX B200 (1,000 W) column of NVIDIA's Blackwell table, whose tensor-core rows
+# are with sparsity: BF16 4.5 and TF32 2.2 PFLOP/s, so 2.25 and 1.1 dense; FP32 75 TFLOP/s.
+# The 5 / 2.5 PFLOP/s and 80 TFLOP/s quoted elsewhere are the 1,200 W GB200 part's.
 PEAK_FLOPS_TABLE: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
     (("h100", "nvl"), "H100 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
     (("h100", "pcie"), "H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),

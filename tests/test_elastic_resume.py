@@ -1,5 +1,6 @@
 """Resuming on another world size or ZeRO stage (through DeepSpeed's universal checkpoint),
-against an uninterrupted run with the same global batch: 2 ranks -> 1, 1 -> 2, ZeRO-2 -> 3."""
+against an uninterrupted run with the same global batch: 2 ranks -> 1, 1 -> 2, ZeRO-2 -> 3,
+and a 2-rank ZeRO-3 checkpoint on 1 rank at ZeRO-2 and ZeRO-3."""
 from __future__ import annotations
 
 import shutil
@@ -75,3 +76,17 @@ def test_zero0_checkpoint_at_zero2_is_refused_in_one_line(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "parallel.zero_stage=0" in err[0] and "parallel.zero_stage=2" in err[0], proc.stderr
     assert (out / "z0/checkpoints/step-2/COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("zero", [2, 3], ids=["to_zero2", "to_zero3"])
+def test_zero3_two_rank_checkpoint_resumes_on_one_rank_like_uninterrupted(reference, zero):
+    # ZeRO-3 partitions the parameters themselves: DeepSpeed's converter writes its universal
+    # checkpoint in a layout only the ZeRO-3 loader reads, which the checkpointer completes.
+    out, ref = reference
+    name = f"from_z3_to_z{zero}"
+    train([*_over(out, name, 2, 3), f"run.stop_at={CUT}"], nproc=2)
+    assert losses(out / name)[CUT] == pytest.approx(losses(ref)[CUT], rel=1e-5)
+    (out / name / "metrics.jsonl").unlink()
+    proc = train(_over(out, name, 1, zero))
+    assert "through DeepSpeed's universal checkpoint" in proc.stdout, proc.stdout[-2000:]
+    _assert_continues(out / name, ref)

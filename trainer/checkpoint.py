@@ -400,6 +400,7 @@ def _convert_to_universal(path: Path, out: Path) -> None:
         if have and not (tmp / n).exists():
             shutil.copyfile(tmp / have[0], tmp / n)
     _add_stage3_optimizer_header(tmp / "zero")
+    _add_stage12_optimizer_state(tmp / "zero", path)
     for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -408,6 +409,41 @@ def _convert_to_universal(path: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     _fsync_dir(path)
+
+
+def _add_stage12_optimizer_state(zero_dir: Path, source: Path) -> None:
+    """The converse, for a ZeRO-3 source loaded at ZeRO 1/2. The converter writes a ZeRO-3
+    source in ZeRO-3's own dialect, which only the ZeRO-3 loader reads: each parameter's
+    fp32/exp_avg/exp_avg_sq as a bare flat tensor (the ZeRO 1/2 loader wants {"param":
+    tensor of the parameter's shape}, which the ZeRO-3 loader reads too), Adam's step only in
+    the header (the ZeRO 1/2 loader takes it from each parameter's step.pt; without one the
+    resumed AdamW would restart its bias correction at step 0), and no `ds_version` in the
+    header (ZeRO-3 saves it beside its optimizer state; the ZeRO 1/2 loader asserts on it).
+    Add all three from the source. Its rank-0 flat fp32 partition (`fp32_flat_groups`),
+    copied into the header, is dropped: the weights are in the per-parameter files."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    path = zero_dir / "optimizer_state.pt"
+    sd = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own files (pickled config)
+    if "ds_version" in sd or "optimizer_state_dict" not in sd or sd.get("zero_stage") != 3:
+        return
+    sd["ds_version"] = torch.load(source / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                                  weights_only=False)["ds_version"]
+    sd.pop("fp32_flat_groups", None)
+    states = [state for state in sd["optimizer_state_dict"]["state"].values() if "step" in state]
+    if len({float(state["step"]) for state in states}) > 1:
+        raise CheckpointError(f"{source}: its parameter groups are at different Adam steps")
+    torch.save(sd, path)
+    model = torch.load(source / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in model["param_shapes"] for name, shape in group.items()}
+    for param in (d for d in zero_dir.iterdir() if d.is_dir() and d.name in shapes):
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = param / f"{state}.pt"
+            flat = torch.load(f, map_location="cpu", weights_only=True)
+            if torch.is_tensor(flat):
+                torch.save({PARAM: flat.view(shapes[param.name])}, f)
+        if states and not (param / "step.pt").exists():
+            torch.save(states[0]["step"], param / "step.pt")
 
 
 def _add_stage3_optimizer_header(zero_dir: Path) -> None:

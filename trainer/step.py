@@ -76,6 +76,7 @@ def evaluate(engine, data, dist: Dist, cfg: RunConfig, causal: bool = False) -> 
         total += ce.float()
         count += x.numel()
     dist.all_reduce(total)
-    count = dist.all_reduce(torch.tensor([float(count)]))
+    # The count lives on the compute device too: a CUDA op takes a CPU operand only when 0-dim.
+    count = dist.all_reduce(torch.tensor([float(count)], device=dist.device))
     engine.train()
     return (total / count).item()

@@ -6,6 +6,7 @@ and a pretend GPU, and forbid direct `torch.distributed` calls anywhere else."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,3 +196,99 @@ def test_print0_knows_rank_0_before_the_process_group_exists(monkeypatch, capsys
         monkeypatch.setenv(key, value)
     dist_module.print0("hello")
     assert (capsys.readouterr().out == "hello\n") is prints
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(3, 1, 0), (3, 8, 3), (9, 8, 1), (0, 1, 0)])
+def test_each_rank_takes_local_rank_modulo_the_visible_gpus(monkeypatch, local_rank, visible, index):
+    # `srun --gpus-per-task=1` shows each task one GPU while SLURM_LOCALID still runs 0..7.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert dist_module.compute_device(local_rank) == torch.device("cuda", index)
+
+
+def test_without_cuda_every_rank_computes_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist_module.compute_device(5) == torch.device("cpu")
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_LOCALID", "SLURM_NNODES", "SLURM_STEP_NUM_NODES", "SLURM_JOB_NODELIST",
+                "SLURM_STEP_NODELIST", "SLURM_JOB_ID")
+
+
+@pytest.fixture
+def bare_srun(monkeypatch):
+    """Rank 5 of a bare `srun -N2 --ntasks-per-node=4 python -m trainer.train`: SLURM_* only."""
+    for key in _LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                       "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "4242"}.items():
+        monkeypatch.setenv(key, value)
+    return monkeypatch
+
+
+def _scontrol(monkeypatch, hosts: str | None):
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append(cmd)
+        if hosts is None:
+            raise FileNotFoundError(2, "No such file or directory", "scontrol")
+        return SimpleNamespace(stdout=hosts)
+
+    monkeypatch.setattr(dist_module.subprocess, "run", run)
+    return seen
+
+
+def test_bare_multi_node_srun_meets_on_the_first_node_not_on_localhost(bare_srun):
+    seen = _scontrol(bare_srun, "gpu03\ngpu04\n")
+    env = dist_module.launcher_env()
+    assert seen == [["scontrol", "show", "hostnames", "gpu[03-04]"]]
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "gpu03"
+    assert env["MASTER_PORT"] == str(20000 + 4242 % 20000)  # every task derives the same port
+
+
+def test_bare_multi_node_srun_prefers_the_steps_own_nodes(bare_srun):
+    bare_srun.setenv("SLURM_STEP_NODELIST", "gpu04")
+    bare_srun.setenv("SLURM_STEP_NUM_NODES", "1")
+    seen = _scontrol(bare_srun, "never\n")
+    assert dist_module.launcher_env()["MASTER_ADDR"] == "127.0.0.1" and not seen
+
+
+def test_bare_multi_node_srun_keeps_a_master_addr_it_was_given(bare_srun):
+    bare_srun.setenv("MASTER_ADDR", "10.0.0.7")
+    seen = _scontrol(bare_srun, "gpu03\n")
+    assert dist_module.launcher_env()["MASTER_ADDR"] == "10.0.0.7" and not seen
+
+
+def test_bare_multi_node_srun_without_scontrol_fails_in_one_line(bare_srun):
+    _scontrol(bare_srun, None)
+    with pytest.raises(RuntimeError, match=r"multi-node srun without MASTER_ADDR.*set MASTER_ADDR") as e:
+        dist_module.launcher_env()
+    assert "\n" not in str(e.value)
+
+
+def test_single_node_srun_and_plain_python_stay_on_localhost(bare_srun):
+    bare_srun.setenv("SLURM_NNODES", "1")
+    seen = _scontrol(bare_srun, "gpu03\n")
+    assert dist_module.launcher_env()["MASTER_ADDR"] == "127.0.0.1" and not seen
+    for key in _LAUNCH_VARS:
+        bare_srun.delenv(key, raising=False)
+    env = dist_module.launcher_env()
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def test_deepspeed_is_told_the_gpu_index_not_the_launchers_local_rank(monkeypatch):
+    # DeepSpeed calls set_device(LOCAL_RANK) and passes it as init_process_group's device_id.
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "n1",
+                       "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(real_tdist, "is_initialized", lambda: True)  # the group exists: no rendezvous
+    d = dist_module.init_distributed("nccl")
+    assert d.device == torch.device("cuda", 0) == chosen[0] and d.local_rank == 3
+    assert os.environ["LOCAL_RANK"] == "0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -107,6 +108,12 @@ def launcher_env() -> dict[str, str]:
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env and int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1"))) > 1:
+            # 127.0.0.1 would send every node to its own store and hang the rendezvous.
+            env["MASTER_ADDR"] = slurm_first_node(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env and env["WORLD_SIZE"] != "1":
+            # Every task of the step computes the same port; slurm/launch.sh picks it the same way.
+            env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
@@ -118,6 +125,31 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def slurm_first_node(nodelist: str) -> str:
+    """The first host of a SLURM nodelist ("gpu[03-04],gpu07" -> "gpu03"), where task 0 of
+    the step runs, by `scontrol show hostnames` as slurm/launch.sh does."""
+    fix = "set MASTER_ADDR to the first node's address, or launch with slurm/launch.sh (torchrun per node)"
+    if not nodelist:
+        raise RuntimeError(f"multi-node srun without MASTER_ADDR and without SLURM_JOB_NODELIST: {fix}")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"multi-node srun without MASTER_ADDR: `scontrol show hostnames {nodelist}` "
+                           f"failed ({e}); {fix}") from None
+    if not out:
+        raise RuntimeError(f"multi-node srun without MASTER_ADDR: no host in SLURM nodelist {nodelist!r}; {fix}")
+    return out[0]
+
+
+def compute_device(local_rank: int) -> torch.device:
+    """This process's GPU, else the CPU. LOCAL_RANK modulo the visible GPUs: under
+    `srun --gpus-per-task=1` each task sees one GPU (cuda:0) while its LOCAL_RANK runs 0..7."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float = 30.0) -> Dist:
     """Join (or create) the process group. `timeout_minutes` bounds every collective: a
     rank whose peer died or hangs raises instead of waiting forever."""
@@ -127,9 +159,12 @@ def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float 
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = compute_device(local_rank)
     if cuda:
         torch.cuda.set_device(device)
+        # DeepSpeed takes LOCAL_RANK as the GPU index (engine set_device, init_process_group's
+        # device_id); with one visible GPU per task, LOCAL_RANK 3 would name a missing cuda:3.
+        os.environ["LOCAL_RANK"] = str(device.index)
     import deepspeed
 
     timeout = timedelta(minutes=timeout_minutes)

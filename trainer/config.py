@@ -198,9 +198,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config {path}: `extends` forms a cycle through {[str(p) for p in seen]}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:  # empty or comments only: training on the built-in defaults is never what was meant
+        raise ConfigError(f"config {path} is empty; give at least one section (e.g. `extends: tiny.yaml` "
+                          f"or `run: {{name: ...}}`), or configs/tiny.yaml for the defaults")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a YAML mapping of sections, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
@@ -349,7 +352,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         _need(m.mod.capacity == 0 or m.mod.route_chunks % p.sp == 0, "model.mod.route_chunks",
               m.mod.route_chunks, f"must be a multiple of parallel.sp={p.sp} so routing is layout-independent")
     if world_size is not None:
-        _need(world_size % p.sp == 0, "parallel.sp", p.sp, f"must divide the world size {world_size}")
+        _need(world_size % p.sp == 0, "parallel.sp", p.sp,
+              f"must divide the world size {world_size} (launch a multiple of {p.sp} processes, "
+              f"e.g. torchrun --nproc-per-node {p.sp}, or lower parallel.sp)")
     _validate_growth(cfg)
     _validate_data_path(d)
 

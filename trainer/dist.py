@@ -223,6 +223,14 @@ def env_rank() -> int:
     return 0
 
 
+def env_world_size() -> int:
+    """The launch's world size from the launcher's variables, as launcher_env reads them, for
+    the launch-time config checks that run before init_distributed."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def print0(*args: Any, **kw: Any) -> None:
     """print on global rank 0 only, so call sites never test the rank; also the start-up
     messages printed before the process group exists (config warnings)."""

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for trainer.train")
     ap.add_argument("--workers", type=int, default=0,
                     help="worker processes (default: the CPUs this process may use)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides before or after the flags, as for trainer.train
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.config import config_warnings, load_config
-from trainer.dist import collective_failure, print0
+from trainer.config import config_warnings, load_config, validate
+from trainer.dist import collective_failure, env_world_size, print0
 from trainer.errors import UserError
 
 
@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="GPUs assumed by --dry-run (default: one SP group, parallel.sp)")
     ap.add_argument("--gpu", default="H100", help="GPU model for --dry-run's peak FLOPs and memory (default H100)")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed by --dry-run (default 0.4)")
-    return ap.parse_args(argv)
+    # Intermixed: overrides may come before, between or after the flags (`--dry-run a.b=1`).
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
 
             dry_run(cfg, args.world_size, args.gpu, args.mfu)
             return 0
+        # The launch-time checks (parallel.sp against the world size) before any process
+        # group exists: DeepSpeed's own check is a traceback from inside its group setup.
+        validate(cfg, world_size=env_world_size())
         from trainer.loop import Trainer
 
         return Trainer(cfg).fit()

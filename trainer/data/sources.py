@@ -314,16 +314,44 @@ def documents(unit: Unit) -> Iterator[str]:
         raise AssertionError(unit.kind)
 
 
+# The share of printable characters (whitespace counts, U+FFFD from undecodable bytes does
+# not) below which a file is refused as not text. UTF-8 text of any script scores ~1.0, and
+# Latin-1 prose read as UTF-8 loses only its accented letters (a few percent); random bytes
+# score about 0.45, UTF-16 about 0.35.
+MIN_PRINTABLE = 0.8
+PRINTABLE_SAMPLE_CHARS = 1 << 16
+
+
+def printable_ratio(text: str) -> float:
+    if not text:
+        return 1.0
+    return sum(c.isprintable() and c != "\ufffd" or c in "\n\t\r" for c in text) / len(text)
+
+
+def _checked_text(unit: Unit, chunk: str) -> str:
+    """`chunk` (the start of a unit), or a one-line error when it is not text: a binary file
+    would otherwise train (its bytes decode to U+FFFD and control characters) or fail in
+    the tokenizer with a message about vocabulary size."""
+    ratio = printable_ratio(chunk[:PRINTABLE_SAMPLE_CHARS])
+    if ratio < MIN_PRINTABLE:
+        raise DataError(f"{unit.path} does not look like UTF-8 text: only {ratio:.0%} of its first "
+                        f"{min(len(chunk), PRINTABLE_SAMPLE_CHARS):,} characters are printable (at least "
+                        f"{MIN_PRINTABLE:.0%} needed); remove it from the source or convert it to UTF-8 text")
+    return chunk
+
+
 def _text_chunks(unit: Unit, size: int = 1 << 22) -> Iterator[str]:
     if unit.compression:
         with _open_compressed(unit) as f:
+            first = True
             while chunk := f.read(size):
-                yield chunk
+                yield _checked_text(unit, chunk) if first else chunk
+                first = False
         return
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
         n = (unit.stop if unit.stop >= 0 else os.fstat(f.fileno()).st_size) - unit.start
-        yield f.read(n).decode("utf-8", errors="replace")
+        yield _checked_text(unit, f.read(n).decode("utf-8", errors="replace"))
 
 
 def _open_compressed(unit: Unit):
@@ -379,20 +407,42 @@ def _json_records(unit: Unit) -> Iterator:
     yield from data
 
 
+def _lines_before(unit: Unit) -> int:
+    """Newlines in `unit.path` before the unit's first byte: a byte-range unit's line n is
+    the file's line n + this. Counted only when an error needs the real line number."""
+    if unit.compression or unit.start == 0:
+        return 0
+    count, left = 0, unit.start
+    with open(unit.path, "rb") as f:
+        while left > 0:
+            block = f.read(min(left, 1 << 22))
+            if not block:
+                break
+            count, left = count + block.count(b"\n"), left - len(block)
+    return count
+
+
+def _where(unit: Unit, n: int, is_line: bool) -> str:
+    """Item n (0-based) of a unit in the user's terms: the file's line, or a .json list's record."""
+    return f"line {_lines_before(unit) + n + 1}" if is_line else f"record {n + 1}"
+
+
 def _records(unit: Unit, items: Iterator) -> Iterator[str]:
     f = unit.text_field
     for n, item in enumerate(items):
-        if isinstance(item, str):
+        is_line = isinstance(item, str)  # a JSON line: n counts every line of the unit, blank ones too
+        if is_line:
             if not item.strip():
                 continue
             try:
                 item = json.loads(item)
             except json.JSONDecodeError as e:
-                raise DataError(f"could not read {unit.path} as JSON lines: {first_line(e)}") from None
+                raise DataError(f"{unit.path} {_where(unit, n, is_line)} is not valid JSON ({e.msg} at column "
+                                f"{e.colno}); expected one JSON object per line") from None
         if not isinstance(item, dict) or f not in item:
             fields = ", ".join(item) if isinstance(item, dict) else type(item).__name__
-            raise DataError(f"json records in {unit.path} have no field {f!r} (fields: {fields or 'none'}); "
-                            f"set data.text_field")
+            raise DataError(f"{unit.path} {_where(unit, n, is_line)} has no field {f!r} (its fields: "
+                            f"{fields or 'none'}); set data.text_field to the field that holds the text")
         text = item[f]
         if text is None:
             continue

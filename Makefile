@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup prepare pretrain test test-fast test-gpu faults lint bench ablate slurm-local clean
+.PHONY: setup prepare pretrain test test-fast test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,23 @@ test-fast: setup
 # CUDA every test is skipped; `make test` collects them too.
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu tests/gpu $(PYTEST_ARGS)
+
+# The project's GPU test machine (one H200, CPython 3.12, torch 2.11, no network) lacks
+# DeepSpeed and a few of its needs: gpu-bundle writes their wheels (cp312 manylinux) into the
+# ignored .gpu-bundle/, which travels with the working tree, and checks offline that they
+# resolve against what that machine has. It runs here, where pip reaches PyPI.
+gpu-bundle: setup
+	$(BIN)/python -m benchmarks.gpu_bundle
+
+# Runs ON the GPU machine, from a copy of the repo holding .gpu-bundle/: installs the wheels
+# offline into that machine's python3 (--no-deps: its torch is never touched), then the
+# 1-GPU tests, a 1B-width probe and one eval + growth in one budget (benchmarks/gpu_check.py).
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check.json
+gpu-check:
+	@test -d .gpu-bundle || { echo "gpu-check: no .gpu-bundle/ here; run 'make gpu-bundle' on a machine with network first" >&2; exit 2; }
+	$(PY) -c "import deepspeed, omegaconf" 2>/dev/null || \
+	    $(PY) -m pip install -q --no-index --no-deps --no-cache-dir .gpu-bundle/*.whl
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PY) -m benchmarks.gpu_check
 
 faults: setup
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)

@@ -29,11 +29,11 @@ from trainer.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"  # public domain, shipped in the repo
 
 
 def repo_relative(path: Path | str) -> str:
-    """`path` as seen from the repository root (e.g. ../shared/data/...), which is where every
+    """`path` as seen from the repository root (e.g. benchmarks/data/...), which is where every
     benchmark runs the trainer, so results and their commands hold no machine's absolute paths."""
     return os.path.relpath(os.path.abspath(path), ROOT)
 

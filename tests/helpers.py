@@ -10,7 +10,7 @@ from pathlib import Path
 from trainer.dist import free_port  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"  # public domain, shipped in the repo
 
 
 def tiny_overrides(out_dir: Path, name: str = "t", **extra) -> list[str]:

@@ -77,3 +77,22 @@ def test_global_position_ids_match_hf_llama(batched):
         contiguous = model(ids)
     assert (ours - ref).abs().max() < 1e-5
     assert (ours[0] - contiguous[0]).abs().max() > 1e-4  # float noise is ~1e-7
+
+
+def test_rope_tables_stay_fp32_when_the_model_is_cast_to_bf16():
+    """OLMo-core keeps RoPE in fp32: casting the module leaves the tables exact, HF's fp32
+    tables bit for bit, and the bf16 model's logits stay within bf16 rounding of fp32's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CFG)).eval()
+    hf_cos, hf_sin = to_hf(model).model.rotary_emb(torch.zeros(1), torch.arange(64)[None])
+    ids = torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        ref = model(ids)
+        model.to(torch.bfloat16)
+        out = model(ids)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.rotary.cos.dtype == model.rotary.sin.dtype == torch.float32
+    assert torch.equal(model.rotary.cos, hf_cos[0]) and torch.equal(model.rotary.sin, hf_sin[0])
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    model.to(torch.float32)
+    assert torch.equal(model.rotary.cos, hf_cos[0])

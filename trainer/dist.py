@@ -78,8 +78,12 @@ class Dist:
         return [p.to(t.device) for p in parts]
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (used for stop/NaN decisions)."""
-        return bool(self.all_reduce(torch.tensor([float(flag)]), "max").item())
+        """True on every rank if `flag` is true on any rank (used for stop/NaN decisions).
+        One host sync with several ranks (the loop asks every step), none alone."""
+        if not self._active:
+            return bool(flag)
+        # Filled on the device, not copied there: a copy from pageable host memory waits too.
+        return bool(self.all_reduce(torch.full((1,), float(flag), device=self.device), "max").item())
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (pickled; for small control values, not tensors)."""

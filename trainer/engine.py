@@ -118,7 +118,8 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     ds_config = deepspeed_config(cfg, dist)
-    grad_scale(ds_config, cfg.parallel.sp, dist.world, largest_param(model))  # refuses what it cannot scale, up front
+    # Refuses what it cannot scale, up front; computed once here, every train_step reads it.
+    scale = grad_scale(ds_config, cfg.parallel.sp, dist.world, largest_param(model))
     optimizer = SkipNonFiniteAdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, dist=dist, **adamw_kernel(dist.device))
@@ -128,6 +129,7 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
         # Alone, DeepSpeed still flattens every gradient into buckets for an all-reduce with
         # itself (~7% of a CPU step); ZeRO stages need that path to fill their partitions.
         engine.enable_backward_allreduce = False
+    engine.grad_scale = scale  # trainer.ulysses.grad_scale: the loss factor for this layout
     return engine
 
 

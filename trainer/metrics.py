@@ -138,7 +138,8 @@ class Throughput:
     def mem_gb(self) -> float:
         """The largest peak memory over ranks since the previous row (a collective: every
         rank builds every row)."""
-        return self.dist.all_reduce(torch.tensor([peak_memory_gb(self.dist.device)]), "max").item()
+        peak = torch.tensor([peak_memory_gb(self.dist.device)], device=self.dist.device)
+        return self.dist.all_reduce(peak, "max").item()
 
 
 class NullMetrics:
@@ -152,18 +153,23 @@ class NullMetrics:
 
     def log_train(self, state, result, dt: float, model) -> None:
         """The row of a finished (not skipped) step, logged every logging.every steps and at
-        step 1; the progress bar every step."""
+        step 1; the progress bar every step. The loss and grad norm are read (a host sync
+        each) only for a logged row, the first step and the last one (the summary's figures);
+        between rows the bar shows the last row's loss."""
         if result.skipped:
             return
-        self.first_loss = result.loss if self.first_loss is None else self.first_loss
-        self.last = {"step": state.step, "loss": result.loss, "lr": lr_at(self.cfg, state.step - 1),
-                     "grad_norm": result.grad_norm, **self.throughput.fields(dt, model),
-                     "n_layers": state.n_layers, "tokens": state.tokens,
-                     **(self.data.log_fields(state.samples) if self.data is not None else {})}
-        if state.step % self.cfg.logging.every == 0 or state.step == 1:
+        fields = self.throughput.fields(dt, model)
+        logged = state.step % self.cfg.logging.every == 0 or state.step == 1
+        if logged or self.first_loss is None or state.step == self.cfg.run.max_steps:
+            self.first_loss = result.loss if self.first_loss is None else self.first_loss
+            self.last = {"step": state.step, "loss": result.loss, "lr": lr_at(self.cfg, state.step - 1),
+                         "grad_norm": result.grad_norm, **fields,
+                         "n_layers": state.n_layers, "tokens": state.tokens,
+                         **(self.data.log_fields(state.samples) if self.data is not None else {})}
+        if logged:
             self.last["mem_gb"] = self.throughput.mem_gb()
             self.log(self.last)
-        self.progress(state.step, {"loss": f"{result.loss:.3f}", "tok/s": f"{self.last['tokens_per_s']:.0f}"})
+        self.progress(state.step, {"loss": f"{self.last['loss']:.3f}", "tok/s": f"{fields['tokens_per_s']:.0f}"})
 
     def log_skipped(self, state, result, limit: int) -> None:
         self.message(f"step {state.step}: non-finite loss/grad norm ({result.loss}, {result.grad_norm}); "

@@ -13,13 +13,16 @@ from trainer.dist import Dist
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and moments untouched when any rank holds a non-finite grad.
-    `dist` makes the decision agree across ranks; None = this process alone."""
+    """AdamW that leaves weights and moments untouched when any rank holds a non-finite grad
+    or a non-zero `loss_flag` (a device tensor the train step sets when its loss is
+    non-finite). `dist` makes the decision agree across ranks; None = this process alone.
+    The decision is the step's one host sync."""
 
     def __init__(self, *args, dist: Optional[Dist] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dist = dist
         self.skipped_last_step = False
+        self.loss_flag: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -27,6 +30,8 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
         if grads:  # a norm is non-finite iff some element is; one fused pass instead of one per tensor
             bad += (~torch.stack(torch._foreach_norm(grads)).isfinite()).any().float()
+        if self.loss_flag is not None:
+            bad += self.loss_flag.to(bad.device).float().sum()
         if self.dist is not None:  # ZeRO-Offload keeps grads on the CPU; Dist reduces on the GPU
             self.dist.all_reduce(bad, "max")
         self.skipped_last_step = bool(bad.item())

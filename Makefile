@@ -59,11 +59,12 @@ gpu-bundle: setup
 # offline into that machine's python3 (--no-deps: its torch is never touched), then the
 # 1-GPU tests, a 1B-width probe and one eval + growth in one budget (benchmarks/gpu_check.py).
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check.json
+GPU_CHECK_ARGS ?=
 gpu-check:
 	@test -d .gpu-bundle || { echo "gpu-check: no .gpu-bundle/ here; run 'make gpu-bundle' on a machine with network first" >&2; exit 2; }
 	$(PY) -c "import deepspeed, omegaconf" 2>/dev/null || \
 	    $(PY) -m pip install -q --no-index --no-deps --no-cache-dir .gpu-bundle/*.whl
-	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PY) -m benchmarks.gpu_check
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 faults: setup
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)

@@ -59,6 +59,34 @@ def test_plan_sums_flops_over_growth_stages_and_states_shard_by_zero_stage():
     assert [by_stage[z].optimizer for z in range(4)] == [12 * n, 3 * n, 3 * n, 3 * n]
 
 
+def test_bf16_zero1_counts_bf16_optimizers_module_gradients_and_every_plan_the_gpu_context():
+    """BF16_Optimizer (bf16 ZeRO-1, fp32 accumulation) keeps every parameter's bf16 `.grad`
+    beside its fp32 accumulation buffer; the other layouts do not. The CUDA context and NCCL
+    buffers are on the GPU but outside torch's allocator."""
+    from trainer.summary import CONTEXT_BYTES
+
+    n = 1000
+    mems = {(prec, z): memory_per_gpu(load_config(TINY, [f"parallel.precision={prec}", f"parallel.zero_stage={z}"]),
+                                      n, 4) for prec in ("bf16", "fp32") for z in range(4)}
+    assert {k: m.bf16_grads for k, m in mems.items()} == {k: 2 * n if k == ("bf16", 1) else 0 for k in mems}
+    for m in mems.values():
+        assert m.context == CONTEXT_BYTES > 2**30
+        assert m.total() == m.allocated() + m.context and m.total(True) == m.allocated(True) + m.context
+    z1 = mems[("bf16", 1)]
+    assert z1.allocated() - mems[("bf16", 2)].allocated() == z1.grads - mems[("bf16", 2)].grads + 2 * n
+    # Offloading the optimizer leaves BF16_Optimizer: DeepSpeed's ZeRO-1 optimizer runs it.
+    off = load_config(TINY, ["parallel.precision=bf16", "parallel.zero_stage=1",
+                             "parallel.deepspeed.zero_optimization.offload_optimizer.device=cpu"])
+    assert memory_per_gpu(off, n, 4).bf16_grads == 0
+
+
+def test_dry_run_shows_the_bf16_gradients_and_the_context(capsys):
+    assert main(["configs/pretrain_1b.yaml", "--dry-run", "--world-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"grads 4\.18 GiB \+ 2\.09 GiB bf16 \(BF16_Optimizer\)", out)
+    assert "CUDA/NCCL context 1.5 GiB" in out
+
+
 def test_dry_run_prints_the_plan(capsys):
     assert main(["configs/tiny.yaml", "--dry-run", "--world-size", "2", "--gpu", "h100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
@@ -138,7 +166,7 @@ def test_memory_estimate_within_25_percent_of_measured_peak(overrides):
                              "parallel.micro_batch=8", *overrides])
     n = Transformer(cfg.model).num_params()
     mode = cfg.parallel.activation_checkpointing
-    predicted = memory_per_gpu(cfg, n, world=1, checkpointing=mode if mode != "none" else "full").total(mode != "none")
+    predicted = memory_per_gpu(cfg, n, world=1, checkpointing=mode if mode != "none" else "full").allocated(mode != "none")
     measured = _measured_peak(cfg)
     assert abs(predicted - measured) <= 0.25 * measured, (predicted / 2**20, measured / 2**20)
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model import Transformer
-from trainer.config import RunConfig, checkpoint_every
+from trainer.config import ConfigError, RunConfig, checkpoint_every
 from trainer.dist import Dist
 from trainer.ds_state import base_optimizer  # noqa: F401  (re-exported: the step reads its skip flag)
 from trainer.optim import SkipNonFiniteAdamW, param_groups
@@ -20,6 +20,13 @@ from trainer.ulysses import grad_scale, largest_param
 
 def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
     p = cfg.parallel
+    if p.precision == "bf16" and p.zero_stage == 1 and p.sp > 1 and p.grad_accum > 1:
+        # Refused rather than run: see precision_config. The planner (--dry-run) and the engine
+        # build both derive this config, so the run stops before its first step.
+        raise ConfigError(
+            f"parallel.zero_stage=1 with parallel.sp={p.sp} and parallel.grad_accum={p.grad_accum} under bf16 "
+            f"would sum micro-batch gradients in bf16 (DeepSpeed 0.19.8's fp32-accumulating ZeRO-1 optimizer "
+            f"cannot take Ulysses); use parallel.zero_stage=2, or parallel.grad_accum=1")
     ds: dict[str, Any] = {
         # Batch size lives in one place: global = micro × accum × dp, DeepSpeed derives it.
         "train_micro_batch_size_per_gpu": p.micro_batch,
@@ -37,8 +44,8 @@ def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
 
 
 def precision_config(precision: str, zero_stage: int, sp: int = 1) -> dict:
-    """DeepSpeed keys that keep fp32 master weights, fp32 Adam moments and fp32 gradient
-    accumulation under bf16, at every ZeRO stage.
+    """DeepSpeed keys that keep fp32 master weights, fp32 Adam moments, fp32 gradient
+    accumulation and fp32 gradient communication under bf16, at every ZeRO stage.
 
     ZeRO 1-3: bf16 parameters with fp32 masters in the ZeRO (stage 1: BF16_Optimizer)
     partitions; DeepSpeed's default accumulates gradients in the model dtype, so
@@ -49,21 +56,30 @@ def precision_config(precision: str, zero_stage: int, sp: int = 1) -> dict:
     attention run in bf16. An empty `lower_precision_safe_modules` keeps DeepSpeed from
     all-reducing Linear gradients in bf16.
 
+    Communication: DeepSpeed casts gradients to the engine's `communication_data_type` before
+    every all-reduce and reduce-scatter (engine.allreduce_bucket for BF16_Optimizer's fp32
+    buffers, stage_1_and_2 and stage3 for their buckets), and that defaults to the model
+    dtype, bf16. fp32 is set, as torchtitan and OLMo-core reduce. Under Ulysses the engine
+    replaces it with `seq_parallel_communication_data_type` (engine._configure_distributed_model),
+    so both keys are set.
+
     One exception: ZeRO-1 with Ulysses (sp > 1). There fp32 accumulation makes DeepSpeed
     0.19.8 use BF16_Optimizer, which treats the SP group as tensor parallel, skips every
     gradient on SP ranks > 0 for the norm and crashes (`stack expects a non-empty
-    TensorList`). That combination keeps the ZeRO-1 optimizer: fp32 masters and moments,
-    gradients accumulated in bf16. ZeRO-2/3 never use BF16_Optimizer and keep fp32
+    TensorList`). That combination keeps the ZeRO-1 optimizer: fp32 masters and moments, and
+    bf16 gradients, which is exact only without accumulation, so deepspeed_config refuses it
+    with parallel.grad_accum > 1. ZeRO-2/3 never use BF16_Optimizer and keep fp32
     accumulation with SP.
     """
     if precision != "bf16":
         return {"bf16": {"enabled": False}}
+    fp32_comm = {"communication_data_type": "fp32", "seq_parallel_communication_data_type": "fp32"}
     if zero_stage == 0:
-        return {"bf16": {"enabled": False},
+        return {"bf16": {"enabled": False}, **fp32_comm,
                 "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
     if zero_stage == 1 and sp > 1:
-        return {"bf16": {"enabled": True}}
-    return {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+        return {"bf16": {"enabled": True}, **fp32_comm}
+    return {"bf16": {"enabled": True}, **fp32_comm, "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

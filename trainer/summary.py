@@ -12,6 +12,10 @@ state over the whole data × sequence-parallel group):
 
 - weights: N × (2 under bf16, else 4), / shard at ZeRO-3;
 - gradients: N × 4 (accumulated in fp32 under bf16 too), / shard at ZeRO ≥ 2;
+- bf16 gradients: N × 2 more where the derived DeepSpeed config selects BF16_Optimizer
+  (bf16 ZeRO-1 with fp32 accumulation): it keeps the module's bf16 `.grad` of every
+  parameter as well as its fp32 accumulation buffer (deepspeed/runtime/bf16_optimizer.py,
+  `clear_lp_grads` zeroes them and never frees them); 2.1 GiB at 1B;
 - optimizer: N × (8 for AdamW's two fp32 moments, + 4 for the fp32 master under bf16),
   / shard at ZeRO ≥ 1;
 - activations: what autograd keeps for the backward, counted tensor by tensor for this
@@ -19,9 +23,14 @@ state over the whole data × sequence-parallel group):
   tokens per rank; with full activation checkpointing only each block's input is kept, plus
   one block's activations while it is recomputed;
 - logits: the fp32 log-probabilities the loss keeps and, at the start of the backward, the
-  gradients of the log-probabilities and logits (12 bytes per vocabulary entry per token).
+  gradients of the log-probabilities and logits (12 bytes per vocabulary entry per token);
+- context: what a GPU process holds outside torch's allocator, `CONTEXT_BYTES`: the CUDA
+  context with torch's kernels and the cuBLAS workspace, and NCCL's communicator buffers.
+  `torch.cuda.max_memory_allocated` does not see it (compare that with `Memory.allocated`),
+  `nvidia-smi` does.
 
-Not counted: DeepSpeed's communication buckets, the CUDA context and allocator
+Not counted: DeepSpeed's communication buckets (ZeRO-1/2: a `reduce_bucket_size` = 5e8
+element bf16 bucket, 0.9 GiB, plus its fp32 copy while it is reduced), allocator
 fragmentation (budget ~10-20% on top), and the optimizer step's temporaries.
 `tests/test_summary.py` checks the arithmetic against tensor allocations tracked by torch's
 `MemTracker` during a real forward, backward and AdamW step on CPU.
@@ -44,6 +53,10 @@ from trainer.metrics import datasheet_peak
 from trainer.ulysses import grad_scale, largest_param
 
 GIB = 2**30
+# CUDA context (~0.5 GiB on an H100 under CUDA 12's lazy module loading, more as kernels
+# load), cuBLAS workspace and NCCL communicators (NCCL_BUFFSIZE 4 MiB per channel and peer;
+# DeepSpeed opens a world group and, under Ulysses, SP and SP-data groups): 1.5 GiB.
+CONTEXT_BYTES = 1.5 * GIB
 
 
 @dataclass(frozen=True)
@@ -148,17 +161,24 @@ class Memory:
     activations_ckpt: float  # full activation checkpointing: block inputs
     recompute: float  # full activation checkpointing: one block recomputed in the backward
     logits: float
+    bf16_grads: float = 0.0  # BF16_Optimizer's module gradients, beside its fp32 ones
+    context: float = CONTEXT_BYTES  # CUDA context and NCCL buffers, outside torch's allocator
 
     @property
     def states(self) -> float:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.bf16_grads + self.optimizer
 
-    def total(self, checkpointing: bool = False) -> float:
-        """The peak. With checkpointing, the logits' gradients are freed before the first
-        block is recomputed, so the two never coincide."""
+    def allocated(self, checkpointing: bool = False) -> float:
+        """The peak of torch's allocator (`torch.cuda.max_memory_allocated`). With
+        checkpointing, the logits' gradients are freed before the first block is recomputed,
+        so the two never coincide."""
         if checkpointing:
             return self.states + self.activations_ckpt + max(self.logits, self.recompute)
         return self.states + self.activations + self.logits
+
+    def total(self, checkpointing: bool = False) -> float:
+        """What the GPU must hold at the peak: the allocator's peak plus the context."""
+        return self.allocated(checkpointing) + self.context
 
 
 @dataclass
@@ -203,7 +223,18 @@ def memory_per_gpu(cfg: RunConfig, n_params: int, world: int, checkpointing: str
         activations_ckpt=activation_bytes(m, cfg.data.seq_len, tokens, a, every),
         recompute=recompute_bytes(m, cfg.data.seq_len, tokens, a, every),
         logits=logits_bytes(m, tokens, a),
+        bf16_grads=n_params * 2 if uses_bf16_optimizer(deepspeed_config(cfg)) else 0.0,
     )
+
+
+def uses_bf16_optimizer(ds: dict) -> bool:
+    """Whether DeepSpeed 0.19.8 wraps the optimizer in BF16_Optimizer for this merged config
+    (engine._do_optimizer_sanity_check: bf16 parameters, fp32 accumulation, ZeRO-1, no
+    offload)."""
+    zero = ds.get("zero_optimization", {})
+    return (ds.get("bf16", {}).get("enabled", False) and zero.get("stage", 0) == 1
+            and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+            and zero.get("offload_optimizer", {}).get("device", "none") == "none")
 
 
 def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.4) -> Plan:
@@ -260,8 +291,10 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
                + (" (repeats data)" if pl.data_passes > 1 else ""))
     ac = p.activation_checkpointing
     print0(f"  memory/GPU  ZeRO-{p.zero_stage} over {pl.world} ranks, {p.precision}, activation_checkpointing {ac}")
-    print0(f"    weights {mem.weights / GIB:.2f} GiB, grads {mem.grads / GIB:.2f} GiB, "
-           f"optimizer {mem.optimizer / GIB:.2f} GiB, logits {mem.logits / GIB:.2f} GiB")
+    bf16_grads = f" + {mem.bf16_grads / GIB:.2f} GiB bf16 (BF16_Optimizer)" if mem.bf16_grads else ""
+    print0(f"    weights {mem.weights / GIB:.2f} GiB, grads {mem.grads / GIB:.2f} GiB{bf16_grads}, "
+           f"optimizer {mem.optimizer / GIB:.2f} GiB, logits {mem.logits / GIB:.2f} GiB, "
+           f"CUDA/NCCL context {mem.context / GIB:.1f} GiB")
     print0(f"    activations {mem.activations / GIB:.2f} GiB (no checkpointing), "
            f"{mem.activations_ckpt / GIB:.2f} GiB + {mem.recompute / GIB:.2f} GiB recompute (full checkpointing)")
     if ac.startswith("every_"):
@@ -270,7 +303,7 @@ def dry_run(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float =
                f"({ac}): total {sel.total(True) / GIB:.1f} GiB")
     cap = pl.gpu_spec.memory_gib
     print0(f"    total {mem.total() / GIB:.1f} GiB, or {mem.total(True) / GIB:.1f} GiB with full checkpointing "
-           f"({pl.gpu}: {cap:g} GiB; add ~10-20% for buffers and fragmentation)")
+           f"({pl.gpu}: {cap:g} GiB; add ~10-20% for communication buckets and fragmentation)")
     print0(f"  time        {pl.hours:,.1f} h ({pl.hours / 24:.1f} days) on {pl.world} x {pl.gpu} at MFU {pl.mfu:g} "
            f"(peak {pl.gpu_spec.peak_flops / 1e12:g} TFLOP/s, {pl.gpu_spec.peak_source})")
     print0(f"  run dir     {cfg.run_dir}")

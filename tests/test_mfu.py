@@ -120,3 +120,48 @@ def test_rng_state_after_resume_equals_the_saved_one(tmp_path):
                    capture_output=True, timeout=300)
     saved = torch.load(out / "rng" / "checkpoints" / "step-2" / "trainer_state_rank0.pt")["rng"]["torch"]
     assert torch.equal(torch.load(seen), saved)
+
+
+class _FlopsModel:
+    """What Throughput reads of a model: its depth and FLOPs per token."""
+
+    blocks = [None, None]
+
+    def flops_per_token(self, seq_len):
+        return 6e6
+
+    def hardware_flops_per_token(self, seq_len):
+        return 8e6
+
+
+def _cpu_throughput(peak: float, *overrides: str) -> metrics.Throughput:
+    from trainer.config import load_config
+    from trainer.dist import Dist
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides))
+    return metrics.Throughput(cfg, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1), peak)
+
+
+@pytest.mark.parametrize("reprobe", [5e9, 1e6], ids=["quieter-machine", "still-busy"])
+def test_cpu_mfu_never_exceeds_one_when_a_step_beats_the_start_up_probe(monkeypatch, reprobe):
+    """A start-up probe slowed by a busy machine (1 MFLOP/s here) would give MFU far above 1.
+    The step re-probes and keeps the best probe; if the step still beats it, its own rate."""
+    monkeypatch.setattr(metrics, "matmul_probe", lambda device, dtype=torch.float32: {"peak_flops_wall": reprobe})
+    tp = _cpu_throughput(1e6)
+    said = []
+    tp.announce = said.append
+    dt = tp.tokens_per_step * 8e6 / 2e9  # a step doing 2 GFLOP/s of hardware FLOPs
+    row = tp.fields(dt, _FlopsModel())
+    assert row["mfu"] <= row["hfu"] <= 1.0
+    assert tp.peak == pytest.approx(max(reprobe, 2e9))
+    assert row["hfu"] == pytest.approx(2e9 / tp.peak)
+    assert len(said) == 1 and "MFU peak raised from 0.0 to" in said[0]
+    # A slower step later leaves the raised peak alone and probes nothing more.
+    monkeypatch.setattr(metrics, "matmul_probe", lambda *a, **k: pytest.fail("probed again"))
+    assert tp.fields(dt * 2, _FlopsModel())["hfu"] == pytest.approx(row["hfu"] / 2)
+
+
+def test_a_configured_peak_is_never_re_probed(monkeypatch):
+    monkeypatch.setattr(metrics, "matmul_probe", lambda *a, **k: pytest.fail("probed"))
+    tp = _cpu_throughput(1e6, "logging.peak_flops=1e6")
+    assert tp.fields(1.0, _FlopsModel())["mfu"] > 1  # the user's number stands, and MFU shows it is wrong

@@ -42,14 +42,49 @@ def check_tasks(tm, tasks: Sequence[str], key: str = "--tasks") -> None:
                         f"--include-path")
 
 
+def check_datasets(tm, tasks: Sequence[str]) -> None:
+    """Load each task (and so its dataset) once before any export: a dataset that cannot be
+    had (offline, or the hub unreachable) is one line naming the task, not lm_eval's traceback
+    after the export. A loaded dataset is cached, so lm_eval's own load reads it again cheaply."""
+    import os
+
+    from trainer.data.sources import first_line
+
+    for task in tasks:
+        try:
+            tm.load([task])
+        except Exception as e:  # datasets and the hub raise many types; all mean "no dataset"
+            offline = os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+            fix = ("HF_DATASETS_OFFLINE is set and it is not cached: run once with network access and "
+                   "HF_DATASETS_OFFLINE unset to cache it" if offline else
+                   "run once where the Hugging Face hub is reachable to cache it (then HF_DATASETS_OFFLINE=1 "
+                   "uses the cache without the network and fails at once when a dataset is missing)")
+            raise UserError(f"--tasks {task}: could not load its dataset ({first_line(e)[:200]}); {fix}") from None
+
+
+def single_process_lm(export_dir: Path, batch_size: int = 8, device: str = "cpu"):
+    """lm_eval's `HFLM` over the exported model, as one process with a world of one.
+
+    Given a path, HFLM builds an `accelerate.Accelerator`, which under torchrun adopts the
+    job's processes: on 2+ GPUs it takes the job's world size and gathers on rank 0 alone
+    while the other ranks wait (the in-loop eval runs on rank 0 only), a hang. Given a model
+    object it skips that and uses rank 0 of 1. The model is the export loaded by
+    `transformers` (fp32, remote code), as anyone evaluating the export would load it."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+    return HFLM(pretrained=model.to(device).eval(), tokenizer=tokenizer, batch_size=batch_size)
+
+
 def run_lm_eval(export_dir: Path, tasks: Sequence[str], tm, limit: int | None = None, batch_size: int = 8,
                 device: str = "cpu", log_samples: bool = False) -> dict:
     """lm_eval's `simple_evaluate` on an exported model directory; its results dict."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=str(export_dir), trust_remote_code=True, device=device, dtype="float32",
-              batch_size=batch_size)
+    lm = single_process_lm(export_dir, batch_size, device)
     # bootstrap_iters=0: no bootstrapped stderr, which costs minutes on CPU for nothing here.
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, bootstrap_iters=0,
                            log_samples=log_samples)
@@ -77,6 +112,7 @@ def evaluate(run_dir: Path, tasks: Sequence[str], limit: int | None = None, step
     run_dir = run_dir_or_error(run_dir)
     tm = task_manager(include_path)
     check_tasks(tm, tasks)
+    check_datasets(tm, tasks)
     with tempfile.TemporaryDirectory(prefix="harness-eval-") as tmp:
         out = export(run_dir, Path(tmp) / "model", step)
         return run_lm_eval(out, tasks, tm, limit, batch_size, device, log_samples)

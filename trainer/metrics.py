@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -106,6 +107,61 @@ def peak_flops_per_device(device: torch.device, precision: str, override: float 
     return peak, f"measured {precision} matmul (guess)"
 
 
+# How long wandb.init may wait for W&B's server (wandb's default is 90 s). A reachable server
+# answers in seconds; a run falls back to offline rather than stall its start.
+WANDB_INIT_TIMEOUT_S = 15.0
+# How long the reachability probe before wandb.init waits for a TCP connection (DNS included).
+WANDB_PROBE_TIMEOUT_S = 3.0
+
+
+def wandb_online_problem() -> str | None:
+    """Why `logging.wandb_mode=online` cannot work from here, or None. Without an API key
+    wandb.init raises (or prompts at a terminal); without a route to the server it retries for
+    init_timeout and then raises. Both are found here in seconds, so the run logs offline."""
+    import wandb
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth  # wandb's own netrc lookup (wandb is pinned in pyproject.toml)
+
+    settings = wandb_setup.singleton().settings  # WANDB_BASE_URL, WANDB_API_KEY and settings files
+    try:
+        key = (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") or settings.api_key
+               or wbauth.read_netrc_auth(host=settings.base_url))
+    except wandb.errors.Error as e:
+        return f"the W&B API key is unreadable ({' '.join(str(e).split())[:200]})"
+    if not key:
+        return "no W&B API key (set WANDB_API_KEY, or run `wandb login`)"
+    return _unreachable(settings.base_url)
+
+
+def _unreachable(url: str) -> str | None:
+    """Why a TCP connection to `url`'s host fails within WANDB_PROBE_TIMEOUT_S, or None. Behind
+    a proxy a direct connection proves nothing, so it is not tried."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+    failure: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=WANDB_PROBE_TIMEOUT_S).close()
+        except OSError as e:
+            failure.append(e.strerror or str(e) or type(e).__name__)
+
+    # A thread bounds the DNS lookup too, which create_connection's timeout does not cover.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(WANDB_PROBE_TIMEOUT_S)
+    if probe.is_alive():
+        return f"no answer from the W&B server {host}:{port} within {WANDB_PROBE_TIMEOUT_S:g} s"
+    return f"cannot reach the W&B server {host}:{port} ({failure[0]})" if failure else None
+
+
 class Throughput:
     """What a training row derives from the batch layout: tokens and samples per step,
     tokens/s, MFU and HFU against the per-device peak, the Ulysses all-to-all bytes per
@@ -117,14 +173,31 @@ class Throughput:
         self.samples_per_step = p.micro_batch * p.grad_accum * dist.dp_size
         self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
         self._flops_key, self._flops_value = None, (0.0, 0.0)
+        # A CPU peak is a matmul timed at start-up, maybe while other processes held the cores;
+        # it is re-measured whenever a step beats it (see _raise_peak).
+        self.peak_is_probe = dist.device.type == "cpu" and not cfg.logging.peak_flops
+        self.announce = lambda text: None  # the console (Metrics on rank 0 sets it)
         self.a2a = all_to_all_bytes_per_layer(p.micro_batch, cfg.data.seq_len, p.sp, cfg.model.n_heads,
                                               cfg.model.kv_heads, cfg.model.head_dim, 2 if p.precision == "bf16" else 4)
 
     def fields(self, dt: float, model) -> dict:
-        per_s = self.tokens_per_step / dt / (self.peak * self.dist.world)
         model_flops, hardware_flops = self._flops(model)
+        self._raise_peak(hardware_flops * self.tokens_per_step / dt / self.dist.world)
+        per_s = self.tokens_per_step / dt / (self.peak * self.dist.world)
         return {"tokens_per_s": self.tokens_per_step / dt, "mfu": model_flops * per_s, "hfu": hardware_flops * per_s,
                 "a2a_bytes_per_layer": self.a2a}
+
+    def _raise_peak(self, achieved: float) -> None:
+        """Keep MFU and HFU <= 1 on CPU. A step that does more FLOP/s per device than the probed
+        peak proves the probe was slowed (a busy machine), not that the step beat the hardware:
+        probe again and keep the best probe; if the step still beats that, the step's own rate is
+        the best this device has shown, and so the tightest lower bound on its peak there is."""
+        if not self.peak_is_probe or achieved <= self.peak:
+            return
+        was = self.peak
+        self.peak = max(self.peak, matmul_probe(self.dist.device, torch.float32)["peak_flops_wall"], achieved)
+        self.announce(f"MFU peak raised from {was / 1e9:.1f} to {self.peak / 1e9:.1f} GFLOP/s: a step ran at "
+                      f"{achieved / 1e9:.1f} GFLOP/s, above the probed matmul (timed while the CPU was busier)")
 
     def _flops(self, model) -> tuple[float, float]:
         """FLOPs per token, counted over the module tree (ms at depth) once per model: the
@@ -150,6 +223,7 @@ class NullMetrics:
         self.cfg, self.throughput, self.data = cfg, throughput, data
         self.first_loss: float | None = None
         self.last: dict = {}
+        self.last_eval: dict = {}  # the latest eval row (val_loss ...), for the console and the summary
 
     def log_train(self, state, result, dt: float, model) -> None:
         """The row of a finished (not skipped) step, logged every logging.every steps and at
@@ -181,6 +255,8 @@ class NullMetrics:
         head = f"stopped by {stopped_by} after step {state.step}" if stopped_by else f"finished {state.step} steps"
         loss = (f"loss {self.first_loss:.4f} -> {self.last.get('loss', float('nan')):.4f}"
                 if self.first_loss is not None else "no steps run")
+        if "val_loss" in self.last_eval:
+            loss += f", val loss {self.last_eval['val_loss']:.4f} at step {self.last_eval['step']}"
         return (f"{head}: {loss}, {state.tokens:,} tokens, {state.n_layers} layers, "
                 f"{self.last.get('tokens_per_s', 0):.0f} tok/s; run dir {run_dir} (metrics.jsonl, checkpoints/)")
 
@@ -206,6 +282,7 @@ class Metrics(NullMetrics):
 
             self.bar = tqdm(total=cfg.run.max_steps, initial=start_step, desc=cfg.run.name, dynamic_ncols=True,
                             mininterval=1.0)
+        throughput.announce = self.message
 
     def _trim_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint we restart from, so the file
@@ -227,12 +304,26 @@ class Metrics(NullMetrics):
         id_file = self.run_dir / "wandb_id"
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex[:12] + "\n")
-        return wandb.init(project=self.cfg.logging.wandb_project, name=self.cfg.run.name, id=id_file.read_text().strip(),
-                          resume="allow", dir=str(self.run_dir), mode=mode, config=to_dict(self.cfg))
+        kw = dict(project=self.cfg.logging.wandb_project, name=self.cfg.run.name, id=id_file.read_text().strip(),
+                  resume="allow", dir=str(self.run_dir), config=to_dict(self.cfg))
+        if mode == "online":
+            problem = wandb_online_problem()
+            if problem is None:
+                try:
+                    return wandb.init(mode="online", settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S), **kw)
+                except wandb.errors.Error as e:  # the server refused us or answered too slowly
+                    problem = " ".join(str(e).split())[:200]
+                    wandb.teardown()  # its service still holds the failed run's id
+            print(f"warning: logging.wandb_mode=online: {problem}; logging to W&B offline instead "
+                  f"(upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)", file=sys.stderr, flush=True)
+        return wandb.init(mode="offline" if mode == "online" else mode, **kw)
 
     def log(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if "val_loss" in row:  # an eval row: one console line, and the summary's val loss
+            self.last_eval = row
+            self.message(eval_line(row))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
@@ -266,6 +357,16 @@ class Metrics(NullMetrics):
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def eval_line(row: dict) -> str:
+    """The console line of an eval row: val loss and perplexity, MoD's top-k figure and each
+    data.eval held-out set."""
+    text = f"step {row['step']}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})"
+    if "val_loss_topk" in row:
+        text += f", top-k routing {row['val_loss_topk']:.4f}"
+    held = [f"{k[len('val/'):-len('_loss')]} {v:.4f}" for k, v in row.items() if k.startswith("val/")]
+    return text + (f"; held-out: {', '.join(held)}" if held else "")
 
 
 def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, dist, data=None,

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup prepare pretrain test test-fast test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean
+.PHONY: setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# The fakegpu tier (marker `fakegpu`, in `make test` too): step, eval, metrics and collectives
+# against the meta device on CPU, so a CPU tensor meeting a device tensor fails as on CUDA.
+test-fakegpu: setup
+	$(BIN)/python -m pytest -q -m fakegpu $(PYTEST_ARGS)
 
 # The GPU suite (tests/gpu, marker `gpu`): bf16 on 1 GPU, and on 2 where present. Without
 # CUDA every test is skipped; `make test` collects them too.

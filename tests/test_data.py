@@ -225,6 +225,22 @@ def test_local_jsonl_uses_text_field_and_few_docs_split_the_token_stream(tmp_pat
     assert data.tokenizer.decode(np.asarray(data._train)[:30]).startswith("Paragraph 0 says:\nline one")
 
 
+def test_prepare_console_and_data_json_report_the_same_val_token_count(tmp_path, tokenizer_path):
+    """A document split under one window falls back to a token split; the console said the
+    document split's count while data.json said the token split's (issue 26)."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p}) for p in paragraphs(90)))
+    logs: list[str] = []
+    data = prepare(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, max_docs=0), logs=logs)
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert recorded["split"] == "tokens" and recorded["n_val_tokens"] == data.n_val_tokens > 0
+    said = f"{data.n_train_tokens:,} train + {data.n_val_tokens:,} val tokens"
+    assert [line for line in logs if "packed 90 docs" in line and said in line], logs
+    logs.clear()
+    prepare(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, max_docs=0), logs=logs, run="again")
+    assert json.loads((tmp_path / "again" / "data.json").read_text())["n_val_tokens"] == data.n_val_tokens
+
+
 def test_local_parquet_loads_and_max_tokens_caps_the_pack(tmp_path, tokenizer_path):
     import datasets
 
@@ -295,6 +311,29 @@ def test_missing_text_field_is_named(tmp_path, tokenizer_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     message = error_of(tmp_path, cfg(source=str(tmp_path / "d.jsonl"), tokenizer=tokenizer_path))
     assert "'text'" in message and "body" in message and "data.text_field" in message
+
+
+def test_binary_txt_is_refused_by_its_printable_ratio(tmp_path, tokenizer_path):
+    binary = tmp_path / "random.txt"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    message = error_of(tmp_path, cfg(source=str(binary), tokenizer=tokenizer_path))
+    assert str(binary) in message and "does not look like UTF-8 text" in message and "% of its first" in message
+    # Accented Latin-1 prose read as UTF-8 is still text (a few characters undecodable).
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("\n\n".join(f"Le café numéro {i} est très près." for i in range(200)).encode("latin-1"))
+    assert prepare(tmp_path, cfg(source=str(latin), tokenizer=tokenizer_path, max_docs=0)).n_train_tokens > 0
+
+
+@pytest.mark.parametrize("shard_mb", [64.0, 0.001], ids=["one-unit", "byte-range-units"])
+def test_bad_jsonl_line_and_missing_field_name_the_files_real_line(tmp_path, tokenizer_path, shard_mb):
+    """A byte-range unit starts mid-file; its errors still give the line number in the file."""
+    good = [json.dumps({"text": p}) for p in paragraphs(100)]
+    for bad, expected in [('{"text": oops}', "is not valid JSON"), ('{"body": "x"}', "has no field 'text'")]:
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(good[:70] + [""] + [bad] + good[70:]) + "\n")  # line 72
+        message = error_of(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, max_docs=0, shard_mb=shard_mb))
+        assert f"{path} line 72 {expected}" in message, message
+    assert "its fields: body" in message and "data.text_field" in message
 
 
 def test_corrupt_tokenizer_file_is_a_one_line_error(tmp_path):

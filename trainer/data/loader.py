@@ -29,7 +29,7 @@ import numpy as np
 
 from trainer.data import shards as sh
 from trainer.data.mixture import Mixture
-from trainer.data.prepare import Dataset, Plan, plan, prepare_all
+from trainer.data.prepare import Dataset, Plan, plan, prepare_all, split_sizes
 from trainer.data.sources import DataError
 from trainer.tokenizer import Tokenizer, TokenizerError
 
@@ -245,18 +245,18 @@ def _open_dataset(d: Dataset, tokenizer: Tokenizer, seq_len: int, seed: int, val
     train, val = sh.open_streams(d.directory, index)
     if d.cap_train is not None:
         train, val = train.slice(0, min(len(train), d.cap_train)), val.slice(0, min(len(val), d.cap_val))
-    meta = {k: v for k, v in index.items() if k != "shards"}
-    meta.update({"dir": str(d.directory), "split": "documents", "n_train_docs": index["n_train_documents"],
-                 "n_val_docs": index["n_val_documents"]})
-    if d.role == "eval":
-        return HeldOut(val, seq_len, d.name), meta
-    if val_fraction > 0 and len(val) < seq_len + 1:
+    # The sizes come from the function prepare's console reports them with, so both agree.
+    n_train, n_val, split = split_sizes(d, len(train), len(val), seq_len, val_fraction)
+    if split == "tokens":
         # Too few documents for a document split (e.g. a handful of files): hold out the
         # stream's last val_fraction of tokens instead, so there is still a val loss.
         stream = train + val
-        n_val = math.ceil(val_fraction * len(stream))
-        train, val = stream.slice(0, len(stream) - n_val), stream.slice(len(stream) - n_val, len(stream))
-        meta["split"] = "tokens"
+        train, val = stream.slice(0, n_train), stream.slice(n_train, n_train + n_val)
+    meta = {k: v for k, v in index.items() if k != "shards"}
+    meta.update({"dir": str(d.directory), "split": split, "n_train_docs": index["n_train_documents"],
+                 "n_val_docs": index["n_val_documents"]})
+    if d.role == "eval":
+        return HeldOut(val, seq_len, d.name), meta
     meta.update({"n_train_tokens": len(train), "n_val_tokens": len(val)})
     return PackedData(train, val, tokenizer, seq_len, seed, meta, key), meta
 

@@ -93,6 +93,33 @@ class Plan:
                    if d.directory is None or d.problem())
 
 
+def split_sizes(d: Dataset, n_train: int, n_val: int, seq_len: int, val_fraction: float) -> tuple[int, int, str]:
+    """(train tokens, val tokens, split) as training opens dataset `d` whose shards hold
+    n_train + n_val tokens: the caps first; then, for a train dataset whose document split holds
+    less than one window of seq_len+1 tokens (a handful of documents), the stream's last
+    val_fraction of tokens instead (split "tokens", else "documents"). Prepare's console and the
+    run's data.json both report these numbers."""
+    if d.cap_train is not None:
+        n_train, n_val = min(n_train, d.cap_train), min(n_val, d.cap_val)
+    if d.role == "train" and val_fraction > 0 and n_val < seq_len + 1:
+        total = n_train + n_val
+        n_val = math.ceil(val_fraction * total)
+        return total - n_val, n_val, "tokens"
+    return n_train, n_val, "documents"
+
+
+def _sizes_text(d: Dataset, index: dict, cfg) -> str:
+    """'X train + Y val tokens' as training will use them, saying why when it is not the
+    document split the shards hold."""
+    n_train, n_val, split = split_sizes(d, index["n_train_tokens"], index["n_val_tokens"], cfg.seq_len,
+                                        cfg.val_fraction)
+    text = f"{n_train:,} train + {n_val:,} val tokens"
+    if split == "tokens":
+        text += (f" (the documents held out have {index['n_val_tokens']:,} tokens, under one window of "
+                 f"data.seq_len+1={cfg.seq_len + 1}, so val is the last {cfg.val_fraction:g} of the token stream)")
+    return text
+
+
 def _caps(max_tokens: int, val_fraction: float) -> tuple[int | None, int | None]:
     if not max_tokens:
         return None, None
@@ -220,8 +247,8 @@ def prepare_dataset(d: Dataset, tok: Tokenizer, cfg, workers: int, log: Callable
     if index is not None:
         problem = sh.check_shards(d.directory, index)
         if problem is None:
-            log(f"data: {d.name}: cached packed shards {d.directory}: {index['n_train_tokens']:,} train + "
-                f"{index['n_val_tokens']:,} val tokens in {index['n_shards']} shard(s)")
+            log(f"data: {d.name}: cached packed shards {d.directory}: {_sizes_text(d, index, cfg)} in "
+                f"{index['n_shards']} shard(s)")
             return index
         log(f"data: {d.name}: {problem}; rebuilding the damaged shards")
         for shard in index["shards"]:
@@ -258,9 +285,8 @@ def prepare_dataset(d: Dataset, tok: Tokenizer, cfg, workers: int, log: Callable
         "tokenizer_fingerprint": tok.fingerprint, "val_threshold": str(d.threshold), "max_docs": d.max_docs,
         "cap_train": d.cap_train, "cap_val": d.cap_val, "corpus_bytes": d.source.n_bytes,
         "seconds": round(time.perf_counter() - t0, 2)})
-    log(f"data: {d.name}: packed {index['n_docs']:,} docs into {index['n_train_tokens']:,} train + "
-        f"{index['n_val_tokens']:,} val tokens, {index['n_shards']} shard(s), in {index['seconds']:.1f} s "
-        f"({workers} worker(s))")
+    log(f"data: {d.name}: packed {index['n_docs']:,} docs into {_sizes_text(d, index, cfg)}, "
+        f"{index['n_shards']} shard(s), in {index['seconds']:.1f} s ({workers} worker(s))")
     return index
 
 

@@ -10,9 +10,15 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean
+.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean clean-runs
+.DEFAULT_GOAL := help
 
-setup: $(STAMP)
+# The list is every target line with a `## ` description, so a new target documents itself.
+help: ## List the targets (this text; a bare `make` prints it)
+	@echo "usage: make TARGET [CONFIG=configs/tiny.yaml] [ARGS='key=value ...']"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## Create .venv and install the pinned dependencies (again only when pyproject.toml changes)
 
 # torch is installed first and pinned: the CPU wheel on this disk satisfies it, while an
 # unpinned resolve would pull a multi-GB CUDA build.
@@ -31,33 +37,33 @@ $(STAMP): pyproject.toml
 # Tokenizer + token shards for CONFIG, with WORKERS processes (default: all CPUs). Resumable.
 # `make pretrain` prepares what is missing by itself; cluster recipes expect this to run first.
 WORKERS ?= 0
-prepare: setup
+prepare: setup ## Train the tokenizer and write the token shards for CONFIG with WORKERS processes (resumable)
 	$(BIN)/python -m trainer.prepare $(CONFIG) $(ARGS) --workers $(WORKERS)
 
-pretrain: setup
+pretrain: setup ## Train CONFIG (default configs/tiny.yaml, on CPU); rerunning resumes
 	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)
 
-test: setup
+test: setup ## Run the whole test suite (CPU, gloo, fp32; about 35 min on 2 cores)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup ## Run the tests not marked slow or slurm (about a minute)
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
 # The fakegpu tier (marker `fakegpu`, in `make test` too): step, eval, metrics and collectives
 # against the meta device on CPU, so a CPU tensor meeting a device tensor fails as on CUDA.
-test-fakegpu: setup
+test-fakegpu: setup ## Run the fakegpu tier: step, eval and metrics on the meta device
 	$(BIN)/python -m pytest -q -m fakegpu $(PYTEST_ARGS)
 
 # The GPU suite (tests/gpu, marker `gpu`): bf16 on 1 GPU, and on 2 where present. Without
 # CUDA every test is skipped; `make test` collects them too.
-test-gpu: setup
+test-gpu: setup ## Run the GPU suite tests/gpu (every test skips without CUDA)
 	$(BIN)/python -m pytest -q -m gpu tests/gpu $(PYTEST_ARGS)
 
 # The project's GPU test machine (one H200, CPython 3.12, torch 2.11, no network) lacks
 # DeepSpeed and a few of its needs: gpu-bundle writes their wheels (cp312 manylinux) into the
 # ignored .gpu-bundle/, which travels with the working tree, and checks offline that they
 # resolve against what that machine has. It runs here, where pip reaches PyPI.
-gpu-bundle: setup
+gpu-bundle: setup ## Download the wheels the offline GPU machine lacks into .gpu-bundle/
 	$(BIN)/python -m benchmarks.gpu_bundle
 
 # Runs ON the GPU machine, from a copy of the repo holding .gpu-bundle/: installs the wheels
@@ -65,33 +71,48 @@ gpu-bundle: setup
 # 1-GPU tests, a 1B-width probe and one eval + growth in one budget (benchmarks/gpu_check.py).
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check.json
 GPU_CHECK_ARGS ?=
-gpu-check:
+gpu-check: ## On the GPU machine: install .gpu-bundle/ offline, then the 1-GPU checks
 	@test -d .gpu-bundle || { echo "gpu-check: no .gpu-bundle/ here; run 'make gpu-bundle' on a machine with network first" >&2; exit 2; }
 	$(PY) -c "import deepspeed, omegaconf" 2>/dev/null || \
 	    $(PY) -m pip install -q --no-index --no-deps --no-cache-dir .gpu-bundle/*.whl
 	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
-faults: setup
+faults: setup ## Run the fault-injection suite alone (kill -9, corrupt checkpoints, signals, NaNs)
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
 
-lint: setup
+lint: setup ## Run ruff over model, trainer, tests and benchmarks
 	$(BIN)/ruff check model trainer tests benchmarks
 
-bench: setup
+bench: setup ## Run every benchmark in benchmarks/ and write benchmarks/results/
 	$(BIN)/python -m benchmarks.run_all
 
 # The full protocol (hours on 2 cores); finished runs are skipped, so rerun it to continue.
 # One one-thread run per core (JOBS=1 leaves the other cores free).
 JOBS ?= $(shell nproc)
 ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --extend-edges 1 --sources shakespeare,embedded --settings default,deep --jobs $(JOBS)
-ablate: setup
+ablate: setup ## Run (or continue) the ablation protocol (hours on 2 cores)
 	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
 
 # A real SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent. NODES=2 brings
 # up a separate two-node cluster (n1, n2) beside the one-node one and prints SLURM_CONF=<path>.
 NODES ?= 1
-slurm-local:
+slurm-local: ## Bring up a real SLURM cluster on this machine (NODES=2 for two nodes)
 	bash slurm/local_cluster.sh --nodes $(NODES)
 
-clean:
-	rm -rf runs .pytest_cache
+# Build artefacts and caches only: never runs/ (trained runs and the data cache), nor .venv.
+clean: ## Remove caches and build artefacts (__pycache__, .pytest_cache, .ruff_cache, build/, *.egg-info)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Deleting trained runs is its own target, and asks: at a terminal it waits for a yes; without
+# one (a script, CI) it refuses unless FORCE=1.
+clean-runs: ## Delete runs/ (every run, checkpoint and the data cache) after asking; FORCE=1 skips the question
+	@if [ ! -d runs ]; then echo "clean-runs: no runs/ here"; \
+	elif [ "$(FORCE)" = 1 ]; then rm -rf runs && echo "clean-runs: deleted runs/"; \
+	elif [ -t 0 ]; then \
+	    printf 'delete runs/ (%s run dirs, %s, with every checkpoint and the data cache runs/.cache)? [y/N] ' \
+	        "$$(ls runs | wc -l)" "$$(du -sh runs | cut -f1)"; \
+	    read answer; case "$$answer" in [yY]|[yY][eE][sS]) rm -rf runs && echo "clean-runs: deleted runs/";; \
+	        *) echo "clean-runs: kept runs/";; esac; \
+	else echo "clean-runs: stdin is not a terminal; run 'make clean-runs FORCE=1' to delete runs/ without asking" >&2; \
+	    exit 2; fi

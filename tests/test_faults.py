@@ -124,6 +124,81 @@ def test_signal_finishes_step_checkpoints_and_exits_zero(tmp_path, sig, async_sa
     assert 3 <= step < 400 and _steps_logged(run) == step
 
 
+def test_ctrl_c_checkpoints_and_exits_zero_and_a_second_one_aborts_naming_the_last_checkpoint(tmp_path):
+    out = tmp_path / "runs"
+    over = tiny_overrides(out, "int", **{"run.max_steps": 400, "checkpoint.every": 0})
+    run = out / "int"
+    proc = _start(over)
+    _wait_for(lambda: _steps_logged(run) >= 3, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    text = proc.stdout.read()
+    assert "stopped by SIGINT" in text and "Traceback" not in text and "KeyboardInterrupt" not in text
+    done = sorted((run / "checkpoints").glob("step-*/COMPLETE"))
+    assert len(done) == 1 and int(done[0].parent.name[5:]) == _steps_logged(run)
+    first = done[0].parent
+
+    # Again, with 4 s steps: Ctrl-C at a step's start, then again inside the same step.
+    proc = _start(over, env={"HARNESS_FAULT_STEP_SLEEP": "4"})
+    at = _steps_logged(run)
+    _wait_for(lambda: _steps_logged(run) > at, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # past the window in which a second SIGINT is torchrun's copy of the first
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    lines = [line for line in proc.stdout.read().splitlines() if "interrupted again" in line or "Traceback" in line]
+    assert len(lines) == 1 and str(first) in lines[0], lines
+    assert sorted((run / "checkpoints").glob("step-*/COMPLETE")) == done  # nothing new, nothing lost
+
+
+def test_a_failed_checkpoint_write_removes_its_tmp_and_training_continues(tmp_path):
+    """The save at step 4 hits ENOSPC half-way: one line, no step-4.tmp left, step-2 intact
+    (it still verifies), and the step-6 save succeeds."""
+    from trainer.checkpoint import Checkpointer
+
+    out = tmp_path / "runs"
+    run = out / "full"
+    proc = train(tiny_overrides(out, "full", **{"run.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3}),
+                 env={"HARNESS_FAULT_DISK_ERROR": "ENOSPC:step-4"})
+    notes = [line for line in proc.stderr.splitlines() if "not saved" in line]
+    assert len(notes) == 1 and "step-4" in notes[0] and "No space left on device" in notes[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-6"]
+    assert Checkpointer.verify(run / "checkpoints/step-2") is None
+    assert _steps_logged(run) == 6
+    saved = [line for line in proc.stdout.splitlines() if line.startswith("saved checkpoint")]
+    assert [line.split()[2] for line in saved] == ["step-2", "step-6"]
+
+
+def test_a_save_that_cannot_fit_is_skipped_with_one_warning(tmp_path):
+    out = tmp_path / "runs"
+    proc = train(tiny_overrides(out, "nofit", **{"run.max_steps": 4, "checkpoint.every": 2}),
+                 env={"HARNESS_FAULT_FREE_BYTES": "100000"})
+    notes = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
+    assert [n.split()[3] for n in notes] == ["step-2:", "step-4:"] and "0.1 MB free" in notes[0], proc.stderr
+    assert not list((out / "nofit/checkpoints").glob("step-*")) and _steps_logged(out / "nofit") == 4
+
+
+def test_a_real_full_tmpfs_skips_the_save_that_cannot_fit(tmp_path):
+    """Checkpoints on a tmpfs that holds one of them but not two (mounting needs root)."""
+    from trainer.checkpoint import checkpoint_size
+
+    out = tmp_path / "runs"
+    over = tiny_overrides(out, "tmpfs", **{"run.max_steps": 4, "checkpoint.every": 2, "checkpoint.keep": 2})
+    ckpts = out / "tmpfs" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(ckpts)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = train(over)
+        assert sorted(p.name for p in ckpts.iterdir()) == ["step-2"]
+        assert checkpoint_size(ckpts / "step-2") > 1.5e6  # so a second one cannot fit in 3 MB
+        notes = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
+        assert len(notes) == 1 and "step-4" in notes[0], proc.stderr
+    finally:
+        subprocess.run(["umount", str(ckpts)], check=True)
+
+
 def test_stop_file_requests_a_clean_stop(tmp_path):
     out = tmp_path / "runs"
     stop = tmp_path / "STOP"

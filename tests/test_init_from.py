@@ -132,12 +132,17 @@ def test_init_from_with_another_tokenizer_is_one_line(tmp_path):
 def test_source_weights_are_consolidated_once_by_rank_0_and_mapped_by_every_rank(source_run, tmp_path, monkeypatch):
     from trainer import init_from
 
-    class Rank:  # a Dist as these functions use it; the barrier is the real one's no-op at world 1
+    class Rank:  # a Dist of 2 as these functions use it, its collectives run one rank after the other
+        world = 2
+
         def __init__(self, main):
             self.is_main = main
 
         def barrier(self):
             pass
+
+        def broadcast_object(self, obj):
+            return "rank 0's token"
 
     reads = []
     real = init_from.source_weights

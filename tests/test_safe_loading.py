@@ -3,6 +3,7 @@ that pickles a callable is refused with one line, and the callable never runs.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class _RunsShell:
 def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
     """A complete-looking run dir (config, tokenizer-free, checkpoint step-1) whose
     `poisoned_file` holds tensors plus a pickled os.system call."""
-    from trainer.checkpoint import TrainState
+    from trainer.checkpoint import HASH, TrainState, _hash_file
     from trainer.config import load_config, to_yaml
 
     run = tmp_path / "run"
@@ -38,6 +39,9 @@ def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
     torch.save({"module": {"embed_tokens.weight": torch.zeros(2, 2)}}, ckpt / "mp_rank_00_model_states.pt")
     torch.save({"module": {"embed_tokens.weight": torch.zeros(2, 2)}, "hook": _RunsShell(tmp_path / "pwned")},
                ckpt / poisoned_file)
+    # A manifest that matches: the files are intact, and it is their contents that are refused.
+    files = {f.name: {"size": f.stat().st_size, HASH: _hash_file(f)} for f in sorted(ckpt.iterdir())}
+    (ckpt / "MANIFEST.json").write_text(json.dumps({"hash": HASH, "files": files}))
     (ckpt / "COMPLETE").write_text("1\n")
     return run
 

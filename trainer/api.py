@@ -2,6 +2,8 @@
 
 Weights are the fp32 masters (under bf16 the model file holds only the bf16 copy), read
 with torch's weights-only unpickler: a run dir handed over by someone else cannot run code.
+The checkpoint is verified against its manifest first (`checkpoint.verified`), so a damaged
+file is refused in one line naming it; export, generate and evaluate load through here.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import torch
 
 from model import Transformer
-from trainer.checkpoint import STEP_DIR, Checkpointer, CheckpointError
+from trainer.checkpoint import STEP_DIR, Checkpointer, CheckpointError, verified
 from trainer.config import RunConfig, from_yaml_text
 from trainer.ds_state import fp32_state_dict
 
@@ -39,7 +41,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, step: int | None = None) -> Transformer:
     """Our model at the depth it was saved, in eval mode; `model(ids)` gives logits [B, T, V]."""
     run_dir, ckpt = resolve_checkpoint(path, step)
-    weights = consolidated_state_dict(ckpt)  # first: it vets every .pt file of the checkpoint
+    weights = consolidated_state_dict(verified(ckpt))  # first: it vets every .pt file of the checkpoint
     cfg: RunConfig = from_yaml_text((run_dir / "config.yaml").read_text())
     state, _ = Checkpointer.read_state(ckpt)
     model = Transformer(dataclasses.replace(cfg.model, n_layers=state.n_layers))

@@ -6,6 +6,7 @@ checkpoints (and `trainer.load_model`) do not need.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import os
@@ -16,6 +17,7 @@ import torch
 import xxhash
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from trainer import faults
 from trainer.checkpoint import HASH
 
 
@@ -55,6 +57,7 @@ class HashingFile:
             piece = view[off:off + WRITEBACK_CHUNK]
             self._h.update(piece)
             self._size += self._f.write(piece)
+            faults.disk_error(self._f.name)
             if self._size - self._started >= WRITEBACK_CHUNK:
                 self._start_writeback()
         return len(view)
@@ -68,6 +71,10 @@ class HashingFile:
     def flush(self) -> None:
         self._f.flush()
 
+    def abort(self) -> None:
+        """Close after a failed write (the flush of the rest may fail again: the file is closed anyway)."""
+        self._f.close()
+
     def close(self) -> dict:
         """{"size", HASH} of what was written, once it is on disk."""
         self._f.flush()
@@ -77,13 +84,21 @@ class HashingFile:
 
 
 def save_hashed(obj: Any, path: str) -> dict:
-    """torch.save(obj, path), fsync'd, hashing the bytes on their way out (no second read)."""
+    """torch.save(obj, path), fsync'd, hashing the bytes on their way out (no second read).
+    A write that fails (a full disk, an I/O error) removes the partial file and raises OSError."""
     f = HashingFile(path)
     try:
         torch.save(obj, f)
-    finally:
-        meta = f.close()
-    return meta
+        return f.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            f.abort()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        cause = e.__cause__ or e.__context__
+        if isinstance(e, RuntimeError) and isinstance(cause, OSError):
+            raise cause from None  # torch.save reports a failed write as a RuntimeError ("unexpected pos")
+        raise
 
 
 class HostBuffers:
@@ -146,7 +161,11 @@ def host_snapshot(state: Any, buffers: Optional[HostBuffers] = None) -> Any:
 class RankWriter(CheckpointEngine):
     """DeepSpeed calls `save(state_dict, path)` on its checkpoint engine for every file this
     rank owns. Plugged in for one save: a synchronous writer streams each file to disk at
-    once; a deferred one keeps a host snapshot for `flush()` on a background thread."""
+    once; a deferred one keeps a host snapshot for `flush()` on a background thread.
+
+    A write that fails (ENOSPC, EIO) is kept in `error`, not raised, and later writes of the
+    save are skipped: DeepSpeed's save_checkpoint has barriers between its writes, and a rank
+    leaving it early would leave the others waiting there. The caller checks `error`."""
 
     def __init__(self, root: Path, deferred: bool, buffers: Optional[HostBuffers] = None):
         super().__init__(None)
@@ -154,21 +173,58 @@ class RankWriter(CheckpointEngine):
         self.root, self.deferred = Path(root), deferred
         self.buffers = buffers or HostBuffers()
         self.files: dict[str, dict] = {}  # path inside the step dir -> {"size", HASH}
+        self.error: Optional[OSError] = None
         self._queue: list[tuple[str, Any]] = []
+
+    @contextlib.contextmanager
+    def plugged_into(self, engine):
+        """For one `engine.save_checkpoint`: route its files through this writer, and keep an
+        OSError from the recovery scripts DeepSpeed copies in itself (between its barriers)."""
+        default, engine.checkpoint_engine = engine.checkpoint_engine, self
+        copy_scripts = engine._copy_recovery_script
+
+        def guarded_copy(save_path):
+            if self.error is None:
+                self._guard(copy_scripts, save_path)
+
+        engine._copy_recovery_script = guarded_copy
+        try:
+            yield self
+        finally:
+            engine.checkpoint_engine = default
+            del engine._copy_recovery_script  # the class's method again
+
+    def _guard(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = e
+            return None
 
     def create(self, info) -> None:
         pass
 
+    def makedirs(self, path, exist_ok=False) -> None:
+        self._guard(os.makedirs, path, 0o777, exist_ok)
+
     def save(self, state_dict, path: str) -> None:
+        if self.error is not None:
+            return
         if self.deferred:
             self._queue.append((path, host_snapshot(state_dict, self.buffers)))
         else:
-            self.files[self._rel(path)] = save_hashed(state_dict, path)
+            meta = self._guard(save_hashed, state_dict, path)
+            if meta is not None:
+                self.files[self._rel(path)] = meta
 
     def flush(self) -> None:
-        while self._queue:
+        """Write the queued snapshots; stops at the first failed write (see `error`)."""
+        while self._queue and self.error is None:
             path, blob = self._queue.pop(0)
-            self.files[self._rel(path)] = save_hashed(blob, path)
+            meta = self._guard(save_hashed, blob, path)
+            if meta is not None:
+                self.files[self._rel(path)] = meta
+        self._queue = []
         self.buffers.give_back()
 
     def load(self, path: str, map_location=None):

@@ -44,6 +44,7 @@ class RunSection:
     eval_tasks_limit: int = 0  # at most this many examples per task in the loop; 0 = all
     max_bad_steps: int = 3  # consecutive non-finite steps tolerated before stopping
     force_resume: bool = False  # resume even if model/data keys changed since the run started
+    force_restart: bool = False  # start from step 0 though checkpoint dirs exist, none of them complete
     init_from: str = ""  # run dir or checkpoints/step-N dir: a fresh run starts from its weights (not optimizer/step)
 
 

@@ -3,10 +3,13 @@
 At the validation cadence the current weights are exported (the same `trainer.export` path
 as `python -m trainer.evaluate`) to `<run_dir>/downstream/step-N/`, scored by lm_eval's
 `HFLM` on rank 0, and logged as one `eval/<task>/<metric>` row; the export is deleted after.
-The weights are the fp32 masters (gathered from every rank under ZeRO); other ranks then
-wait at a barrier. Building the export model and lm_eval both use the global RNGs (lm_eval
-seeds them for reproducible evaluation); the training process's RNG states are restored
-afterwards, so a run with downstream evals trains exactly as one without.
+The weights are the fp32 masters (gathered from every rank under ZeRO), taken from the
+engine, not read back from a checkpoint; other ranks then wait for rank 0's marker file
+(`checkpoint.rank0_work`), not in a barrier that parallel.timeout_minutes would end. lm_eval
+is given a model object, so it runs as one process even under torchrun. Building the
+export model and lm_eval both use the global RNGs (lm_eval seeds them for reproducible
+evaluation); the training process's RNG states are restored afterwards, so a run with
+downstream evals trains exactly as one without.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from model import Transformer
+from trainer.checkpoint import rank0_work
 from trainer.config import RunConfig
 from trainer.dist import Dist
 
@@ -41,6 +45,7 @@ class DownstreamEval:
         self.tasks, self.limit = list(cfg.run.eval_tasks), cfg.run.eval_tasks_limit or None
         self.batch_size = cfg.parallel.micro_batch
         self.dist, self.dir = dist, run_dir / "downstream"
+        self.marker = run_dir / "downstream.status"
         self.tokenizer = run_dir / "tokenizer" / "tokenizer.model"
         self.tm = task_manager()
         check_tasks(self.tm, self.tasks, "run.eval_tasks")  # before training starts, on every rank
@@ -51,8 +56,9 @@ class DownstreamEval:
         from trainer.hf_export import write_export
 
         weights = fp32_weights(engine)
-        row = None
-        if self.dist.is_main:
+        rows = []
+
+        def score() -> None:
             out = self.dir / f"step-{step}"
             py_state, np_state = random.getstate(), np.random.get_state()
             devices = [self.dist.device] if self.dist.device.type == "cuda" else []
@@ -68,9 +74,11 @@ class DownstreamEval:
             shutil.rmtree(out, ignore_errors=True)
             if not any(self.dir.iterdir()):
                 self.dir.rmdir()
-            row = {"step": step, **metric_row(results)}
-        self.dist.barrier()
-        return row
+            rows.append({"step": step, **metric_row(results)})
+
+        # A full task set can take longer than parallel.timeout_minutes, which bounds a barrier.
+        rank0_work(self.dist, self.marker, f"the downstream eval at step {step}", score)
+        return rows[0] if rows else None
 
 
 class NoDownstreamEval:

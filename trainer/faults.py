@@ -2,6 +2,7 @@
 it. tests/test_faults.py uses these to reproduce what real runs meet."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -20,6 +21,24 @@ def pause_mid_save() -> None:
     seconds = float(os.environ.get("HARNESS_FAULT_SLOW_SAVE", "0"))
     if seconds:
         time.sleep(seconds)
+
+
+def disk_error(path: str) -> None:
+    """HARNESS_FAULT_DISK_ERROR=ENOSPC:step-4 (or EIO:...): writing any checkpoint file whose
+    path contains `step-4.tmp/` fails with that errno after its first bytes, as a disk that
+    fills up (or fails) mid-save does."""
+    spec = os.environ.get("HARNESS_FAULT_DISK_ERROR", "")
+    if spec:
+        code, _, where = spec.partition(":")
+        if f"{where}.tmp/" in path:
+            err = getattr(errno, code)
+            raise OSError(err, os.strerror(err), path)
+
+
+def free_bytes(free: int) -> int:
+    """HARNESS_FAULT_FREE_BYTES=1000000: the checkpoint filesystem reports that much free
+    space (instead of `free`, the real figure), so a test can fill the disk without one."""
+    return int(os.environ.get("HARNESS_FAULT_FREE_BYTES", free))
 
 
 def pause_mid_shard() -> None:

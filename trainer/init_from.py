@@ -41,20 +41,28 @@ def model_diff(source: dict, target: dict) -> list[str]:
     return [f"model.{k} ({a.get(k)!r} there, {b.get(k)!r} here)" for k in keys]
 
 
-def resolve_init_source(cfg: RunConfig) -> InitSource:
-    """Find the checkpoint `run.init_from` names and check its model fits `cfg.model`;
-    cheap (reads config.yaml and rank 0's trainer state), so it runs before any data work."""
+def resolve_init_source(cfg: RunConfig, dist=None) -> InitSource:
+    """Find the checkpoint `run.init_from` names, verify it against its manifest (on rank 0
+    of `dist`, which shares the verdict) and check its model fits `cfg.model`; before any
+    data work."""
     from trainer.api import resolve_checkpoint
-    from trainer.checkpoint import Checkpointer, CheckpointError
+    from trainer.checkpoint import Checkpointer, CheckpointError, verified
 
     spec = cfg.run.init_from
     key = f"run.init_from={spec!r}"
     if not Path(spec).exists():
         raise ConfigError(f"{key}: no such directory (give a run dir or its checkpoints/step-N dir)")
+    problem = None
     try:
         run_dir, ckpt = resolve_checkpoint(spec)
+        if dist is None or dist.is_main:
+            verified(ckpt)
     except CheckpointError as e:
-        raise ConfigError(f"{key}: {e}") from None
+        problem = str(e)
+    if dist is not None:
+        problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise ConfigError(f"{key}: {problem}")
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{key}: {saved} is missing, so the source model is unknown (is {run_dir} a run dir?)")
@@ -87,13 +95,22 @@ def shared_source_weights(src: InitSource, run_dir: Path, dist) -> dict[str, tor
     torch.load(mmap=True), so a node keeps one copy in its page cache. Rewritten at every
     fresh start, so a file left by a crash never stands in for a changed run.init_from;
     `release_shared_weights` removes it once the engine holds the weights."""
+    from trainer.checkpoint import rank0_work
+
     path = shared_weights_path(run_dir)
-    if dist.is_main:
+
+    def consolidate() -> None:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(source_weights(src), tmp)
         os.replace(tmp, path)
-    dist.barrier()
+
+    # Minutes at 1B: the others poll for rank 0's marker, not a barrier under parallel.timeout_minutes.
+    rank0_work(dist, _done_marker(run_dir), f"consolidating {src.checkpoint} for run.init_from", consolidate)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _done_marker(run_dir: Path) -> Path:
+    return run_dir / "init_from.weights.status"
 
 
 def release_shared_weights(run_dir: Path, dist) -> None:
@@ -102,6 +119,7 @@ def release_shared_weights(run_dir: Path, dist) -> None:
     dist.barrier()
     if dist.is_main:
         shared_weights_path(run_dir).unlink(missing_ok=True)
+        _done_marker(run_dir).unlink(missing_ok=True)
 
 
 def load_into_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

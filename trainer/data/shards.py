@@ -288,23 +288,51 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_problem(path: Path, meta: dict, itemsize: int, rehash: bool) -> str | None:
+    """What is wrong with one token file against its sidecar entry `meta`, or None. The
+    checksum is re-computed when `rehash`, or when the file's mtime is not the one recorded."""
+    try:
+        st = path.stat()
+    except OSError:
+        return f"shard {path} is missing"
+    if st.st_size != meta["tokens"] * itemsize:
+        return f"shard {path} has {st.st_size} bytes, its sidecar says {meta['tokens'] * itemsize}"
+    if (rehash or st.st_mtime_ns != meta.get("mtime_ns")) and file_checksum(path) != meta["xxh3_64"]:
+        return f"shard {path} fails its xxh3-64 checksum (expected {meta['xxh3_64']})"
+    return None
+
+
 def check_shards(directory: Path, index: dict) -> str | None:
     """None when every shard file matches the index, else one line naming the first bad one.
     Files unchanged (size and mtime) since the index was written are not re-read."""
     itemsize = np.dtype(index["dtype"]).itemsize
     for shard in index["shards"]:
         for s in ("train", "val"):
-            meta = shard[s]
-            path = directory / "shards" / meta["file"]
-            try:
-                st = path.stat()
-            except OSError:
-                return f"shard {path} is missing"
-            if st.st_size != meta["tokens"] * itemsize:
-                return f"shard {path} has {st.st_size} bytes, its sidecar says {meta['tokens'] * itemsize}"
-            if st.st_mtime_ns != meta.get("mtime_ns") and file_checksum(path) != meta["xxh3_64"]:
-                return f"shard {path} fails its xxh3-64 checksum (expected {meta['xxh3_64']})"
+            problem = _file_problem(directory / "shards" / shard[s]["file"], shard[s], itemsize, rehash=False)
+            if problem:
+                return problem
     return None
+
+
+def verify_shards(directory: Path, index: dict, workers: int = 8) -> tuple[int, list[str]]:
+    """(files checked, one line per bad one): every token file re-hashed against its shard's
+    sidecar, whatever its mtime (a file damaged in place with its size and mtime kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    itemsize = np.dtype(index["dtype"]).itemsize
+    todo, problems = [], []
+    for shard in index["shards"]:
+        side = directory / "shards" / f"{shard_name(shard['unit'], shard['part'])}.json"
+        try:
+            sidecar = json.loads(side.read_text())
+        except (OSError, ValueError):
+            problems.append(f"sidecar {side} is missing or unreadable")
+            continue
+        todo += [(directory / "shards" / sidecar[s]["file"], sidecar[s]) for s in ("train", "val")]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # xxhash and reads release the GIL
+        found = pool.map(lambda item: _file_problem(item[0], item[1], itemsize, rehash=True), todo)
+        problems += [p for p in found if p]
+    return len(todo), problems
 
 
 def read_index(directory: Path) -> dict | None:

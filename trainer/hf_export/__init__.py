@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
@@ -211,4 +212,13 @@ def write_export(model: Transformer, sp_model: Path | None, out_dir: Path) -> Pa
     config.save_pretrained(out_dir)
     GenerationConfig(**tok_ids, use_cache=is_llama_compatible(cfg)).save_pretrained(out_dir)
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    _umask_mode(out_dir / "model.safetensors")
     return out_dir
+
+
+def _umask_mode(path: Path) -> None:
+    """safetensors creates its file 0600; give it the mode of every other file written here
+    (0644 under the usual umask 022), so others on a shared cluster can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

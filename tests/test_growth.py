@@ -278,3 +278,22 @@ def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage):
     assert [r["n_layers"] for r in metrics(out / f"z{stage}") if "loss" in r] == [2, 2, 2, 4, 4, 4]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-5), (s, ref, got)
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), pytest.param(2, "fp32", marks=pytest.mark.slow),
+                                             pytest.param(1, "bf16", marks=pytest.mark.slow)])
+def test_growth_frees_the_old_engine_before_building_the_deeper_one(tmp_path, stage, precision):
+    """Through the real loop, with evaluation and diagnostics on at every step: when growth
+    collects garbage, the replaced engine is already unreachable (a weakref to it is dead).
+    bf16 ZeRO-1 is BF16_Optimizer, with its own gradient hooks."""
+    import subprocess
+    import sys
+
+    from tests.helpers import _env
+
+    proc = subprocess.run([sys.executable, "-m", "tests.workers.growth_release", str(tmp_path), str(stage),
+                           precision],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads((tmp_path / f"release-{stage}.json").read_text())
+    assert got == {"engines": 2, "alive": [[False]]}  # one growth, before the deeper engine existed

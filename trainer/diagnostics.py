@@ -39,6 +39,14 @@ How it stays out of training's way:
   this one forward, for a wrapper that records q and k (after RoPE, after the MoD gather,
   before Ulysses' all-to-all) and then calls the real core.
 - No optimizer state, RNG or engine counter is touched; the model has no dropout.
+- Blocks compiled by `parallel.compile` run eagerly for this forward (their
+  `_compiled_call_impl` is set aside and put back). The recording core and the hooks above
+  therefore never reach a compiled graph: dynamo does not guard on module hooks
+  (`skip_nnmodule_hook_guards`), so a compiled block would skip hooks added after its
+  compilation, and a swapped core would be a new guard failure, and a recompile, every call.
+- Everything is computed on the device: per-layer sums and per-block squared gradient norms
+  stay there (a block's gradient at a time; at 1B, copying them all to the host was 4.4 GB
+  of fp32 per rank), and the row's numbers reach the host in one transfer at the end.
 
 Parallel layouts: data-parallel ranks all see the same fixed batch and compute the same
 numbers, so they need no collective. Under Ulysses each rank holds a slice of the sequence:
@@ -78,28 +86,33 @@ def fixed_batch(data, dist: Dist, cfg: RunConfig) -> tuple[torch.Tensor, torch.T
 
 
 def _pair(total, count) -> torch.Tensor:
-    """(sum, count) as a float64 pair, the unit every mean here is reduced in."""
-    return torch.tensor([float(total), float(count)], dtype=torch.float64)
+    """(sum, count) as a float64 pair, the unit every mean here is reduced in; on the sum's
+    device when it is a tensor (no host sync)."""
+    total = torch.as_tensor(total).detach().to(torch.float64).reshape(1)
+    return torch.cat([total, torch.full((1,), float(count), dtype=torch.float64, device=total.device)])
 
 
 class _Sums:
-    """Named float64 accumulators, reduced over the SP group in one all-reduce."""
+    """Named float64 accumulators on `device`, reduced over the SP group in one all-reduce
+    and brought to the host in one copy."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.values: dict[str, torch.Tensor] = {}
 
     def add(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().double().cpu().reshape(-1)
+        value = value.detach().to(self.device, torch.float64).reshape(-1)
         self.values[key] = self.values[key] + value if key in self.values else value
 
     def reduce(self, dist: Dist) -> dict[str, torch.Tensor]:
-        if dist.sp > 1 and self.values:
-            keys = sorted(self.values)
-            flat = torch.cat([self.values[k] for k in keys])
+        """The sums over the SP group, on the host."""
+        if not self.values:
+            return {}
+        keys = sorted(self.values)
+        flat = torch.cat([self.values[k] for k in keys])
+        if dist.sp > 1:
             dist.all_reduce(flat, group=dist.sp_group)
-            sizes = [self.values[k].numel() for k in keys]
-            self.values = dict(zip(keys, flat.split(sizes)))
-        return self.values
+        return dict(zip(keys, flat.cpu().split([self.values[k].numel() for k in keys])))
 
 
 def attention_entropy_sum(q: torch.Tensor, k: torch.Tensor, q_offset: int,
@@ -121,12 +134,12 @@ def attention_entropy_sum(q: torch.Tensor, k: torch.Tensor, q_offset: int,
         allowed = causal_key_mask(key_mask)
     allowed = allowed[:, :, q_offset:q_offset + Tq]  # [B, 1, Tq, Tk]
     chunk = max(1, SCORE_ELEMENTS // (H * Tk))
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=q.device)
     for b in range(B):
         for lo in range(0, Tq, chunk):
             scores = torch.einsum("qhd,khd->hqk", q[b, lo:lo + chunk].float(), k[b].float()) / math.sqrt(Dh)
             p = scores.masked_fill(~allowed[b, :, lo:lo + chunk], float("-inf")).softmax(-1)
-            total += torch.special.entr(p).sum().double().cpu()
+            total += torch.special.entr(p).sum().double()
     return total, B * H * Tq
 
 
@@ -207,31 +220,40 @@ def _lambdas(blocks) -> dict[str, float]:
     mixers = [(layer, block.attn.value) for layer, block in enumerate(blocks, start=1)
               if hasattr(block.attn.value, "lambdas")]
     params = [m.lambdas for _, m in mixers if isinstance(m.lambdas, torch.nn.Parameter)]
-    row = {}
+    if not mixers:
+        return {}
     with deepspeed.zero.GatheredParameters(params):
-        for layer, m in mixers:
-            lam = m.lambdas.detach().float().cpu()
-            row[f"diag/lambda1/l{layer}"], row[f"diag/lambda2/l{layer}"] = lam[0].item(), lam[1].item()
+        lams = torch.stack([m.lambdas.detach().float()[:2] for _, m in mixers]).tolist()  # one copy
+    row = {}
+    for (layer, _), (lam1, lam2) in zip(mixers, lams):
+        row[f"diag/lambda1/l{layer}"], row[f"diag/lambda2/l{layer}"] = lam1, lam2
     return row
 
 
 def _block_grad_norms(loss: torch.Tensor, blocks, dist: Dist) -> dict[str, float]:
-    """‖∂loss/∂θ_l‖ per block without touching `.grad` (see module docstring). Under SP the
-    local gradients are summed over the group, as DeepSpeed sums them in training."""
+    """‖∂loss/∂θ_l‖ per block without touching `.grad` (see module docstring), on the device,
+    one block's gradients at a time. Under SP the gradient is the sum of the ranks' (as
+    DeepSpeed sums them in training), so the block's fp32 gradient is all-reduced over the
+    group before its norm is taken; only the L norms reach the host."""
     params = [[p for p in block.parameters() if p.requires_grad] for block in blocks]
-    flat = [p for ps in params for p in ps]
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    vecs, i = [], 0
+    grads = list(torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True))
+    device = loss.device
+    squares, i = [], 0
     for ps in params:
-        g = [torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape).flatten() if gi is None
-             else gi.detach().float().cpu().flatten() for p, gi in zip(ps, grads[i:i + len(ps)])]
-        vecs.append(torch.cat(g) if g else torch.zeros(0))
+        own, grads[i:i + len(ps)] = grads[i:i + len(ps)], [None] * len(ps)  # freed once used
         i += len(ps)
-    if dist.sp > 1:
-        sizes = [v.numel() for v in vecs]
-        joined = dist.all_reduce(torch.cat(vecs), group=dist.sp_group)
-        vecs = list(joined.split(sizes))
-    return {f"diag/grad_norm/l{layer}": v.norm().item() for layer, v in enumerate(vecs, start=1)}
+        if dist.sp > 1:
+            # Every rank contributes the same shapes (zeros where a parameter got no gradient).
+            flat = torch.cat([torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape, device=device).flatten()
+                              if g is None else g.detach().float().flatten() for p, g in zip(ps, own)]
+                             or [torch.zeros(0, device=device)])
+            squares.append(dist.all_reduce(flat, group=dist.sp_group).double().square().sum())
+        else:
+            squares.append(sum((torch.linalg.vector_norm(g.detach().float()).double().square() for g in own
+                                if g is not None), torch.zeros((), dtype=torch.float64, device=device)))
+        del own
+    norms = torch.stack(squares).sqrt().tolist()
+    return {f"diag/grad_norm/l{layer}": v for layer, v in enumerate(norms, start=1)}
 
 
 class Diagnostics:
@@ -254,8 +276,9 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
     model = engine.module
     blocks = list(model.blocks)
     x, y, pos = fixed_batch(data, dist, cfg)
-    sums = _Sums()
+    sums = _Sums(dist.device)
     with ExitStack() as stack, torch.enable_grad():
+        stack.enter_context(_eager(blocks))
         stack.enter_context(_recording_cores(blocks, sums, dist))
         _stream_hooks(stack, blocks, sums, dist, cfg.data.seq_len)
         routing = Routing(collect_stats=True)
@@ -268,9 +291,10 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
     row.update(_block_grad_norms(loss, blocks, dist))
     del logits, aux, loss
 
-    sums.add("loss/full", _pair(ce.item(), y.numel()))
+    sums.add("loss/full", _pair(ce, y.numel()))
     keep = blocks[:len(blocks) - len(blocks) // 4]
-    sums.add("loss/skip_last_quarter", _pair(_ce_with_blocks(model, keep, x, y, pos), y.numel()))
+    with _eager(keep):
+        sums.add("loss/skip_last_quarter", _pair(_ce_with_blocks(model, keep, x, y, pos), y.numel()))
     for key, value in sorted(stats.items()):  # "mod/block{l}/name" from collect_stats
         _, block, name = key.split("/")
         if name != "mean_pos":  # recomputed by the router hook at global positions
@@ -297,8 +321,22 @@ def depth_diagnostics(engine, data, dist: Dist, cfg: RunConfig, step: int) -> di
     return {**head, **dict(sorted(row.items(), key=_series_order))}
 
 
+@contextmanager
+def _eager(blocks) -> Iterator[None]:
+    """Run blocks compiled with `nn.Module.compile` eagerly inside the block (see the module
+    docstring); `_compiled_call_impl` is what `Module.__call__` dispatches to."""
+    compiled = [block._compiled_call_impl for block in blocks]
+    try:
+        for block in blocks:
+            block._compiled_call_impl = None
+        yield
+    finally:
+        for block, fn in zip(blocks, compiled):
+            block._compiled_call_impl = fn
+
+
 @torch.no_grad()
-def _ce_with_blocks(model, keep: list, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> float:
+def _ce_with_blocks(model, keep: list, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Σ token CE of `model` with only the blocks in `keep` (a prefix of model.blocks)."""
     full = model.blocks
     model.blocks = torch.nn.ModuleList(keep)
@@ -306,7 +344,7 @@ def _ce_with_blocks(model, keep: list, x: torch.Tensor, y: torch.Tensor, pos: to
         logits = model(x, pos)
     finally:
         model.blocks = full
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
 
 
 def _series_order(item: tuple[str, float]) -> tuple:

@@ -24,7 +24,8 @@ Engine and optimizer wrappers
     `safe_set_full_fp32_param` / `safe_set_full_optimizer_state` (collective under ZeRO);
     one carrying neither is owned by the base optimizer directly (ZeRO-0).
   - Engine counters `global_steps`, `global_samples`, `micro_steps`, `skipped_steps`, copied
-    onto a re-created engine, and `engine.destroy()` to drop the old engine's hooks.
+    onto a re-created engine, and `engine.destroy()` to drop the old engine's hooks. After
+    that the engine is freed by garbage collection once its last reference goes.
 
 Checkpoint files
   - `deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` consolidates
@@ -172,11 +173,17 @@ def set_engine_counters(engine, counters: dict[str, int]) -> None:
 
 
 def release(engine) -> None:
-    """Drop an engine's hooks and optimizer state (the caller's reference keeps its
-    weights alive until it lets go)."""
+    """Drop an engine's hooks and optimizer state. Its weights and DeepSpeed's buffers live
+    until the last reference to the engine goes; then `free_memory` returns them."""
     base_optimizer(engine).state.clear()
     if hasattr(engine, "destroy"):
         engine.destroy()
+
+
+def free_memory() -> None:
+    """Collect what no longer has a reference (an engine is full of reference cycles: module
+    hooks and optimizer closures that point back at it) and hand the cached blocks back to
+    the GPU. Call it after dropping every reference, or it frees nothing."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -32,8 +32,8 @@ zero-moment parameter is in effect not bias-corrected: its k-th update after gro
 [0.45, 1.1] (a mild built-in warmup); with β2 near 1 (0.999) it would overshoot several-fold
 for hundreds of steps, so pair such β2 with `growth.rewarm_steps`.
 
-Resume. The loop checkpoints after a step, before `maybe_grow` runs at the top of the next,
-so a checkpoint `step-s` always holds the depth *before* any growth due at s. `maybe_grow`
+Resume. The loop checkpoints after a step, before `grow` runs at the top of the next,
+so a checkpoint `step-s` always holds the depth *before* any growth due at s. `grow`
 also saves one at s (unless the loop just did). Resuming from it rebuilds the old depth and
 grows again at s, deterministically (`build_model` reseeds); resuming from a later checkpoint
 rebuilds the grown depth and skips the stage (`layers > state.n_layers` fails).
@@ -149,25 +149,43 @@ def grow_state_dict(state: Mapping[str, Tensor], old_layers: int, new_layers: in
 # ---- the hook the loop calls ---------------------------------------------------------
 
 class Grower:
-    """Built once; `maybe_grow` returns the engine to train with (a new, deeper one at a
-    growth step, the same one otherwise)."""
+    """Built once; at a growth step the loop hands it the engine and trains on the deeper one
+    it returns:
+
+        if grower.due(state):
+            held, engine = [engine], None  # the only reference, so the old engine can be freed
+            engine = grower.grow(state, held)
+    """
 
     def __init__(self, cfg, dist, core, ckpt, metrics):
         self.cfg, self.dist, self.core, self.ckpt, self.metrics = cfg, dist, core, ckpt, metrics
 
-    def maybe_grow(self, state, engine):
-        return maybe_grow(self.cfg, state, engine, self.dist, self.core, self.ckpt, self.metrics)[0]
+    def due(self, state) -> bool:
+        return due_stage(self.cfg, state) is not None
+
+    def grow(self, state, held: list):
+        return grow(self.cfg, state, held, self.dist, self.core, self.ckpt, self.metrics)
 
 
-def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
-    """Return (engine, grew). Grows when a stage's at_step is reached (see module docstring
-    for the checkpoint and resume semantics)."""
+def due_stage(cfg, state):
+    """The growth stage to apply now, or None."""
+    return next((st for st in cfg.growth.stages if st.at_step == state.step and st.layers > state.n_layers), None)
+
+
+def grow(cfg, state, held: list, dist, core, ckpt, metrics):
+    """Apply the stage due at `state.step` (see the module docstring for the checkpoint and
+    resume semantics) and return the deeper engine.
+
+    `held` is a one-element list holding the current engine and the caller's only reference
+    to it: it is emptied here, so that once the full state has been read out nothing refers
+    to the old engine and its GPU memory (bf16 weights, fp32 masters, moments and gradient
+    buffers, ~18 GB at 1B) is freed before the new engine is built."""
     from trainer.engine import build_engine, build_model
 
-    stage = next((st for st in cfg.growth.stages if st.at_step == state.step and st.layers > state.n_layers), None)
-    if stage is None:
-        return engine, False
+    stage = due_stage(cfg, state)
+    assert stage is not None, f"no growth stage due at step {state.step}"
     t0 = time.perf_counter()
+    engine = held.pop()
     already_saved = dist.broadcast_object(any(p.name == f"step-{state.step}" for p in ckpt.complete_steps())
                                           if dist.is_main else None)
     if not already_saved:
@@ -176,6 +194,7 @@ def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
     counters = ds_state.engine_counters(engine)
     ds_state.release(engine)
     del engine
+    ds_state.free_memory()  # after the last reference went: the engine's cycles are collected now
 
     model = build_model(cfg, stage.layers, core)
     params = dict(model.named_parameters())
@@ -199,5 +218,4 @@ def maybe_grow(cfg, state, engine, dist, core, ckpt, metrics):
     metrics.message(f"step {state.step}: grew {row['n_layers_from']} -> {stage.layers} layers ({stage.method}, "
                     f"blocks copied from {[plan.blocks[i] for i in range(stage.layers)]}) "
                     f"in {time.perf_counter() - t0:.1f} s")
-    return engine, True
-
+    return engine

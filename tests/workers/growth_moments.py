@@ -14,7 +14,7 @@ from tests.helpers import ROOT, tiny_overrides
 
 def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     """Train a 2-layer engine 2 steps, grow it 2 -> 4 (interleave, with MoD and learned λ so
-    some parameters are fresh and some dropped) through `maybe_grow`, and check the new
+    some parameters are fresh and some dropped) through `grow`, and check the new
     engine's full weights and moments against the old ones, name by name. Under bf16 the
     weights are the fp32 masters (never the bf16 module copy)."""
     import torch.nn.functional as F
@@ -24,7 +24,7 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     from trainer.dist import init_distributed
     from trainer.engine import build_engine, build_model
     from trainer.ds_state import gather_full_state
-    from trainer.growth import maybe_grow
+    from trainer.growth import due_stage, grow
     from trainer.metrics import NullMetrics
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(out, f"m{stage}", **{
@@ -36,6 +36,7 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
         assert engine.get_data_types()[1] == torch.float32
         lp = torch.float32 if stage == 0 else torch.bfloat16  # stage 0 runs under autocast
         assert next(engine.module.parameters()).dtype == lp and engine.torch_autocast_enabled() == (stage == 0)
+        assert engine.communication_data_type == torch.float32  # gradients are reduced in fp32, not bf16
     g = torch.Generator().manual_seed(dist.rank)
     for _ in range(2):
         x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g).to(dist.device)
@@ -47,7 +48,9 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
         assert any(not torch.equal(w, w.bfloat16().float()) for w in before.weights.values())
     state = TrainState(step=2, n_layers=2)
     ckpt = Checkpointer(out / f"m{stage}" / "checkpoints", 2, dist)
-    engine, grew = maybe_grow(cfg, state, engine, dist, None, ckpt, NullMetrics())
+    grew = due_stage(cfg, state) is not None
+    held, engine = [engine], None
+    engine = grow(cfg, state, held, dist, None, ckpt, NullMetrics())
     after = gather_full_state(engine)
     fresh = dict(build_model(cfg, 4).named_parameters())
 

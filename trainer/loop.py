@@ -8,7 +8,7 @@ import sys
 import time
 
 from trainer import init_from
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import STEP_DIR, Checkpointer, TrainState
 from trainer.config import (ConfigError, RunConfig, config_changes, from_yaml_text, resume_diff, to_yaml,
                             validate)
 from trainer.data import prepare_data
@@ -35,15 +35,30 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist,
                                  every=cfg.checkpoint.every, last_step=cfg.run.max_steps,
                                  async_save=cfg.checkpoint.async_save)
-        self.stop = StopRequest.from_env(stop_at=cfg.run.stop_at)
+        self.stop = StopRequest.from_env(cfg.run.stop_at, lambda: (self.ckpt.complete_steps() or [None])[-1])
         self.resume_from = self.ckpt.latest()
+        if self.resume_from is None:
+            self._refuse_silent_restart()
         # run.init_from: only a fresh run starts from another run's weights; a run with its
         # own checkpoints resumes from them.
-        self.init_src = init_from.resolve_init_source(cfg) if self.resume_from is None and cfg.run.init_from else None
+        self.init_src = init_from.resolve_init_source(cfg, self.dist) if self.resume_from is None and cfg.run.init_from else None
         self._check_or_record_config()
         self.state = TrainState(n_layers=cfg.model.n_layers)
         if self.resume_from is not None:
             self.state = Checkpointer.read_state(self.resume_from)[0]
+
+    def _refuse_silent_restart(self) -> None:
+        """Checkpoint dirs exist but none can be resumed (no COMPLETE marker, or damaged):
+        starting from step 0 would overwrite them, so that takes run.force_restart=true."""
+        root = self.ckpt.root
+        found = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:])) \
+            if root.is_dir() else []
+        if not found or self.cfg.run.force_restart:
+            return
+        what = ", ".join(f"{p.name} ({'damaged' if (p / 'COMPLETE').is_file() else 'no COMPLETE marker'})"
+                         for p in found)
+        raise ConfigError(f"{root} holds {what} and no complete checkpoint to resume from; starting again from "
+                          f"step 0 would overwrite them. Set run.force_restart=true to do that, or use a new run.name")
 
     def _check_or_record_config(self) -> None:
         saved = self.run_dir / "config.yaml"
@@ -83,6 +98,11 @@ class Trainer:
 
     def fit(self) -> int:
         cfg, dist = self.cfg, self.dist
+        if self.resume_from is not None and self.state.step >= cfg.run.max_steps:
+            # Before the data and the engine: re-running a finished command costs seconds.
+            print0(f"run {self.run_dir} already finished at step {self.state.step} (run.max_steps="
+                   f"{cfg.run.max_steps}, {self.resume_from}); nothing to do. Raise run.max_steps to train on")
+            return 0
         data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, self.run_dir,
                             dist.is_main, dist.barrier, world=dist.world, any_rank=dist.any)
         core = attention_core(dist, cfg.model.kv_heads)

@@ -118,7 +118,9 @@ class Trainer:
 
         stopped_by = None
         while state.step < cfg.run.max_steps and stopped_by is None:
-            engine = grower.maybe_grow(state, engine)
+            if grower.due(state):
+                held, engine = [engine], None  # growth frees the old engine: keep no reference here
+                engine = grower.grow(state, held)
             set_lr(engine, lr_at(cfg, state.step))
             t0 = time.perf_counter()
             result = train_step(engine, data, dist, cfg, state.step)

@@ -40,9 +40,25 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+# Elements whose bytes are a multiple of 16 (torch.compile's alignment) in fp32 and in bf16.
+ALIGN_ELEMENTS = 8
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (projections, embeddings); not norms gains, λ scalars or routers' biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Decay matrices (projections, embeddings); not norms gains, λ scalars or routers' biases.
+
+    Within a group, parameters whose size is a multiple of 16 bytes come first and the odd
+    ones (value-residual λs, routers' biases) last. DeepSpeed's bf16 and ZeRO-1/2 optimizers
+    lay a group out in one flat buffer, in this order, and make the parameters views into it,
+    so an odd-sized parameter early in the group would shift every later one off 16-byte
+    alignment. torch.compile compiles one graph for all blocks of a kind, treats parameters as
+    static inputs that were aligned when it compiled block 0, and does not check them again:
+    block 1's shifted norm gains then crashed with "misaligned address" on the H200
+    (benchmarks/results/gpu_check.json). tests/test_optim.py pins the layout."""
+    def aligned_first(params):
+        return sorted(params, key=lambda p: p.numel() % ALIGN_ELEMENTS != 0)  # stable: model order otherwise
+
+    decay = aligned_first(p for p in model.parameters() if p.requires_grad and p.ndim >= 2)
+    other = aligned_first(p for p in model.parameters() if p.requires_grad and p.ndim < 2)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

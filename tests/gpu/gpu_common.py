@@ -5,15 +5,21 @@ uninterrupted run) or the same run on the CPU in fp32 (gloo, `CUDA_VISIBLE_DEVIC
 
 bf16 keeps 8 significant bits, and GPU kernels (SDPA backward, atomics in reductions) are
 not bit-deterministic, so losses are compared within `BF16_REL` rather than exactly.
+
+Losses alone miss a wrong gradient scale: Adam divides it out of the update, so a gradient
+twice too large (a divisor lost over ranks, micro-steps or SP ranks) trains the same losses.
+The logged pre-clip `grad_norm` shows it, so runs are also compared on that
+(`assert_grad_norms_close`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import losses, tiny_overrides
+from tests.helpers import losses, metrics, tiny_overrides
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -26,6 +32,11 @@ NPROCS = [pytest.param(1, id="1gpu"), pytest.param(2, id="2gpu", marks=TWO_GPUS)
 # Relative tolerance on a per-step loss between a bf16 run and its reference over a few
 # steps: ~5 bf16 roundings (2^-9 each) of an O(1) loss, accumulated through a few updates.
 BF16_REL = 2e-2
+# Relative tolerance on a logged grad norm after the first step: the two runs' weights have
+# drifted apart by then (Adam's early updates are ~lr·sign(g), and bf16 flips the sign of
+# near-zero gradients), and a norm follows the weights more closely than a loss does. A
+# wrong gradient scale is a factor of 2 or more (grad_accum, dp or sp), far outside it.
+GRAD_NORM_REL = 1e-1
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the fp32 CPU reference run on a GPU machine
 TIMEOUT = 900  # seconds per run: a fresh machine may JIT-build DeepSpeed ops and inductor kernels first
 
@@ -46,3 +57,29 @@ def assert_losses_close(got_dir: Path, ref_dir: Path, rel: float = BF16_REL) -> 
     assert sorted(got) == sorted(ref) and got, (got, ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=rel), (step, got, ref)
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    """The pre-clip global gradient norm of every optimizer step (metrics.jsonl `grad_norm`)."""
+    return {r["step"]: r["grad_norm"] for r in metrics(run_dir) if "grad_norm" in r and not r.get("skipped")}
+
+
+def assert_grad_norms_close(got_dir: Path, ref_dir: Path, first_rel: float = BF16_REL,
+                            rel: float = GRAD_NORM_REL) -> None:
+    """Every step's grad norm is finite in both runs (NaN is what a layout that records no
+    norm logs) and agrees: within `first_rel` at the first step, where both runs start from
+    the same weights, so only the precision and the reduction differ, and within `rel` after."""
+    got, ref = grad_norms(got_dir), grad_norms(ref_dir)
+    assert sorted(got) == sorted(ref) and got, (got, ref)
+    first = min(ref)
+    for step in ref:
+        assert math.isfinite(got[step]) and math.isfinite(ref[step]) and ref[step] > 0, (step, got, ref)
+        tol = first_rel if step == first else rel
+        assert got[step] == pytest.approx(ref[step], rel=tol), (step, got, ref)
+
+
+def assert_runs_close(got_dir: Path, ref_dir: Path, loss_rel: float = BF16_REL, norm_rel: float = GRAD_NORM_REL,
+                      first_norm_rel: float = BF16_REL) -> None:
+    """Losses and grad norms of two runs of the same training, step by step."""
+    assert_losses_close(got_dir, ref_dir, rel=loss_rel)
+    assert_grad_norms_close(got_dir, ref_dir, first_rel=first_norm_rel, rel=norm_rel)

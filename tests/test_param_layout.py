@@ -49,3 +49,27 @@ def test_param_groups_put_odd_sized_parameters_last_and_keep_model_order_otherwi
     other = [p.numel() for p in groups[1]["params"]]
     assert other == [16, 16, 16, 8, 8, 2]  # a.weight, a.bias, b.bias, c.weight, c.bias, then the λ
     assert [p.shape for p in groups[0]["params"]] == [torch.Size([16, 16])]
+
+
+def test_a_checkpoint_in_the_old_parameter_order_is_read_by_name_or_refused_in_one_line(tmp_path):
+    """Checkpoints written before odd-sized parameters moved last record no order: with a
+    value-residual model their flat optimizer layout differs from today's, so ZeRO 1-3 read
+    them through the universal checkpoint (by name) and ZeRO-0 (by position) refuses."""
+    from model import Transformer
+    from trainer.checkpoint import CheckpointError, _needs_universal
+    from trainer.optim import param_order
+
+    from benchmarks.common import run_config
+
+    cfg = run_config({"model.value_residual": "learned", "model.n_layers": 3})
+    model = Transformer(cfg.model)
+    old, new = param_order(model, legacy=True), param_order(model)
+    assert old != new
+    plain = Transformer(run_config({"model.n_layers": 3}).model)
+    assert param_order(plain, legacy=True) == param_order(plain)  # no odd-sized parameter: nothing moved
+
+    now = {"world_size": 1, "dp": 1, "sp": 1, "param_order": new}
+    assert _needs_universal(tmp_path, {**now, "zero_stage": 1, "param_order": old}, {**now, "zero_stage": 1})
+    assert not _needs_universal(tmp_path, {**now, "zero_stage": 1}, {**now, "zero_stage": 1})
+    with pytest.raises(CheckpointError, match="another order"):
+        _needs_universal(tmp_path, {**now, "zero_stage": 0, "param_order": old}, {**now, "zero_stage": 0})

@@ -50,6 +50,7 @@ import xxhash
 from trainer import faults
 from trainer.dist import Dist, print0
 from trainer.errors import UserError
+from trainer.optim import param_order
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 HASH = "xxh3_128"
@@ -160,7 +161,8 @@ def rank0_work(dist: Dist, marker: Path, what: str, work: Callable[[], None],
 def current_layout(dist: Dist, engine) -> dict:
     # ZeRO partitions over every rank (DeepSpeed's sequence-data-parallel group), so the
     # world size, not DP alone, fixes how the optimizer files are split.
-    return {"world_size": dist.world, "dp": dist.dp_size, "sp": dist.sp, "zero_stage": engine.zero_optimization_stage()}
+    return {"world_size": dist.world, "dp": dist.dp_size, "sp": dist.sp, "zero_stage": engine.zero_optimization_stage(),
+            "param_order": param_order(engine.module)}
 
 
 def estimated_size(engine) -> int:
@@ -442,6 +444,8 @@ class Checkpointer:
     def load(self, engine, path: Path) -> TrainState:
         state, rng, saved = self._read_blob(path, self.dist.rank)
         now = current_layout(self.dist, engine)
+        if saved is not None and "param_order" not in saved:  # written before the order was recorded
+            saved["param_order"] = param_order(engine.module, legacy=True)
         universal = saved is not None and _needs_universal(path, saved, now)
         tag_dir = self._universal_dir(path) if universal else path
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
@@ -491,10 +495,17 @@ def _repair_after_universal_load(engine, hyper: list[dict]) -> None:
 
 def _needs_universal(path: Path, saved: dict, now: dict) -> bool:
     """False when DeepSpeed can load the files as they are; raises for unsupported combinations."""
+    reordered = saved.get("param_order", now.get("param_order")) != now.get("param_order")
+    if reordered and 0 in (saved["zero_stage"], now["zero_stage"]):
+        raise CheckpointError(
+            f"checkpoint {path} lists the optimizer's parameters in another order than this version of the harness "
+            f"(odd-sized parameters now go last, for 16-byte alignment), and at ZeRO-0 DeepSpeed restores the "
+            f"optimizer state by position: resume it with the commit that wrote it, or start from its weights with "
+            f"run.init_from")
     if saved["zero_stage"] == 0 and now["zero_stage"] == 0:
         return False  # replicated weights and optimizer: any world size reads mp_rank_00
-    if saved["world_size"] == now["world_size"] and saved["zero_stage"] == now["zero_stage"]:
-        return False
+    if saved["world_size"] == now["world_size"] and saved["zero_stage"] == now["zero_stage"] and not reordered:
+        return False  # the same flat layout; a reordered one is read by name through the universal checkpoint
     if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
         raise CheckpointError(
             f"checkpoint {path} was saved at parallel.zero_stage={saved['zero_stage']} on {saved['world_size']} ranks "

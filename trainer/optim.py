@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import xxhash
 from torch import nn
 
 from trainer.dist import Dist
@@ -54,11 +55,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     alignment. torch.compile compiles one graph for all blocks of a kind, treats parameters as
     static inputs that were aligned when it compiled block 0, and does not check them again:
     block 1's shifted norm gains then crashed with "misaligned address" on the H200
-    (benchmarks/results/gpu_check.json). tests/test_optim.py pins the layout."""
-    def aligned_first(params):
-        return sorted(params, key=lambda p: p.numel() % ALIGN_ELEMENTS != 0)  # stable: model order otherwise
+    (benchmarks/results/gpu_check.json). tests/test_param_layout.py pins the layout."""
+    return _groups(model, weight_decay, aligned=True)
 
-    decay = aligned_first(p for p in model.parameters() if p.requires_grad and p.ndim >= 2)
-    other = aligned_first(p for p in model.parameters() if p.requires_grad and p.ndim < 2)
+
+def _groups(model: nn.Module, weight_decay: float, aligned: bool) -> list[dict]:
+    def order(params):  # stable: model order otherwise. ZeRO-3 keeps a partitioned param's size in ds_numel
+        params = list(params)
+        return sorted(params, key=lambda p: getattr(p, "ds_numel", p.numel()) % ALIGN_ELEMENTS != 0) if aligned \
+            else params
+
+    decay = order(p for p in model.parameters() if p.requires_grad and p.ndim >= 2)
+    other = order(p for p in model.parameters() if p.requires_grad and p.ndim < 2)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def param_order(model: nn.Module, legacy: bool = False) -> str:
+    """A digest of the parameters' order in the optimizer's groups, which fixes the layout of
+    DeepSpeed's flat buffers and of the optimizer state in a checkpoint. `legacy`: the order
+    before odd-sized parameters moved last (checkpoints that do not record one)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    listed = "\n".join(names[id(p)] for g in _groups(model, 0.0, aligned=not legacy) for p in g["params"])
+    return xxhash.xxh3_64_hexdigest(listed.encode())

@@ -27,6 +27,10 @@ def test_pulse_run_trains_logs_checkpoints_and_summarises(tmp_path):
     assert (run / "config.yaml").is_file() and (run / "tokenizer").is_dir()
     assert json.loads((run / "run_info.json").read_text())["world_size"] == 1
     assert "finished 12 steps" in proc.stdout
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    for step in (6, 12):  # one console line per eval, and the summary's val loss is the last
+        assert sum(line.startswith(f"step {step}: val loss {val[step]:.4f}") for line in proc.stdout.splitlines()) == 1
+    assert f"val loss {val[12]:.4f} at step 12" in proc.stdout.splitlines()[-1]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

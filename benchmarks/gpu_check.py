@@ -19,6 +19,8 @@ returns what finished):
    val losses and layer counts it logged, and the memory rows.
 3. `tests`: `pytest -m gpu tests/gpu -k "not 2gpu"` with pytest-xdist, bounded by what is
    left of the budget; per-test outcome and time from the JUnit XML.
+4. `hf`: `benchmarks.gpu_throughput` (ours vs transformers' Llama through the same engine, at
+   the recipe's width), if at least a minute of the budget is left; its JSON lands beside.
 
 Without CUDA it exits 1 with one line, unless `--allow-cpu` (a plumbing check of the same
 stages on a tiny fp32 model).
@@ -281,6 +283,25 @@ def gpu_tests(args, deadline: float) -> dict:
             "output_tail": tail}
 
 
+# ---- stage 4: ours against HF's Llama at the 1B width -------------------------------------
+
+def hf_ratio(args, deadline: float) -> dict:
+    """benchmarks.gpu_throughput (ours vs transformers' LlamaForCausalLM through the same
+    engine, 4 layers at the recipe's width) in what is left of the budget; its own JSON goes
+    beside this one."""
+    left = int(deadline - time.time())
+    if left < 60:
+        return {"skipped": f"only {left} s of the budget left"}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_throughput", "--out", str(args.out.parent), "--reps", "6"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=left)
+    path = args.out.parent / "gpu_throughput.json"
+    result = {"returncode": proc.returncode, "stderr_tail": proc.stderr[-1500:]}
+    if proc.returncode == 0 and path.exists():
+        got = json.loads(path.read_text())
+        result.update(file=path.name, ratio_vs_hf=got["ratio_vs_hf"], tokens_per_s=got["tokens_per_s"], mfu=got["mfu"])
+    return result
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("GPU_CHECK_OUT", DEFAULT_OUT)),
@@ -295,7 +316,7 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the GPU tests")
     ap.add_argument("--train-timeout", type=int, default=240)
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: probe,train,tests")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip: probe,train,tests,hf")
     ap.add_argument("--allow-cpu", action="store_true", help="run the stages on CPU (a plumbing check)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments for the tests stage")
     return ap.parse_args(argv)
@@ -319,9 +340,11 @@ def main(argv=None) -> int:
         run_stage(report, "train", train_run, args)
     if "tests" not in skip:
         run_stage(report, "tests", gpu_tests, args, deadline)
+    if "hf" not in skip:
+        run_stage(report, "hf", hf_ratio, args, deadline)
     stages = report.data["stages"]
     ok = all("error" not in s for s in stages.values()) and stages.get("train", {}).get("returncode", 0) == 0 \
-        and stages.get("tests", {}).get("returncode", 0) in (0, 5)
+        and stages.get("tests", {}).get("returncode", 0) in (0, 5) and stages.get("hf", {}).get("returncode", 0) == 0
     report.data["ok"] = ok
     report.write()
     print(f"gpu-check: wrote {args.out} ({'ok' if ok else 'problems: see the JSON'})", file=sys.stderr)

@@ -24,7 +24,7 @@ def default_workers() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m trainer.prepare", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="YAML experiment config, e.g. configs/pretrain_1b.yaml")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for trainer.train")
+    ap.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for trainer.train")
     ap.add_argument("--workers", type=int, default=0,
                     help="worker processes (default: the CPUs this process may use)")
     ap.add_argument("--verify", action="store_true",

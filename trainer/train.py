@@ -17,7 +17,8 @@ from trainer.errors import UserError
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="YAML experiment config, e.g. configs/tiny.yaml")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, values parsed as YAML")
+    # default=[]: without it, parse_intermixed_args calls a missing config "config, overrides".
+    ap.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, values parsed as YAML")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate and plan: size, FLOPs, token budget, memory per GPU, wall time; then exit")
     ap.add_argument("--world-size", type=int, default=0,

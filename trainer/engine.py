@@ -97,7 +97,7 @@ def build_model(cfg: RunConfig, n_layers: int, attn_core: Optional[Callable] = N
     model = Transformer(mcfg, attn_core=attn_core, sp_degree=cfg.parallel.sp)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     if cfg.parallel.compile:
-        apply_compile(model)
+        apply_compile(model, fullgraph=cfg.parallel.sp == 1)
     return model
 
 
@@ -118,15 +118,16 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
             block.run = functools.partial(checkpoint, block.run, use_reentrant=False)
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Transformer, fullgraph: bool = True) -> None:
     """torch.compile each block in place (`nn.Module.compile`: parameter names unchanged).
 
     Blocks of one kind share a graph, since dynamo treats parameters as inputs. Shapes are
     static: a MoD block's k is a Python int from the config. Embedding, final norm, LM head and
-    loss stay eager. Under Ulysses dynamo traces the all-to-all; the all-gather of the MoD eval
-    key mask runs eager (trainer.ulysses.gather_sequence)."""
+    loss stay eager. `fullgraph`: a block is one graph or an error, never silently split; the
+    caller turns it off under Ulysses, where the all-gather of the MoD eval key mask runs eager
+    by design (trainer.ulysses.gather_sequence), a graph break (docs/design.md)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(fullgraph=fullgraph)
 
 
 def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):

@@ -1,0 +1,52 @@
+"""torch.compile of the blocks: one graph per block (`fullgraph=True`) wherever the layout
+allows it, so a graph break is an error instead of a silent slowdown."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import Routing
+from trainer.config import load_config
+from trainer.engine import build_model
+
+TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
+        "data.seq_len=16", "parallel.compile=true"]
+
+
+@pytest.fixture
+def compiled_with(monkeypatch):
+    """Records what each block was compiled with, and compiles with dynamo's tracing and
+    guards only (backend="eager"): graph breaks are dynamo's, not inductor's, business."""
+    calls = []
+    real = torch.nn.Module.compile
+
+    def compile(module, **kwargs):
+        calls.append(kwargs)
+        real(module, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    torch._dynamo.reset()
+    yield calls
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("extra", [[], ["model.mod.capacity=0.5", "model.value_residual=learned"],
+                                   ["parallel.activation_checkpointing=every_1"]],
+                         ids=["dense", "mod+learned-vr", "checkpointed"])
+def test_blocks_compile_to_one_graph_each_in_training_and_both_eval_rules(compiled_with, extra):
+    cfg = load_config("configs/tiny.yaml", [*TINY, *extra])
+    model = build_model(cfg, cfg.model.n_layers)
+    assert compiled_with == [{"fullgraph": True}] * 3
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids, None, Routing()).sum().backward()  # a graph break would raise under fullgraph
+    with torch.no_grad():
+        model.eval()
+        for causal in (False, True):
+            model(ids, None, Routing(causal=causal))
+
+
+def test_ulysses_blocks_compile_with_graph_breaks_allowed(compiled_with):
+    """The MoD eval key mask's all-gather runs eager under SP (trainer.ulysses.gather_sequence)."""
+    cfg = load_config("configs/tiny.yaml", [*TINY, "parallel.sp=2"])
+    build_model(cfg, cfg.model.n_layers)
+    assert compiled_with == [{"fullgraph": False}] * 3

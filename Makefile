@@ -23,14 +23,15 @@ setup: $(STAMP) ## Create .venv and install the pinned dependencies (again only 
 # torch is installed first and pinned: the CPU wheel on this disk satisfies it, while an
 # unpinned resolve would pull a multi-GB CUDA build. PYTHONWARNINGS hides setuptools' 10-line
 # note that an editable install uses a meta path finder (information only, on every install).
+# DeepSpeed JIT-builds its CPU shared-memory comm op on a CPU machine's first run (about a
+# minute); building it here, once, keeps that out of every run and test (and out of a
+# test's timeout, where a killed build leaves its lock behind and later runs wait on it).
+# (Comments inside a recipe are echoed by make; these stay outside it.)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[dev]'
-	# DeepSpeed JIT-builds its CPU shared-memory comm op on a CPU machine's first run (about a
-	# minute); building it here, once, keeps that out of every run and test (and out of a
-	# test's timeout, where a killed build leaves its lock behind and later runs wait on it).
 	$(BIN)/python -c "import torch; from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; \
 	    torch.cuda.is_available() or B().load()"
 	touch $(STAMP)

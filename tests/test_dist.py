@@ -71,8 +71,9 @@ def test_no_module_but_trainer_dist_calls_torch_distributed():
 
 
 class PretendGPU(TorchFunctionMode):
-    """`.to(GPU)` returns a CPU copy remembered as living on the GPU; `empty_like` and
-    `contiguous` of such a tensor live there too. The stubbed collectives below refuse any
+    """`.to(GPU)` returns a CPU copy remembered as living on the GPU, as does a factory
+    (`torch.full`, ...) asked for the GPU; `empty_like` and `contiguous` of such a tensor live
+    there too. The stubbed collectives below refuse any
     tensor that is not on it, as NCCL does."""
 
     def __init__(self):
@@ -84,6 +85,10 @@ class PretendGPU(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if kwargs.get("device") == GPU and func in (torch.full, torch.zeros, torch.ones, torch.empty, torch.tensor):
+            out = func(*args, **{**kwargs, "device": "cpu"})  # a factory filling the tensor on the GPU
+            self._on_gpu.append(out)
+            return out
         if func is torch.Tensor.to:
             target = next((a for a in args[1:] if isinstance(a, torch.device)), kwargs.get("device"))
             if target == GPU:

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 import trainer.dist as dist_module
 from trainer.dist import Dist
+from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = torch.device("cuda", 0)
@@ -269,7 +270,7 @@ def test_bare_multi_node_srun_keeps_a_master_addr_it_was_given(bare_srun):
 
 def test_bare_multi_node_srun_without_scontrol_fails_in_one_line(bare_srun):
     _scontrol(bare_srun, None)
-    with pytest.raises(RuntimeError, match=r"multi-node srun without MASTER_ADDR.*set MASTER_ADDR") as e:
+    with pytest.raises(UserError, match=r"multi-node srun without MASTER_ADDR.*set MASTER_ADDR") as e:
         dist_module.launcher_env()
     assert "\n" not in str(e.value)
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from trainer.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -134,15 +136,15 @@ def slurm_first_node(nodelist: str) -> str:
     the step runs, by `scontrol show hostnames` as slurm/launch.sh does."""
     fix = "set MASTER_ADDR to the first node's address, or launch with slurm/launch.sh (torchrun per node)"
     if not nodelist:
-        raise RuntimeError(f"multi-node srun without MASTER_ADDR and without SLURM_JOB_NODELIST: {fix}")
+        raise UserError(f"multi-node srun without MASTER_ADDR and without SLURM_JOB_NODELIST: {fix}")
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=60, check=True).stdout.split()
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"multi-node srun without MASTER_ADDR: `scontrol show hostnames {nodelist}` "
+        raise UserError(f"multi-node srun without MASTER_ADDR: `scontrol show hostnames {nodelist}` "
                            f"failed ({e}); {fix}") from None
     if not out:
-        raise RuntimeError(f"multi-node srun without MASTER_ADDR: no host in SLURM nodelist {nodelist!r}; {fix}")
+        raise UserError(f"multi-node srun without MASTER_ADDR: no host in SLURM nodelist {nodelist!r}; {fix}")
     return out[0]
 
 

@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop's stop request took over SIGINT: nothing to save yet
+        print0("interrupted while starting up; nothing was trained or saved", file=sys.stderr)
+        return 130
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         msg = collective_failure(e, cfg.parallel.timeout_minutes) if cfg is not None else None
         if msg is None:

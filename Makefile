@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-check faults lint bench ablate slurm-local clean clean-runs
+.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint bench ablate slurm-local clean clean-runs
 .DEFAULT_GOAL := help
 
 # The list is every target line with a `## ` description, so a new target documents itself.
@@ -67,6 +67,12 @@ test-gpu: setup ## Run the GPU suite tests/gpu (every test skips without CUDA)
 # resolve against what that machine has. It runs here, where pip reaches PyPI.
 gpu-bundle: setup ## Download the wheels the offline GPU machine lacks into .gpu-bundle/
 	$(BIN)/python -m benchmarks.gpu_bundle
+
+# The committed HEAD plus the bundle, as an ignored folder .gpu-snapshot/ with its commit in
+# COMMIT: what to send to the GPU machine when the working tree has edits in flight.
+gpu-snapshot: gpu-bundle ## Write .gpu-snapshot/: HEAD (git archive) + .gpu-bundle/, to run gpu-check from
+	rm -rf .gpu-snapshot && mkdir .gpu-snapshot && git archive HEAD | tar -x -C .gpu-snapshot
+	cp -r .gpu-bundle .gpu-snapshot/ && git rev-parse HEAD > .gpu-snapshot/COMMIT
 
 # Runs ON the GPU machine, from a copy of the repo holding .gpu-bundle/: installs the wheels
 # offline into that machine's python3 (--no-deps: its torch is never touched), then the

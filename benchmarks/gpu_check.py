@@ -81,8 +81,11 @@ def environment() -> dict:
 
     from trainer.provenance import git_commit
 
+    # A snapshot made by `make gpu-snapshot` has no .git of its own but names its commit.
+    snapshot = ROOT / "COMMIT"
+    commit = snapshot.read_text().strip() if snapshot.is_file() else git_commit()
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "deepspeed": deepspeed.__version__, "commit": git_commit()}
+            "deepspeed": deepspeed.__version__, "commit": commit}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, device_count=torch.cuda.device_count(),
@@ -125,22 +128,42 @@ def layers_that_fit(args, device_bytes: float) -> int:
     return 1
 
 
+def caller_outside_torch(stack) -> str:
+    """The innermost frame that is not torch's own (nor this file's hook): who asked for the sync."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for frame in reversed(stack[:-2]):  # the last two are this hook and warnings' machinery
+        if not frame.filename.startswith(torch_dir) and "warnings" not in os.path.basename(frame.filename):
+            path = frame.filename
+            for base in (str(ROOT), os.path.dirname(torch_dir)):  # the repo, then site-packages
+                if path.startswith(base):
+                    path = os.path.relpath(path, base)
+                    break
+            return f"{path}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
 def count_syncs(fn) -> dict:
-    """Host syncs of one call, as CUDA's sync debug mode reports them (by Python location)."""
+    """Host syncs of one call, as CUDA's sync debug mode reports them, each by the first frame
+    outside torch that caused it (torch's own frame, e.g. torch/cuda/__init__.py, says little)."""
     if not torch.cuda.is_available():
         fn()
         return {"count": None, "why": "no CUDA: sync debug mode needs it"}
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    where: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            where[caller_outside_torch(traceback.extract_stack())] += 1
+
+    with warnings.catch_warnings():  # restores showwarning on exit
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    where = Counter(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in syncs)
-    return {"count": len(syncs), "where": dict(where.most_common(20))}
+    return {"count": sum(where.values()), "where": dict(where.most_common(20))}
 
 
 def measure(cfg, dist, args, compiled: bool) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 
 from tests.helpers import ROOT, SHAKESPEARE
 
-# A relative path that climbs: ../x, ../../x/y.txt (in code, configs, docs and results).
+# A relative path that climbs out of its folder (in code, configs, docs and results).
 CLIMB = re.compile(r"(?:\.\./)+[\w.-][\w./-]*")
 
 

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint bench ablate slurm-local clean clean-runs
+.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint docs bench ablate slurm-local clean clean-runs
 .DEFAULT_GOAL := help
 
 # The list is every target line with a `## ` description, so a new target documents itself.
@@ -45,11 +45,11 @@ prepare: setup ## Train the tokenizer and write the token shards for CONFIG with
 pretrain: setup ## Train CONFIG (default configs/tiny.yaml, on CPU); rerunning resumes
 	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)
 
-test: setup ## Run the whole test suite (CPU, gloo, fp32; about 35 min on 2 cores)
+test: setup ## Run the whole suite: tests/unit, integration, cluster and gpu (CPU, gloo, fp32)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup ## Run the tests not marked slow or slurm (about a minute)
-	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+test-fast: setup ## Run the unit tier tests/unit: in-process, no trainer subprocess (under a minute)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 # The fakegpu tier (marker `fakegpu`, in `make test` too): step, eval, metrics and collectives
 # against the meta device on CPU, so a CPU tensor meeting a device tensor fails as on CUDA.
@@ -90,6 +90,10 @@ faults: setup ## Run the fault-injection suite alone (kill -9, corrupt checkpoin
 
 lint: setup ## Run ruff over model, trainer, tests and benchmarks
 	$(BIN)/ruff check model trainer tests benchmarks
+
+docs: setup ## Regenerate docs/config.md's config-key table from trainer/config.py's dataclasses
+	$(BIN)/python -c "from pathlib import Path; from trainer.config import with_key_table; \
+	    p = Path('docs/config.md'); p.write_text(with_key_table(p.read_text()))"
 
 bench: setup ## Run every benchmark in benchmarks/ and write benchmarks/results/
 	$(BIN)/python -m benchmarks.run_all

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.test_eval_dp import evaluate_fixture
+from tests.integration.test_eval_dp import evaluate_fixture
 
 
 def main(out: str) -> None:

@@ -18,7 +18,7 @@ from model.norms import LayerScaledNorm, RMSNorm
 
 aten = torch.ops.aten
 B, T, D = 2, 16, 32
-MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "model"
+MODEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "model"
 
 
 def tiny(**kw) -> ModelConfig:

@@ -19,7 +19,7 @@ import trainer.dist as dist_module
 from trainer.dist import Dist
 from trainer.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU = torch.device("cuda", 0)
 
 # Modules that talk to process groups; only trainer/dist.py may use them.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, losses, tiny_overrides, train
-from tests.test_slurm import FINAL_STATES, _cancel, _job, _log, _train_steps
+from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _train_steps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -2,8 +2,8 @@
 moments carried through a real DeepSpeed engine at ZeRO 0-3, and growth through the real
 entry point (event, depth, exact resume across growth, ZeRO parity).
 
-The moment test runs this file as a torchrun worker: `python -m tests.test_growth STAGE OUT
-[PRECISION]` (on CUDA too: tests/gpu/test_gpu_growth.py).
+The moment test runs tests/workers/growth_moments.py under torchrun: `python -m
+tests.workers.growth_moments STAGE OUT [PRECISION]` (on CUDA too: tests/gpu/test_gpu_growth.py).
 """
 from __future__ import annotations
 

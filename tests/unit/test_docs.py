@@ -34,15 +34,24 @@ def test_readme_is_at_most_250_lines():
     assert n <= 250, f"README.md has {n} lines; move reference material into docs/"
 
 
-def test_every_relative_link_in_readme_and_docs_names_an_existing_file():
+def anchors(doc) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+\s+(.*)$", doc.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_relative_link_in_readme_and_docs_names_an_existing_file_and_heading():
     broken = []
     for doc in DOCS:
         for target in LINK.findall(doc.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a URL or an anchor in the same page
-            path = (doc.parent / target.split("#")[0]).resolve()
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            name, _, anchor = target.partition("#")
+            path = (doc.parent / name).resolve() if name else doc
             if not (path.is_relative_to(ROOT) and path.exists()):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
 
 

@@ -1,10 +1,12 @@
-"""Shared test helpers: tiny-run overrides and launching the real entry point."""
+"""Shared test helpers: tiny-run overrides, launching the real entry point, and `spawn_gloo`
+for component tests that need a few ranks of one process group but not the trainer."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from trainer.dist import free_port  # noqa: F401 - re-exported for the tests
@@ -64,3 +66,51 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r and not r.get("skipped")}
+
+
+
+def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple, results) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results.put((rank, fn(rank, world, *args)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def spawn_gloo(fn, world: int = 2, *args, timeout: float = 300) -> list:
+    """Run `fn(rank, world, *args)` in `world` fresh processes that form one gloo group (CPU,
+    a free localhost port; RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* set as torchrun sets
+    them, so `init_distributed` joins that group) and return each rank's return value in rank
+    order. A rank that raises fails the call with its traceback; the other ranks are ended.
+    `fn` must be a module-level function; its arguments and return value are pickled."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    procs = mp.start_processes(_gloo_rank, args=(fn, world, free_port(), args, results), nprocs=world, join=False,
+                               start_method="spawn")
+    out, deadline = {}, time.monotonic() + timeout
+    try:
+        while True:
+            while not results.empty():  # drained while waiting: a large result would block its rank's put
+                rank, value = results.get()
+                out[rank] = value
+            if procs.join(0.05):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spawn_gloo({fn.__name__}, world={world}): no result after {timeout} s")
+    except mp.ProcessException as e:  # ProcessRaisedException's message holds the rank's traceback
+        raise AssertionError(f"spawn_gloo({fn.__name__}, world={world}): {e}") from None
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+    while not results.empty():
+        rank, value = results.get()
+        out[rank] = value
+    return [out[r] for r in range(world)]

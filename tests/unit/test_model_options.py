@@ -321,7 +321,9 @@ def test_mod_predictor_trains_only_itself():
     assert block.causal_rule.fc1.weight.grad.abs().sum() > 0
 
 
-def test_transformer_forward_returns_aux_and_stats():
+def test_forward_returns_logits_and_the_routing_passed_in_collects_mod_aux_and_stats_dense_none():
+    # forward(ids, pos=None, routing=None) -> logits [B, T, V]; the aux loss and the selected
+    # fraction come from the Routing the caller passed in (zero aux under the causal eval rule).
     model = build(tiny(mod=mod_cfg(), n_layers=4))
     ids = torch.randint(0, 64, (B, T))
     logits, aux, stats = run(model, ids, collect_stats=True)

@@ -1,6 +1,7 @@
 """run_info.json and benchmark results record the commit that produced them, marked dirty
 when the checkout has uncommitted changes."""
 import subprocess
+from pathlib import Path
 
 from trainer.provenance import git_commit
 
@@ -26,14 +27,24 @@ def test_git_commit_outside_a_checkout_is_none(tmp_path):
     assert git_commit(tmp_path) is None
 
 
-def test_run_info_names_the_device_that_computed():
+def test_run_info_names_the_device_that_computed(monkeypatch):
     # fp32 results are bit-reproducible only on the same kind of processor, so a result that
-    # spans machines (the ablation sweep) must say which one computed each run.
+    # spans machines (the ablation sweep) must say which one computed each run. The expected
+    # strings are built here from their sources (/proc/cpuinfo, torch's kernel ISA, a GPU name).
+    import re
+
     import torch
 
-    from trainer.provenance import compute_device, run_info
+    from trainer.provenance import run_info
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     device = run_info(1)["device"]
-    assert device == compute_device()
-    if not torch.cuda.is_available():
-        assert f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)" in device
+    assert device.endswith(f" ({torch.backends.cpu.get_cpu_capability()}, 7 threads)")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)):
+        assert device.startswith(m.group(1).strip() + " (")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert run_info(1)["device"] == "NVIDIA H200"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from trainer.dist import free_port  # noqa: F401 - re-exported for the tests
+from trainer.parallel.dist import free_port  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"  # public domain, shipped in the repo
@@ -75,21 +76,25 @@ def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple, results) -> No
     import torch
     import torch.distributed as tdist
 
+    from trainer.parallel.dist import init_distributed
+
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed("gloo")  # the trainer's own join (DeepSpeed's comm layer too), from the env above
     try:
-        results.put((rank, fn(rank, world, *args)))
+        # By value: a tensor sent through torch's queue is a shared-memory handle that dies with this process.
+        results.put((rank, pickle.dumps(fn(rank, world, *args))))
     finally:
         tdist.destroy_process_group()
 
 
 def spawn_gloo(fn, world: int = 2, *args, timeout: float = 300) -> list:
     """Run `fn(rank, world, *args)` in `world` fresh processes that form one gloo group (CPU,
-    a free localhost port; RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* set as torchrun sets
-    them, so `init_distributed` joins that group) and return each rank's return value in rank
-    order. A rank that raises fails the call with its traceback; the other ranks are ended.
+    a free localhost port, RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* set as torchrun sets them,
+    joined by `init_distributed`, which `fn` may call again for its `Dist`) and return each
+    rank's return value in rank order. A rank that raises fails the call with its traceback; the other ranks are ended.
     `fn` must be a module-level function; its arguments and return value are pickled."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     results = mp.get_context("spawn").SimpleQueue()
     procs = mp.start_processes(_gloo_rank, args=(fn, world, free_port(), args, results), nprocs=world, join=False,
@@ -99,12 +104,12 @@ def spawn_gloo(fn, world: int = 2, *args, timeout: float = 300) -> list:
         while True:
             while not results.empty():  # drained while waiting: a large result would block its rank's put
                 rank, value = results.get()
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             if procs.join(0.05):
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"spawn_gloo({fn.__name__}, world={world}): no result after {timeout} s")
-    except mp.ProcessException as e:  # ProcessRaisedException's message holds the rank's traceback
+    except ProcessException as e:  # ProcessRaisedException's message holds the rank's traceback
         raise AssertionError(f"spawn_gloo({fn.__name__}, world={world}): {e}") from None
     finally:
         for p in procs.processes:
@@ -112,5 +117,5 @@ def spawn_gloo(fn, world: int = 2, *args, timeout: float = 300) -> list:
                 p.kill()
     while not results.empty():
         rank, value = results.get()
-        out[rank] = value
+        out[rank] = pickle.loads(value)
     return [out[r] for r in range(world)]

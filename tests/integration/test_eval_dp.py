@@ -1,13 +1,11 @@
 """Eval is split across DP ranks: rank r evaluates validation batches r, r + dp, ..., and
-one all-reduce of the sums gives the unsharded mean (2 gloo ranks against 1 process)."""
+one all-reduce of the sums gives the unsharded mean (2 gloo ranks, `spawn_gloo`, against 1 process)."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, torchrun_module
+from tests.helpers import ROOT, spawn_gloo
 from trainer.config import load_config
 from trainer.step import evaluate
 
@@ -39,13 +37,17 @@ def evaluate_fixture(dist) -> tuple[float, int]:
     return evaluate(model, _ValData(batches), dist, cfg), len(forwards)
 
 
-def test_val_loss_on_two_dp_ranks_equals_one_process(tmp_path):
-    from trainer.dist import Dist
+def _evaluate_on_rank(rank: int, world: int) -> tuple[float, int]:
+    from trainer.parallel.dist import init_distributed
+
+    return evaluate_fixture(init_distributed("gloo"))
+
+
+def test_val_loss_on_two_dp_ranks_equals_one_process():
+    from trainer.parallel.dist import Dist
 
     alone, forwards = evaluate_fixture(Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1))
     assert forwards == 3
-    proc = torchrun_module("tests.workers.eval_dp", 2, str(tmp_path / "out"), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
-    assert [r["forwards"] for r in ranks] == [2, 2]  # rank 1: its batch and the spare forward
-    assert ranks[0]["val_loss"] == ranks[1]["val_loss"] == pytest.approx(alone, rel=1e-6)
+    ranks = spawn_gloo(_evaluate_on_rank, 2)
+    assert [f for _, f in ranks] == [2, 2]  # rank 1: its batch and the spare forward
+    assert ranks[0][0] == ranks[1][0] == pytest.approx(alone, rel=1e-6)

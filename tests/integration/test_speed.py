@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from model import Routing
-from tests.helpers import ROOT, metrics, train, tiny_overrides
-from trainer.api import consolidated_state_dict, resolve_checkpoint
+from tests.helpers import ROOT, metrics, spawn_gloo, train, tiny_overrides
+from trainer.export.load import consolidated_state_dict, resolve_checkpoint
 from trainer.config import load_config
-from trainer.engine import build_model
-from trainer.optim import SkipNonFiniteAdamW, param_groups
-from trainer.profiling import peak_memory_gb
+from trainer.parallel.engine import build_model
+from trainer.parallel.optim import SkipNonFiniteAdamW, param_groups
+from trainer.evaluation.profiling import peak_memory_gb
 
 MOD_VR = {"model.mod.capacity": 0.5, "model.mod.route_chunks": 2, "model.value_residual": "learned"}
 
@@ -146,9 +146,27 @@ def test_adamw_kernel_matches_the_per_parameter_loop_and_still_skips_non_finite_
         assert torch.equal(p, before[n]) and torch.equal(opt.state[p]["exp_avg"], moments[n]), n
 
 
-def test_build_engine_picks_fused_adamw_on_cpu_and_cuda_and_foreach_elsewhere():
-    from trainer.engine import adamw_kernel
+def _engine_adamw_flags(rank: int, world: int) -> list[tuple[str, bool, bool]]:
+    """(optimizer class, fused, foreach) of every param group of a real 1-rank ZeRO-0 engine,
+    through whatever DeepSpeed wraps around the optimizer."""
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine
 
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                                                   "model.n_kv_heads=2", "model.vocab_size=64", "parallel.zero_stage=0",
+                                                   "parallel.precision=fp32"])
+    engine = build_engine(cfg, init_distributed("gloo"), build_model(cfg, 1))
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return [(type(opt).__name__, g["fused"], g["foreach"]) for g in opt.param_groups]
+
+
+def test_build_engine_picks_fused_adamw_on_cpu_and_cuda_and_foreach_elsewhere():
+    from trainer.parallel.engine import adamw_kernel
+
+    [groups] = spawn_gloo(_engine_adamw_flags, 1)  # a DeepSpeed engine needs a process group
+    assert groups and all(g == ("SkipNonFiniteAdamW", True, False) for g in groups), groups
     assert adamw_kernel(torch.device("cpu")) == {"foreach": False, "fused": True}
     assert adamw_kernel(torch.device("cuda")) == {"foreach": False, "fused": True}
     assert adamw_kernel(torch.device("meta")) == {"foreach": True, "fused": False}

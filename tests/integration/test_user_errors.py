@@ -28,7 +28,7 @@ WANDB_START = """
 import sys, time
 from pathlib import Path
 from trainer.config import load_config
-from trainer.dist import Dist
+from trainer.parallel.dist import Dist
 from trainer.metrics import make_metrics
 import torch
 cfg = load_config("configs/tiny.yaml", ["logging.wandb_mode=online", "logging.progress=false"])
@@ -137,3 +137,9 @@ def test_user_error_is_one_line_with_its_exit_code(name, tmp_path, capsys, monke
         seconds = float(out.split("started in ")[1].split(" s")[0])
         assert seconds < 10 and "wandb mode offline" in out, out  # falls back within 10 s
 
+
+def test_cli_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "configs/tiny.yaml", "model.norm=bad", "--dry-run"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "model.norm='bad'" in proc.stderr

@@ -1,16 +1,13 @@
 """MFU's denominator: the per-device peak from the datasheet table (keyed on the device
 name and the training precision), a probe for devices not in it, `logging.peak_flops` over
-both, and a probe that never disturbs a restored RNG state."""
+both, and a probe that never disturbs a restored RNG state (after a resume: tests/integration/test_mfu_resume.py)."""
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import trainer.metrics as metrics
-from tests.helpers import ROOT, _env, tiny_overrides, train
+from tests.helpers import ROOT
 from trainer.metrics import matmul_probe, peak_flops_per_device
 
 GPU = torch.device("cuda", 0)
@@ -88,40 +85,6 @@ def test_cpu_probe_leaves_the_rng_state_untouched():
     assert out["peak_flops_wall"] == pytest.approx(2 * 64**3 / min(out["wall_s"]))
 
 
-# The resumed trainer's first train_step records the RNG state and stops the run.
-RESUME_SCRIPT = """
-import sys, torch
-import trainer.loop
-from trainer.config import load_config
-from trainer.loop import Trainer
-
-class Seen(Exception):
-    pass
-
-def first_step(*args, **kwargs):
-    torch.save(torch.get_rng_state(), sys.argv[1])
-    raise Seen
-
-trainer.loop.train_step = first_step
-try:
-    Trainer(load_config("configs/tiny.yaml", sys.argv[2:])).fit()
-except Seen:
-    pass
-"""
-
-
-@pytest.mark.slow
-def test_rng_state_after_resume_equals_the_saved_one(tmp_path):
-    out = tmp_path / "runs"
-    over = tiny_overrides(out, "rng", **{"run.max_steps": 4, "checkpoint.every": 2, "logging.peak_flops": 0})
-    train([*over, "run.stop_at=2"])
-    seen = tmp_path / "rng_at_resume.pt"
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(seen), *over], cwd=ROOT, env=_env(), check=True,
-                   capture_output=True, timeout=300)
-    saved = torch.load(out / "rng" / "checkpoints" / "step-2" / "trainer_state_rank0.pt")["rng"]["torch"]
-    assert torch.equal(torch.load(seen), saved)
-
-
 class _FlopsModel:
     """What Throughput reads of a model: its depth and FLOPs per token."""
 
@@ -136,7 +99,7 @@ class _FlopsModel:
 
 def _cpu_throughput(peak: float, *overrides: str) -> metrics.Throughput:
     from trainer.config import load_config
-    from trainer.dist import Dist
+    from trainer.parallel.dist import Dist
 
     cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides))
     return metrics.Throughput(cfg, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1), peak)

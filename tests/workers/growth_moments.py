@@ -1,5 +1,6 @@
-"""Rank code for tests/test_growth.py's Adam-moment test:
-`torchrun -m tests.workers.growth_moments STAGE OUT_DIR [fp32|bf16]`."""
+"""Rank code for the Adam-moment test of growth: `spawn_gloo(moments_on_rank, nproc, STAGE,
+OUT_DIR, PRECISION)` on CPU (tests/integration/test_growth.py), or `torchrun -m
+tests.workers.growth_moments STAGE OUT_DIR [fp32|bf16]` on CUDA (tests/gpu/test_gpu_growth.py)."""
 from __future__ import annotations
 
 import json
@@ -19,13 +20,14 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     weights are the fp32 masters (never the bf16 module copy)."""
     import torch.nn.functional as F
 
-    from trainer.checkpoint import Checkpointer, TrainState
+    from trainer.checkpoint.checkpointer import Checkpointer
+    from trainer.checkpoint.state import TrainState
     from trainer.config import load_config
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
-    from trainer.ds_state import gather_full_state
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
+    from trainer.parallel.ds_state import gather_full_state
     from trainer.growth import due_stage, grow
-    from trainer.metrics import NullMetrics
+    from trainer.metrics import RowBuilder
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(out, f"m{stage}", **{
         "parallel.zero_stage": stage, "parallel.precision": precision, "model.mod.capacity": 0.5, "model.value_residual": "learned",
@@ -50,7 +52,7 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     ckpt = Checkpointer(out / f"m{stage}" / "checkpoints", 2, dist)
     grew = due_stage(cfg, state) is not None
     held, engine = [engine], None
-    engine = grow(cfg, state, held, dist, None, ckpt, NullMetrics())
+    engine = grow(cfg, state, held, dist, None, ckpt, RowBuilder())
     after = gather_full_state(engine)
     fresh = dict(build_model(cfg, 4).named_parameters())
 
@@ -85,6 +87,11 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     assert math.isfinite(loss.item())
     if dist.is_main:
         (out / f"moments-ok-{stage}").write_text(json.dumps({"checked": checked}))
+
+
+def moments_on_rank(rank: int, world: int, stage: int, out: str, precision: str = "fp32") -> None:
+    """`tests.helpers.spawn_gloo` entry point: the same check on ranks of a gloo group."""
+    _moment_worker(stage, Path(out), precision)
 
 
 if __name__ == "__main__":

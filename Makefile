@@ -85,8 +85,8 @@ gpu-check: ## On the GPU machine: install .gpu-bundle/ offline, then the 1-GPU c
 	    $(PY) -m pip install -q --no-index --no-deps --no-cache-dir .gpu-bundle/*.whl
 	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
-faults: setup ## Run the fault-injection suite alone (kill -9, corrupt checkpoints, signals, NaNs)
-	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
+faults: setup ## Run the fault-injection suite alone (kill -9, corrupt checkpoints, signals, NaNs, a hung rank)
+	$(BIN)/python -m pytest -q -m faults tests/cluster $(PYTEST_ARGS)
 
 lint: setup ## Run ruff over model, trainer, tests and benchmarks
 	$(BIN)/ruff check model trainer tests benchmarks

@@ -1,5 +1,6 @@
 """torch.compile of the blocks: one graph per block (`fullgraph=True`) wherever the layout
-allows it, so a graph break is an error instead of a silent slowdown."""
+allows it, so a graph break is an error instead of a silent slowdown. In-process, but each
+case waits on inductor's code generation (seconds), so it sits outside the unit tier."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from model import Routing
 from trainer.config import load_config
-from trainer.engine import build_model
+from trainer.parallel.engine import build_model
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
         "data.seq_len=16", "parallel.compile=true"]
@@ -46,7 +47,7 @@ def test_blocks_compile_to_one_graph_each_in_training_and_both_eval_rules(compil
 
 
 def test_ulysses_blocks_compile_with_graph_breaks_allowed(compiled_with):
-    """The MoD eval key mask's all-gather runs eager under SP (trainer.ulysses.gather_sequence)."""
+    """The MoD eval key mask's all-gather runs eager under SP (trainer.parallel.ulysses.gather_sequence)."""
     cfg = load_config("configs/tiny.yaml", [*TINY, "parallel.sp=2"])
     build_model(cfg, cfg.model.n_layers)
     assert compiled_with == [{"fullgraph": False}] * 3

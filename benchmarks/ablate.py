@@ -12,7 +12,7 @@ them, each as mean ± spread over seeds; a claim is marked reproduced only when 
 difference exceeds the seed spread (benchmarks/ablation_stats.py). A best LR at the grid's
 edge is flagged, and --extend-edges adds LRs beyond it until the optimum is bracketed. The deep setting
 (24 narrow layers) adds the Curse-of-Depth measures: the loss with the last quarter of
-blocks skipped and the last quarter's mean angular update (trainer/diagnostics.py).
+blocks skipped and the last quarter's mean angular update (trainer/evaluation/diagnostics.py).
 
 Budgets. Dense variants train for base's steps, so they see the same tokens. Variants with
 Mixture-of-Depths (capacity > 0) are iso-FLOP: their steps are base FLOPs / (their

@@ -2,7 +2,7 @@
 
     python -m benchmarks.activation_memory [--batch 2] [--reps 6]
 
-The model is built by `trainer.engine.build_model` with each mode (the path `trainer.train`
+The model is built by `trainer.parallel.engine.build_model` with each mode (the path `trainer.train`
 takes), same seed and weights, fp32 on CPU, one intra-op thread, dims as benchmarks.throughput.
 
 Memory (`act_peak_mb`). One forward + backward (CE loss) per mode under
@@ -68,8 +68,8 @@ def step_memory(model: torch.nn.Module, data: FixedBatch) -> dict:
 
 
 def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int) -> dict:
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
 
     set_threads(threads)
     dist = init_distributed("gloo", 1)

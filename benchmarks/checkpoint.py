@@ -4,7 +4,7 @@ states, and how long an async save holds up the training loop.
     python -m benchmarks.checkpoint [--dims JSON] [--reps 5] [--steps-between 1]
 
 A ~50M-parameter model (d_model 512, 14 layers, vocab 8192, fp32) trains one step through
-`trainer.engine.build_engine` and `trainer.step.train_step`, so Adam moments exist. Then, in
+`trainer.parallel.engine.build_engine` and `trainer.step.train_step`, so Adam moments exist. Then, in
 every round and in alternating order, each of the two ranks (own processes, launched here):
 - plain: torch.save of exactly the state dicts DeepSpeed hands its checkpoint engine for
   this save (recorded once by a stand-in engine) plus our trainer-state blob, to the same
@@ -52,9 +52,10 @@ def worker(dims: dict, reps: int, steps_between: int, work_dir: Path, result_fil
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     from benchmarks.common import FixedBatch, engine_train_step
-    from trainer.checkpoint import Checkpointer, TrainState, current_layout
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
+    from trainer.checkpoint.checkpointer import Checkpointer, current_layout
+    from trainer.checkpoint.state import TrainState
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
 
     torch.set_num_threads(1)
     cfg = _config(dims)

@@ -158,8 +158,8 @@ def plain_train_step(model: torch.nn.Module, loss_fn: Callable, cfg) -> Callable
     clip_grad_norm_ at optim.grad_clip, torch AdamW with `param_groups`' weight-decay split and
     the engine's kernel (`adamw_kernel`). Phases are marked for the profiler. The returned
     callable keeps its losses in `.losses`."""
-    from trainer.engine import adamw_kernel
-    from trainer.optim import param_groups
+    from trainer.parallel.engine import adamw_kernel
+    from trainer.parallel.optim import param_groups
 
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -260,7 +260,7 @@ def launch_ranks(module: str, n: int, args: Sequence[str], timeout: float, env_e
                  drop_env: Sequence[str] = ()) -> None:
     """Run `python -m <module> --worker <args>` as ranks 0..n-1 of one gloo job on this host
     (one OpenMP thread each) and raise with a rank's log if any exits non-zero."""
-    from trainer.dist import free_port
+    from trainer.parallel.dist import free_port
 
     port = free_port()
     procs = []

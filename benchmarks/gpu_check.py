@@ -9,10 +9,10 @@ returns what finished):
 
 1. `probe`: the 1B recipe (configs/pretrain_1b.yaml: its width, options, ZeRO-1, bf16) at
    seq 2048, as many layers as the planner says fit in 60% of the GPU (up to the recipe's 22),
-   through `trainer.engine.build_engine` and `trainer.step.train_step` on a fixed batch.
+   through `trainer.parallel.engine.build_engine` and `trainer.step.train_step` on a fixed batch.
    Eager, then compiled (`parallel.compile`): tokens/s (median step), MFU (PaLM's convention:
    the model's `flops_per_token` ÷ the datasheet peak the trainer logs), peak allocated memory
-   against the planner's estimate for the same shape (`trainer.summary.memory_per_gpu`), and
+   against the planner's estimate for the same shape (`trainer.planner.memory_per_gpu`), and
    host syncs in one optimizer step counted by `torch.cuda.set_sync_debug_mode("warn")`.
 2. `train`: `python -m trainer.train configs/tiny.yaml` in bf16 at ZeRO-1 with an eval at
    step 4, depth growth 2 → 4 layers at step 4, and a checkpoint at the end: exit code, the
@@ -114,7 +114,7 @@ def probe_config(layers: int, args):
 
 
 def planned_bytes(cfg) -> float:
-    from trainer.summary import _meta_model, memory_per_gpu
+    from trainer.planner import _meta_model, memory_per_gpu
 
     n = _meta_model(cfg, cfg.model.n_layers).num_params()
     return memory_per_gpu(cfg, n, world=1).total(checkpointing=False)
@@ -170,7 +170,7 @@ def measure(cfg, dist, args, compiled: bool) -> dict:
     import dataclasses
 
     from benchmarks.common import FixedBatch
-    from trainer.engine import build_engine, build_model
+    from trainer.parallel.engine import build_engine, build_model
     from trainer.metrics import peak_flops_per_device
     from trainer.step import train_step
 
@@ -214,7 +214,7 @@ def measure(cfg, dist, args, compiled: bool) -> dict:
 
 
 def probe(args) -> dict:
-    from trainer.dist import init_distributed
+    from trainer.parallel.dist import init_distributed
 
     dist = init_distributed(sp=1)
     device_bytes = torch.cuda.get_device_properties(0).total_memory if dist.device.type == "cuda" else 24 * 2**30

@@ -12,7 +12,7 @@ its embedding norm, learned value residual, ...) at the same width and depth.
 
 Steps, interleaved round by round (benchmarks.common.interleave):
   ours_engine / hf_engine / ours_recipe_engine: `trainer.step.train_step` through a
-      1-process DeepSpeed engine from `trainer.engine.build_engine` with
+      1-process DeepSpeed engine from `trainer.parallel.engine.build_engine` with
       parallel.precision=bf16 at `--zero-stage` (default 1: bf16 parameters, fp32 masters,
       fp32 gradient accumulation; 0: autocast over fp32 parameters), exactly as
       `trainer.train` runs it. HF goes through the same engine behind the CPU benchmark's
@@ -92,8 +92,8 @@ def configs(args):
 
 def measure(args) -> dict:
     from benchmarks.throughput import HFAdapter, hf_copy
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
     from trainer.metrics import matmul_probe
 
     cfg, recipe_cfg = configs(args)

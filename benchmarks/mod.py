@@ -44,8 +44,8 @@ def routing_ms(profile: dict, name: str) -> dict:
 
 def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profile: bool = True) -> dict:
     """The benchmark proper, without the CLI: returns the JSON payload (minus machine/command)."""
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
 
     set_threads(threads)
     common = {"model.d_model": dims["d_model"], "model.n_layers": dims["n_layers"], "model.n_heads": dims["n_heads"],

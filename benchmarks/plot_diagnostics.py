@@ -1,4 +1,4 @@
-"""Plots of the depth diagnostics (trainer/diagnostics.py) from runs' metrics.jsonl.
+"""Plots of the depth diagnostics (trainer/evaluation/diagnostics.py) from runs' metrics.jsonl.
 
     python -m benchmarks.plot_diagnostics RUN_DIR [RUN_DIR ...] [--out PNG]
 

@@ -59,7 +59,7 @@ def make_corpus(directory: Path, mb: float) -> dict:
 
 
 def tokenizer_for(directory: Path, vocab: int) -> Path:
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     path = directory / f"tokenizer-{vocab}.model"
     if not path.is_file():

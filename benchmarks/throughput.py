@@ -37,7 +37,7 @@ from torch import nn
 from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
                                machine_info, median, op_profile, plain_train_step, print_summary,
                                run_config, set_threads, speedups, timing_parser, write_result)
-from trainer.engine import adamw_kernel
+from trainer.parallel.engine import adamw_kernel
 from trainer.metrics import matmul_probe
 
 NAME = "throughput"
@@ -70,8 +70,8 @@ def hf_copy(model) -> nn.Module:
 def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profile: bool = True,
             probe_n: int = 2048, compiled: bool = True) -> dict:
     """The benchmark proper, without the CLI: returns the JSON payload (minus machine/command)."""
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
 
     set_threads(threads)
     cfg = run_config(cfg_overrides(dims, batch))
@@ -136,7 +136,7 @@ def measure(dims: dict, batch: int, threads: int, warmup: int, reps: int, profil
         "config": {**dims, "n_kv_heads": cfg.model.kv_heads, "ffn_dim": cfg.model.ffn_dim, "batch": batch,
                    "tokens_per_step": tokens, "threads": threads, "dtype": "float32", "device": "cpu",
                    "hf_attn_implementation": attn_impl, "optimizer": {
-                       "class": "torch.optim.AdamW (engine: trainer.optim.SkipNonFiniteAdamW, a subclass)",
+                       "class": "torch.optim.AdamW (engine: trainer.parallel.optim.SkipNonFiniteAdamW, a subclass)",
                        "kernel": adamw_kernel(torch.device("cpu")),
                        "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
                        "weight_decay": cfg.optim.weight_decay, "grad_clip": cfg.optim.grad_clip},

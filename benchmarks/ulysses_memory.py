@@ -3,8 +3,8 @@
     python -m benchmarks.ulysses_memory [--seq 8192] [--steps 2]
 
 One global sequence of --seq tokens (micro batch 1) trains on a small model (d_model 256,
-4 layers, 8 heads, MHA, vocab 2048, fp32) through the real path: `trainer.dist.init_distributed`
-("gloo", sp), `trainer.ulysses.attention_core`, `trainer.engine.build_model/build_engine`
+4 layers, 8 heads, MHA, vocab 2048, fp32) through the real path: `trainer.parallel.dist.init_distributed`
+("gloo", sp), `trainer.parallel.ulysses.attention_core`, `trainer.parallel.engine.build_model/build_engine`
 and `trainer.step.train_step`, whose `shard_sequence` gives each rank its contiguous slice.
 SP=1 is one process; SP=2 is two gloo ranks, each its own process launched here.
 
@@ -24,7 +24,7 @@ next step reuses them unseen, so the delta undercounts. `getrusage().ru_maxrss` 
 reset, so it cannot isolate one step after a warm-up and is not used.
 
 Fields: `peak_ratio_sp2_vs_sp1` = max over SP=2 ranks of their activation memory ÷ SP=1's;
-absolute peaks per rank; and `a2a_bytes_per_layer` from `trainer.ulysses.all_to_all_bytes_per_layer`
+absolute peaks per rank; and `a2a_bytes_per_layer` from `trainer.parallel.ulysses.all_to_all_bytes_per_layer`
 for (seq, sp) = (8192, 2) and (16384, 4), constant when both scale (only sp ≤ 2 can run on
 this machine; the formula covers the rest). Writes benchmarks/results/ulysses_memory.json.
 """
@@ -108,9 +108,9 @@ def worker(seq: int, sp: int, steps: int, dims: dict, result_file: Path) -> None
     import torch
 
     from benchmarks.common import FixedBatch, engine_train_step, run_config, set_threads
-    from trainer.dist import init_distributed
-    from trainer.engine import build_engine, build_model
-    from trainer.ulysses import attention_core
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.engine import build_engine, build_model
+    from trainer.parallel.ulysses import attention_core
 
     set_threads(1)
     cfg = run_config(overrides(seq, sp, dims))
@@ -162,7 +162,7 @@ def summarise(ranks: list[dict], key: str) -> dict:
 
 
 def a2a_table(dims: dict, points=((8192, 2), (16384, 4), (32768, 8))) -> dict:
-    from trainer.ulysses import all_to_all_bytes_per_layer
+    from trainer.parallel.ulysses import all_to_all_bytes_per_layer
 
     head_dim = dims["d_model"] // dims["n_heads"]
 

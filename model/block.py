@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig, select
+from .config import ModelConfig, lookup
 from .norms import LayerScaledNorm, make_norm
 
 
@@ -41,7 +41,7 @@ PLACEMENTS: dict[str, tuple[Callable[[ModelConfig, int], nn.Module], ...]] = {
 
 def norm_slots(cfg: ModelConfig, layer: int) -> dict[str, nn.Module]:
     """The six norm slots of 1-based block `layer` for `cfg.norm` (a PLACEMENTS key)."""
-    make_in, make_out, make_post = select(PLACEMENTS, "model.norm", cfg.norm)
+    make_in, make_out, make_post = lookup(PLACEMENTS, "model.norm", cfg.norm)
     return {f"{sub}_{slot}": make(cfg, layer) for sub in ("attn", "mlp")
             for slot, make in (("in", make_in), ("out", make_out), ("post", make_post))}
 

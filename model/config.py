@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-def select(registry: dict, key: str, value: str):
+def lookup(registry: dict, key: str, value: str):
     """registry[value] for option `key`; the one place an unknown model option is reported.
     Each registry lives next to the classes it selects, and trainer config validation
     checks the same keys, so this only fires for models built without a validated config."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
-from .config import ModelConfig, select
+from .config import ModelConfig, lookup
 from .flops import Flops, linear_flops, module_flops
 
 
@@ -99,7 +99,7 @@ class RoutedBlock(Block):
         super().__init__(**dict(block.named_children()))
         assert local_chunks >= 1, "route_chunks must be a positive multiple of the SP degree"
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
-        self.causal_rule = select(CAUSAL_RULES, "model.mod.causal", cfg.mod.causal)(cfg.d_model)
+        self.causal_rule = lookup(CAUSAL_RULES, "model.mod.causal", cfg.mod.causal)(cfg.d_model)
         self.capacity = cfg.mod.capacity
         self.local_chunks, self.layer = local_chunks, layer
         # FLOPs are counted per whole sequence, which has route_chunks chunks at any SP degree.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, select
+from .config import ModelConfig, lookup
 
 
 class RMSNorm(nn.Module):
@@ -64,4 +64,4 @@ NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """The norm class `model.norm_type` names, at width d_model."""
-    return select(NORMS, "model.norm_type", cfg.norm_type)(cfg.d_model, cfg.norm_eps)
+    return lookup(NORMS, "model.norm_type", cfg.norm_type)(cfg.d_model, cfg.norm_eps)

@@ -24,7 +24,7 @@ from torch import nn
 from .attention import (Attention, AttentionCore, MixedValue, SharedValue, ValueProjection,
                         local_attention_core)
 from .block import Block, norm_slots
-from .config import ModelConfig, select
+from .config import ModelConfig, lookup
 from .flops import ATTN_KERNEL_MULT, MATMUL_TRAIN_MULT, Flops, children_flops
 from .mlp import SwiGLU
 from .mod import RoutedBlock, Routing
@@ -46,7 +46,7 @@ VALUE_MODULES: dict[str, Callable[[int, int], nn.Module]] = {
 def build_value(cfg: ModelConfig, layer: int) -> nn.Module:
     """The value module `model.value_residual` selects for 1-based block `layer`."""
     kv_dim = cfg.kv_heads * cfg.head_dim
-    make = select(VALUE_MODULES, "model.value_residual", cfg.value_residual)
+    make = lookup(VALUE_MODULES, "model.value_residual", cfg.value_residual)
     return ValueProjection(cfg.d_model, kv_dim) if layer == 1 else make(cfg.d_model, kv_dim)
 
 

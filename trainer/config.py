@@ -23,13 +23,9 @@ from model.config import ModelConfig
 from model.mod import CAUSAL_RULES
 from model.norms import NORMS
 from model.transformer import VALUE_MODULES
-from trainer.growth import METHODS as GROWTH_METHODS
+from model.growth import METHODS as GROWTH_METHODS
 from trainer.schedule import SCHEDULES
-from trainer.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A user-facing, one-line configuration error."""
+from trainer.errors import ConfigError
 
 
 @dataclass
@@ -219,7 +215,7 @@ def _one_line(e: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     msg = str(getattr(e, "msg", e)).splitlines()[0]
     if "not in" in msg:
-        return ConfigError(f"{origin}: unknown config key '{key}' (see the keys in README.md or trainer/config.py)")
+        return ConfigError(f"{origin}: unknown config key '{key}' (see the keys in docs/config.md)")
     return ConfigError(f"{origin}: bad value for '{key}': {msg}")
 
 
@@ -283,7 +279,7 @@ def _choice(key: str, value: str, choices: Iterable[str]) -> None:
     _need(value in choices, key, value, f"expected one of {' | '.join(choices)}")
 
 
-def checkpoint_every(mode: str) -> Optional[int]:
+def activation_checkpoint_every(mode: str) -> Optional[int]:
     """`parallel.activation_checkpointing` -> k (checkpoint 1-based blocks k, 2k, ...; 0 = none),
     None when the mode is not valid."""
     if mode in ("none", "full"):
@@ -316,7 +312,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _choice("model.mod.causal", m.mod.causal, CAUSAL_RULES)
     _choice("parallel.precision", p.precision, ("fp32", "bf16"))
     _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
-    _need(checkpoint_every(p.activation_checkpointing) is not None, "parallel.activation_checkpointing",
+    _need(activation_checkpoint_every(p.activation_checkpointing) is not None, "parallel.activation_checkpointing",
           p.activation_checkpointing, "expected none | full | every_<k> with k a positive integer (e.g. every_2)")
     ps = list(cfg.logging.profile_steps)
     _need(ps == [] or (len(ps) == 2 and 1 <= ps[0] <= ps[1]), "logging.profile_steps", ps,
@@ -362,18 +358,17 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
 
 
 def config_warnings(cfg: RunConfig) -> list[str]:
-    """Settings that validate but that this project's ablation measured to hurt, each with the
-    measurement it rests on (README, "What reproduced"). trainer.train and --dry-run print
-    them once, at start; they never stop a run."""
+    """Settings that validate but that this project's ablation measured to hurt, each citing
+    the results it rests on (benchmarks/results/ablation.md; benchmarks/README.md explains).
+    trainer.train and --dry-run print them once, at start; they never stop a run."""
     m, out = cfg.model, []
     # A non-default out_norm_gain is a deliberate answer to the same scale mismatch, so it is
-    # not warned about: peri_ln_small_out_gain (0.02, no embed_norm) measured 0.18 better than
-    # Pre-LN, as good as embed_norm (README, Ablation).
+    # not warned about: peri_ln_small_out_gain (0.02, no embed_norm) measured as good as
+    # embed_norm (benchmarks/results/ablation.md).
     if m.norm == "peri" and not m.embed_norm and m.out_norm_gain == 1.0:
         out.append("model.norm=peri without model.embed_norm: each block adds increments of RMS 1 to an embedding "
-                   f"of RMS init_std={m.init_std}, and our ablation measured it 0.65 val loss worse than Pre-LN "
-                   "(4.46 vs 3.81 at each one's best LR, 2 seeds; benchmarks/results/ablation.md). "
-                   "Set model.embed_norm=true")
+                   f"of RMS init_std={m.init_std}, and our ablation measured it worse than Pre-LN at every "
+                   "learning rate (benchmarks/results/ablation.md). Set model.embed_norm=true")
     return out
 
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from trainer.config import RunConfig, to_dict
-from trainer.dist import print0
-from trainer.profiling import peak_memory_gb
+from trainer.parallel.dist import print0
+from trainer.evaluation.profiling import peak_memory_gb
 from trainer.schedule import lr_at
-from trainer.ulysses import all_to_all_bytes_per_layer
+from trainer.parallel.ulysses import all_to_all_bytes_per_layer
 
 
 # Dense (no sparsity) peak FLOP/s of one GPU from the vendor datasheets, per precision:
@@ -215,9 +215,10 @@ class Throughput:
         return self.dist.all_reduce(peak, "max").item()
 
 
-class NullMetrics:
-    """Every rank builds the same rows (some fields are collectives); this base writes them
-    nowhere, so ranks other than 0 use it as it is and call sites never test the rank."""
+class RowBuilder:
+    """Builds the metrics rows, on every rank: some fields are collectives (the peak memory over
+    ranks), so every rank computes every row. It writes them nowhere; ranks other than 0 use it
+    as it is, rank 0 its subclass `Metrics`, and call sites never test the rank."""
 
     def __init__(self, cfg: RunConfig | None = None, throughput: Throughput | None = None, data=None):
         self.cfg, self.throughput, self.data = cfg, throughput, data
@@ -266,7 +267,7 @@ class NullMetrics:
     def close(self) -> None: ...
 
 
-class Metrics(NullMetrics):
+class Metrics(RowBuilder):
     """Rank 0: the rows go to metrics.jsonl, W&B and the progress bar."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, start_step: int, throughput: Throughput, data=None):
@@ -370,9 +371,9 @@ def eval_line(row: dict) -> str:
 
 
 def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, dist, data=None,
-                 peak_flops: float = 0.0) -> Metrics | NullMetrics:
+                 peak_flops: float = 0.0) -> Metrics | RowBuilder:
     throughput = Throughput(cfg, dist, peak_flops)
-    return Metrics(cfg, run_dir, start_step, throughput, data) if dist.is_main else NullMetrics(cfg, throughput)
+    return Metrics(cfg, run_dir, start_step, throughput, data) if dist.is_main else RowBuilder(cfg, throughput)
 
 
 def _num(x: float):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable
 
-from model.config import select
+from model.config import lookup
 
 if TYPE_CHECKING:  # trainer.config imports SCHEDULES from here to validate schedule.kind
     from trainer.config import RunConfig, ScheduleConfig
@@ -43,7 +43,7 @@ def lr_at(cfg: RunConfig, step: int) -> float:
         lr = peak * (step + 1) / s.warmup_steps
     else:
         frac = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
-        lr = peak * select(SCHEDULES, "schedule.kind", s.kind)(s, frac)
+        lr = peak * lookup(SCHEDULES, "schedule.kind", s.kind)(s, frac)
     return lr * _rewarm_factor(cfg, step)
 
 

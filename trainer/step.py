@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from model import Routing
 from trainer import faults
 from trainer.config import RunConfig
-from trainer.dist import Dist
-from trainer.engine import base_optimizer
-from trainer.ulysses import shard_sequence
+from trainer.parallel.dist import Dist
+from trainer.parallel.ds_state import base_optimizer
+from trainer.parallel.ulysses import shard_sequence
 
 
 class StepResult:
@@ -51,7 +51,7 @@ def _token_loss_sum(engine, inputs, labels, pos, cfg: RunConfig, causal: bool = 
 
 def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResult:
     """One optimizer step over p.grad_accum micro-batches. Nothing here waits for the device
-    but the optimizer's skip decision (trainer.optim); `engine.grad_scale` is build_engine's."""
+    but the optimizer's skip decision (trainer.parallel.optim); `engine.grad_scale` is build_engine's."""
     p = cfg.parallel
     # Loss = Σ token losses / tokens of the whole sample: SP ranks each hold a slice, and
     # DeepSpeed averages over DP (and over micro-steps via engine.backward).

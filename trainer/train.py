@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from trainer.config import config_warnings, load_config, validate
-from trainer.dist import collective_failure, env_world_size, print0
+from trainer.parallel.dist import collective_failure, env_world_size, print0
 from trainer.errors import UserError
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         # The planner and the loop import DeepSpeed (seconds); importing them only now keeps
         # a bad config's error instant.
         if args.dry_run:
-            from trainer.summary import dry_run
+            from trainer.planner import dry_run
 
             dry_run(cfg, args.world_size, args.gpu, args.mfu)
             return 0

@@ -154,7 +154,7 @@ def test_ctrl_c_checkpoints_and_exits_zero_and_a_second_one_aborts_naming_the_la
 def test_a_failed_checkpoint_write_removes_its_tmp_and_training_continues(tmp_path):
     """The save at step 4 hits ENOSPC half-way: one line, no step-4.tmp left, step-2 intact
     (it still verifies), and the step-6 save succeeds."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint.checkpointer import Checkpointer
 
     out = tmp_path / "runs"
     run = out / "full"
@@ -181,7 +181,7 @@ def test_a_save_that_cannot_fit_is_skipped_with_one_warning(tmp_path):
 
 def test_a_real_full_tmpfs_skips_the_save_that_cannot_fit(tmp_path):
     """Checkpoints on a tmpfs that holds one of them but not two (mounting needs root)."""
-    from trainer.checkpoint import checkpoint_size
+    from trainer.checkpoint.manifest import checkpoint_size
 
     out = tmp_path / "runs"
     over = tiny_overrides(out, "tmpfs", **{"run.max_steps": 4, "checkpoint.every": 2, "checkpoint.keep": 2})

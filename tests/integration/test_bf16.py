@@ -59,7 +59,7 @@ def _flat_fp32_partition_reference(ckpt: Path) -> tuple[dict[str, torch.Tensor],
 def test_load_model_and_export_return_the_fp32_masters_not_the_bf16_copy(runs, layout, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.api import load_model
+    from trainer.export.load import load_model
     from trainer.export import export, is_llama_compatible, to_llama_state_dict
 
     ckpt = runs[layout] / "checkpoints" / "step-2"
@@ -83,7 +83,7 @@ def test_load_model_and_export_return_the_fp32_masters_not_the_bf16_copy(runs, l
 
 def test_bf16_zero0_checkpoint_holds_fp32_parameters_that_load_model_returns(runs):
     """At ZeRO-0, bf16 runs under autocast: the parameters themselves are the fp32 masters."""
-    from trainer.api import load_model
+    from trainer.export.load import load_model
 
     module = torch.load(runs["bf16-z0"] / "checkpoints/step-2/mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=True)["module"]

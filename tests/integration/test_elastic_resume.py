@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import losses, train, tiny_overrides
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.checkpointer import Checkpointer
 
 pytestmark = pytest.mark.slow
 

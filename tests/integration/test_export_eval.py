@@ -17,15 +17,15 @@ import torch
 
 from model import ModelConfig, ModConfig, Transformer
 from tests.helpers import ROOT, _env, losses, metrics, train, tiny_overrides
-from trainer.hf_export import write_export
-from trainer.hf_export.causal import causal_logits
+from trainer.export.hf import write_export
+from trainer.export.causal import causal_logits
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ALL_ON = {"model.norm": "peri", "model.embed_norm": "true", "model.ln_scaling": "true",
           "model.value_residual": "learned", "model.mod.capacity": 0.5, "model.mod.every": 2,
           "model.mod.causal": "predictor", "model.n_layers": 4, "model.tie_embeddings": "true"}
 PROMPT = "def main():\n    "
-SMOKE = ROOT / "trainer" / "tasks" / "smoke.jsonl"
+SMOKE = ROOT / "trainer" / "evaluation" / "tasks" / "smoke.jsonl"
 
 # Loads an export with no `model`/`trainer` importable (a meta-path hook refuses them, since an
 # editable install would otherwise find them), from an unrelated cwd, and saves what HF computes.
@@ -107,7 +107,7 @@ def test_every_option_set_exports_to_remote_code_with_identical_logits(tmp_path,
 
 def test_generate_rejects_a_prompt_with_no_room_left():
     from trainer.errors import UserError
-    from trainer.generate import generate_ids
+    from trainer.export.generate import generate_ids
 
     model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8)).eval()
     assert len(generate_ids(model, [1, 2, 3], max_new_tokens=50)) == 5  # stops at max_seq_len
@@ -151,7 +151,7 @@ def evaluated(all_on_run, tmp_path_factory):
 @pytest.mark.slow
 def test_all_options_export_loads_without_our_packages_matches_logits_and_greedy_generation(all_on_run, tmp_path):
     from trainer import load_model
-    from trainer.generate import generate_ids
+    from trainer.export.generate import generate_ids
 
     export_dir, io = tmp_path / "export", tmp_path / "io"
     proc = run_cli("trainer.export", all_on_run, export_dir)
@@ -183,7 +183,7 @@ def test_llama_compatible_export_stays_plain_llama_and_generates_our_greedy_cont
 
     from trainer import load_model
     from trainer.export import main as export_main
-    from trainer.generate import generate_ids
+    from trainer.export.generate import generate_ids
 
     out = tmp_path / "runs"
     train(tiny_overrides(out, "llama", **{"run.max_steps": 4, "optim.lr": 1e-2, "model.tie_embeddings": "true"}),

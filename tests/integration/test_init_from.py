@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from model import Transformer
 from tests.helpers import ROOT, losses, metrics, tiny_overrides, train
-from trainer.api import consolidated_state_dict, load_model, resolve_checkpoint
+from trainer.export.load import consolidated_state_dict, load_model, resolve_checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.data import prepare_data
-from trainer.init_from import InitSource, check_tokenizer, resolve_init_source
+from trainer.checkpoint.init_from import InitSource, check_tokenizer, resolve_init_source
 from trainer.schedule import lr_at
 
 TINY = ROOT / "configs/tiny.yaml"
@@ -130,7 +130,7 @@ def test_init_from_with_another_tokenizer_is_one_line(tmp_path):
 
 
 def test_source_weights_are_consolidated_once_by_rank_0_and_mapped_by_every_rank(source_run, tmp_path, monkeypatch):
-    from trainer import init_from
+    from trainer.checkpoint import init_from
 
     class Rank:  # a Dist of 2 as these functions use it, its collectives run one rank after the other
         world = 2

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, _env
-from trainer.optim import ALIGN_ELEMENTS, param_groups
+from trainer.parallel.optim import ALIGN_ELEMENTS, param_groups
 
 # Builds the 1B recipe's options (Peri-LN, learned value residual) at a tiny width on a
 # 1-process bf16 engine and reports every parameter's offset from 16 bytes.
 WORKER = """
 import json, sys
 from benchmarks.common import run_config
-from trainer.dist import init_distributed
-from trainer.engine import build_engine, build_model
+from trainer.parallel.dist import init_distributed
+from trainer.parallel.engine import build_engine, build_model
 cfg = run_config({"model.norm": "peri", "model.embed_norm": "true", "model.value_residual": "learned",
                   "model.n_layers": 4, "parallel.precision": "bf16", "parallel.zero_stage": int(sys.argv[1])})
 engine = build_engine(cfg, init_distributed(), build_model(cfg, 4))
@@ -56,8 +56,9 @@ def test_a_checkpoint_in_the_old_parameter_order_is_read_by_name_or_refused_in_o
     value-residual model their flat optimizer layout differs from today's, so ZeRO 1-3 read
     them through the universal checkpoint (by name) and ZeRO-0 (by position) refuses."""
     from model import Transformer
-    from trainer.checkpoint import CheckpointError, _needs_universal
-    from trainer.optim import param_order
+    from trainer.checkpoint.universal import needs_universal as _needs_universal
+    from trainer.errors import CheckpointError
+    from trainer.parallel.optim import param_order
 
     from benchmarks.common import run_config
 

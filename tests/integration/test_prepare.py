@@ -95,7 +95,7 @@ def test_one_and_two_workers_give_identical_shards_and_a_hash_val_split(corpus, 
     (t1, v1), (t2, v2), (tw, vw) = streams(one), streams(two), streams(whole)
     assert t1.tobytes() == t2.tobytes() == tw.tobytes() and v1.tobytes() == v2.tobytes() == vw.tobytes()
     tok = one.train[0].index
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     sp = Tokenizer.load(tokenizer)
     train_docs, val_docs = docs_of(t1, sp), docs_of(v1, sp)
@@ -105,7 +105,7 @@ def test_one_and_two_workers_give_identical_shards_and_a_hash_val_split(corpus, 
 
 
 def test_tokenizer_file_does_not_depend_on_training_threads(tmp_path):
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     sample = "\n\n".join(paragraphs(3000)) + "\n".join(p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py")))
     one = Tokenizer.train(sample, 400, tmp_path / "one.model", threads=1)
@@ -230,7 +230,7 @@ def test_eval_sets_are_whole_held_out_streams(corpus, tokenizer, tmp_path):
     c = cfg(source=str(corpus / "part0.txt"), tokenizer=tokenizer, eval={"held": str(tmp_path / "held.jsonl")})
     data = prepare_data(c, VOCAB, 0, tmp_path / "cache", tmp_path / "run", True, lambda: None, log=quiet)
     held = data.eval_sets["held"]
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     assert docs_of(np.asarray(held.tokens), Tokenizer.load(tokenizer)) == paragraphs(60, "held ")
     x, y = next(held.val_batches(1, 2))

@@ -56,19 +56,19 @@ def _one_line_naming(text: str, name: str) -> str:
 
 @pytest.mark.parametrize("reader", ["load_model", "export", "generate", "evaluate", "init_from"])
 def test_every_reader_refuses_a_weight_file_damaged_in_place_naming_it(trained, tmp_path, capsys, reader):
-    from trainer.checkpoint import CheckpointError
+    from trainer.errors import CheckpointError
 
     run = _copy(trained, tmp_path)
     _flip_in_place(run / "checkpoints/step-2" / WEIGHTS)
     if reader == "load_model":
-        from trainer.api import load_model
+        from trainer.export.load import load_model
 
         with pytest.raises(CheckpointError) as e:
             load_model(run)
         msg = _one_line_naming(str(e.value), WEIGHTS)
     elif reader == "init_from":
         from trainer.config import ConfigError, load_config
-        from trainer.init_from import resolve_init_source
+        from trainer.checkpoint.init_from import resolve_init_source
 
         with pytest.raises(ConfigError) as e:
             resolve_init_source(load_config(TINY, tiny_overrides(tmp_path, "dst", **{"run.init_from": str(run)})))
@@ -133,9 +133,9 @@ def test_export_is_readable_by_others(trained, tmp_path):
 def test_lm_eval_runs_as_one_process_under_a_torchrun_environment(trained, tmp_path, monkeypatch):
     """Rank 1 of 2 by the launcher's variables: given a path, HFLM would build an
     Accelerator that joins the job's world; given our model object it is rank 0 of 1."""
-    from trainer.api import load_model
-    from trainer.evaluate import single_process_lm
-    from trainer.hf_export import write_export
+    from trainer.export.load import load_model
+    from trainer.evaluation.lm_eval_runner import single_process_lm
+    from trainer.export.hf import write_export
 
     run = trained[0] / "src"
     export = write_export(load_model(run), run / "tokenizer/tokenizer.model", tmp_path / "hf")

@@ -9,8 +9,9 @@ from collections import OrderedDict
 import torch
 import xxhash
 
-from trainer.checkpoint import HASH, Checkpointer
-from trainer.checkpoint_io import RankWriter, save_hashed
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.manifest import HASH
+from trainer.checkpoint.io import RankWriter, save_hashed
 
 
 def _state() -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from tests.helpers import ROOT
-from trainer.checkpoint import TrainState
+from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
-from trainer.dist import Dist
+from trainer.parallel.dist import Dist
 from trainer.metrics import Metrics, Throughput
 
 

@@ -16,7 +16,7 @@ import xxhash
 from tests.helpers import SHAKESPEARE
 from trainer.config import DataConfig
 from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, PackedData, open_source, prepare_data
-from trainer.tokenizer import Tokenizer, TokenizerError
+from trainer.data.tokenizer import Tokenizer, TokenizerError
 
 VOCAB = 512
 

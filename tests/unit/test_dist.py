@@ -1,4 +1,4 @@
-"""Collectives the harness issues itself go through `trainer.dist.Dist`, which runs them on
+"""Collectives the harness issues itself go through `trainer.parallel.dist.Dist`, which runs them on
 the compute device (an NCCL group serves CUDA tensors only) and hands results back on the
 caller's device and dtype. CPU tests run gloo, which accepts CPU tensors, so they cannot see
 a CPU tensor reaching NCCL: these tests pin the contract with a stubbed `torch.distributed`
@@ -15,14 +15,14 @@ import torch
 import torch.distributed as real_tdist
 from torch.overrides import TorchFunctionMode
 
-import trainer.dist as dist_module
-from trainer.dist import Dist
+import trainer.parallel.dist as dist_module
+from trainer.parallel.dist import Dist
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = torch.device("cuda", 0)
 
-# Modules that talk to process groups; only trainer/dist.py may use them.
+# Modules that talk to process groups; only trainer/parallel/dist.py may use them.
 BANNED = ("torch.distributed", "deepspeed.comm", "deepspeed.init_distributed")
 
 
@@ -66,9 +66,9 @@ def test_no_module_but_trainer_dist_calls_torch_distributed():
     for folder in ("trainer", "model", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel != "trainer/dist.py" and (uses := distributed_uses(path.read_text())):
+            if rel != "trainer/parallel/dist.py" and (uses := distributed_uses(path.read_text())):
                 offenders[rel] = uses
-    assert not offenders, f"collectives must go through trainer.dist.Dist: {offenders}"
+    assert not offenders, f"collectives must go through trainer.parallel.dist.Dist: {offenders}"
 
 
 class PretendGPU(TorchFunctionMode):
@@ -169,8 +169,8 @@ def test_barrier_and_object_broadcast_name_the_device(nccl_like):
 def test_harness_reductions_reach_the_collective_on_the_device(nccl_like):
     """The callers the issue names: the step's CE total, evaluation's sums, the optimizer's
     skip decision, the SP gather of the key mask; each hands Dist a CPU or device tensor."""
-    from trainer.optim import SkipNonFiniteAdamW
-    from trainer.ulysses import gather_sequence
+    from trainer.parallel.optim import SkipNonFiniteAdamW
+    from trainer.parallel.ulysses import gather_sequence
 
     d, calls = nccl_like
     w = torch.nn.Parameter(torch.ones(2))

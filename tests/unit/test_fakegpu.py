@@ -15,11 +15,11 @@ import torch
 import torch.distributed as tdist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.checkpoint import TrainState
+from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
-from trainer.dist import Dist
-from trainer.metrics import NullMetrics, Throughput
-from trainer.optim import SkipNonFiniteAdamW
+from trainer.parallel.dist import Dist
+from trainer.metrics import RowBuilder, Throughput
+from trainer.parallel.optim import SkipNonFiniteAdamW
 from trainer.step import evaluate, train_step
 
 pytestmark = pytest.mark.fakegpu
@@ -147,7 +147,7 @@ def test_metrics_rows_reduce_on_the_device(meta, monkeypatch):
     monkeypatch.setattr(trainer.metrics, "peak_memory_gb", lambda device: 1.5)
     cfg, engine = _engine(meta)
     result = train_step(engine, _Data(), meta, cfg, step=0)
-    metrics = NullMetrics(cfg, Throughput(cfg, meta, peak_flops=1e12), _Data())
+    metrics = RowBuilder(cfg, Throughput(cfg, meta, peak_flops=1e12), _Data())
     state = TrainState(n_layers=3)
     state.advance(False, samples=8, tokens=128)
     result.skipped = False  # meta reads say "skip"; the row of a finished step is what is under test

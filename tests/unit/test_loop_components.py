@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers import ROOT
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
-from trainer.diagnostics import Diagnostics
-from trainer.evaluator import Evaluator
-from trainer.preemption import StopRequest
+from trainer.evaluation.diagnostics import Diagnostics
+from trainer.evaluation.evaluator import Evaluator
+from trainer.checkpoint.preemption import StopRequest
 
 
 class _Dist:
@@ -60,7 +61,7 @@ def test_eval_and_diagnostics_cadence(eval_every, diag_every, monkeypatch):
     evals = [s for s in range(1, 11) if ev.maybe_run(TrainState(step=s), None)]
     assert evals == ([4, 8, 10] if eval_every else [10])  # and always after the last step
     d_calls = []
-    monkeypatch.setattr("trainer.diagnostics.depth_diagnostics",
+    monkeypatch.setattr("trainer.evaluation.diagnostics.depth_diagnostics",
                         lambda engine, data, dist, cfg, step: d_calls.append(step) or {"step": step})
     for s in range(1, 11):
         diag.maybe_run(s, None)

@@ -8,9 +8,9 @@ import pytest
 
 from tests.helpers import ROOT
 from trainer.config import ConfigError, load_config
-from trainer.engine import deepspeed_config
-from trainer.init_from import model_diff
-from trainer.summary import plan
+from trainer.parallel.engine import deepspeed_config
+from trainer.checkpoint.init_from import model_diff
+from trainer.planner import plan
 from trainer.train import main
 
 WORLD = 16  # slurm/pretrain_1b.sh: 2 nodes x 8 GPUs

@@ -26,7 +26,8 @@ class _RunsShell:
 def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
     """A complete-looking run dir (config, tokenizer-free, checkpoint step-1) whose
     `poisoned_file` holds tensors plus a pickled os.system call."""
-    from trainer.checkpoint import HASH, TrainState, _hash_file
+    from trainer.checkpoint.manifest import HASH, hash_file as _hash_file
+    from trainer.checkpoint.state import TrainState
     from trainer.config import load_config, to_yaml
 
     run = tmp_path / "run"
@@ -49,8 +50,8 @@ def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
 @pytest.mark.parametrize("poisoned_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                            "trainer_state_rank0.pt"])
 def test_load_model_refuses_a_checkpoint_file_that_pickles_a_callable(tmp_path, poisoned_file):
-    from trainer.api import load_model
-    from trainer.checkpoint import CheckpointError
+    from trainer.export.load import load_model
+    from trainer.errors import CheckpointError
 
     run = _run_dir(tmp_path, poisoned_file)
     with pytest.raises(CheckpointError) as err:
@@ -72,8 +73,8 @@ def test_export_refuses_it_with_one_line_and_exit_code_2(tmp_path, capsys):
 
 def test_forced_weights_only_switch_is_scoped_to_the_load(tmp_path):
     """The forced weights-only switch is scoped: a refusal or a load leaves the process as it was."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.ds_state import fp32_state_dict
+    from trainer.errors import CheckpointError
+    from trainer.parallel.ds_state import fp32_state_dict
 
     run = _run_dir(tmp_path, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")

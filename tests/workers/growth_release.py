@@ -15,12 +15,13 @@ from tests.helpers import ROOT, tiny_overrides
 
 
 def main(out: Path, stage: int, precision: str) -> None:
-    from trainer import ds_state, engine as engine_module, loop
+    from trainer.parallel import ds_state
+    from trainer import growth, loop
     from trainer.config import load_config
 
     engines: list[weakref.ref] = []
     alive_at_collection: list[list[bool]] = []
-    build = engine_module.build_engine
+    build = growth.build_engine
 
     def watched_build(*args, **kwargs):
         e = build(*args, **kwargs)
@@ -33,8 +34,8 @@ def main(out: Path, stage: int, precision: str) -> None:
         free()
         alive_at_collection.append([ref() is not None for ref in engines])
 
-    # The loop imported build_engine by name; growth imports it from trainer.engine when it runs.
-    loop.build_engine = engine_module.build_engine = watched_build
+    # The loop and growth each imported build_engine by name.
+    loop.build_engine = growth.build_engine = watched_build
     ds_state.free_memory = checked_free
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(
         out, f"z{stage}", **{"run.max_steps": 4, "parallel.zero_stage": stage, "parallel.precision": precision,

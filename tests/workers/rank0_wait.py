@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 def main(out: Path) -> None:
-    from trainer.checkpoint import CheckpointError, rank0_work
-    from trainer.dist import init_distributed
+    from trainer.checkpoint.checkpointer import rank0_work
+    from trainer.errors import CheckpointError
+    from trainer.parallel.dist import init_distributed
 
     dist = init_distributed("gloo", timeout_minutes=0.05)
     seen: dict = {}

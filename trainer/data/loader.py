@@ -29,9 +29,9 @@ import numpy as np
 
 from trainer.data import shards as sh
 from trainer.data.mixture import Mixture
-from trainer.data.prepare import Dataset, Plan, plan, prepare_all, split_sizes
+from trainer.data.prepare import Dataset, Plan, _load_tokenizer, plan, prepare_all, split_sizes
 from trainer.data.sources import DataError
-from trainer.tokenizer import Tokenizer, TokenizerError
+from trainer.data.tokenizer import Tokenizer, TokenizerError
 
 # --------------------------------------------------------------------------- keyed permutation
 
@@ -279,7 +279,8 @@ def prepare_data(cfg, vocab_size: int, seed: int, cache_dir: Path, run_dir: Path
     """
     cache_dir, run_dir = Path(cache_dir), Path(run_dir)
     if log is None:
-        from trainer.dist import print0 as log
+        # why here: trainer.data stays torch-free for the prepare workers (dist imports torch)
+        from trainer.parallel.dist import print0 as log
     fix = prepare_command()
     p = plan(cfg, vocab_size, cache_dir)
     missing = p.missing()
@@ -324,8 +325,6 @@ def prepare_data(cfg, vocab_size: int, seed: int, cache_dir: Path, run_dir: Path
 
 
 def _tokenizer(p: Plan, vocab_size: int) -> Tokenizer:
-    from trainer.data.prepare import _load_tokenizer
-
     return _load_tokenizer(p.tokenizer_path, vocab_size)
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 from trainer.data import shards as sh
 from trainer.data.sources import DataError, Source, digest, documents, open_source
-from trainer.tokenizer import RECIPE_VERSION, TRAIN_THREADS, Tokenizer, TokenizerError
+from trainer.data.tokenizer import RECIPE_VERSION, TRAIN_THREADS, Tokenizer, TokenizerError
 
 # Bytes per token assumed when sizing a streamed source from its token cap (English BPE ≈ 4).
 STREAM_BYTES_PER_TOKEN = 4

@@ -1,7 +1,7 @@
-"""Bytes on disk for trainer/checkpoint.py: hashed, fsync'd writes, host snapshots, and the
+"""Bytes on disk for the Checkpointer: hashed, fsync'd writes, host snapshots, and the
 DeepSpeed checkpoint engine that routes each rank's files through them.
 
-Separate from checkpoint.py because it imports deepspeed, which finding and verifying
+Separate from manifest.py because it imports deepspeed, which finding and verifying
 checkpoints (and `trainer.load_model`) do not need.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import xxhash
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from trainer import faults
-from trainer.checkpoint import HASH
+from trainer.checkpoint.manifest import HASH
 
 
 WRITEBACK_CHUNK = 32 << 20  # bytes written between nudges to the kernel to start writeback

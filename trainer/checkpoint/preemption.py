@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from trainer.dist import env_rank
+from trainer.parallel.dist import env_rank
 
 # torchrun passes a Ctrl-C on to its workers, which the terminal already sent it: a SIGINT
 # this soon after the first is that copy, not the user pressing Ctrl-C again.

@@ -11,11 +11,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model import Transformer
-from trainer.config import ConfigError, RunConfig, checkpoint_every
-from trainer.dist import Dist
-from trainer.ds_state import base_optimizer  # noqa: F401  (re-exported: the step reads its skip flag)
-from trainer.optim import SkipNonFiniteAdamW, param_groups
-from trainer.ulysses import grad_scale, largest_param
+from trainer.config import ConfigError, RunConfig, activation_checkpoint_every
+from trainer.parallel.dist import Dist
+from trainer.parallel.optim import SkipNonFiniteAdamW, param_groups
+from trainer.parallel.ulysses import grad_scale, largest_param
 
 
 def deepspeed_config(cfg: RunConfig, dist: Optional[Dist] = None) -> dict:
@@ -112,7 +111,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     the attention core runs again in the recompute, on every rank in the same order. The
     instance attribute shadows the method, so parameter names and the state dict are unchanged.
     """
-    k = checkpoint_every(mode)
+    k = activation_checkpoint_every(mode)
     for layer, block in enumerate(model.blocks, start=1):
         if k and layer % k == 0:
             block.run = functools.partial(checkpoint, block.run, use_reentrant=False)
@@ -125,7 +124,7 @@ def apply_compile(model: Transformer, fullgraph: bool = True) -> None:
     static: a MoD block's k is a Python int from the config. Embedding, final norm, LM head and
     loss stay eager. `fullgraph`: a block is one graph or an error, never silently split; the
     caller turns it off under Ulysses, where the all-gather of the MoD eval key mask runs eager
-    by design (trainer.ulysses.gather_sequence), a graph break (docs/design.md)."""
+    by design (trainer.parallel.ulysses.gather_sequence), a graph break (docs/design.md)."""
     for block in model.blocks:
         block.compile(fullgraph=fullgraph)
 
@@ -146,14 +145,14 @@ def build_engine(cfg: RunConfig, dist: Dist, model: torch.nn.Module):
         # Alone, DeepSpeed still flattens every gradient into buckets for an all-reduce with
         # itself (~7% of a CPU step); ZeRO stages need that path to fill their partitions.
         engine.enable_backward_allreduce = False
-    engine.grad_scale = scale  # trainer.ulysses.grad_scale: the loss factor for this layout
+    engine.grad_scale = scale  # trainer.parallel.ulysses.grad_scale: the loss factor for this layout
     return engine
 
 
 def adamw_kernel(device: torch.device) -> dict[str, bool]:
-    """torch's fused AdamW, one kernel over all tensors, where torch has it (CUDA and CPU): on
-    CPU it cut benchmarks.throughput's clip+optimizer phase from 111 to 34 ms a step against
-    the multi-tensor foreach path, which stays the choice on other devices."""
+    """torch's fused AdamW, one kernel over all tensors, where torch has it (CUDA and CPU); the
+    multi-tensor foreach path stays the choice on other devices. Its CPU cost per step is
+    measured in benchmarks/results/throughput.json (profile, clip+optimizer)."""
     fused = device.type in ("cuda", "cpu")
     return {"foreach": not fused, "fused": fused}
 

@@ -1,6 +1,6 @@
 """`HarnessForCausalLM`: a `PreTrainedModel` around our `Transformer`, for every option set.
 
-In this repository it imports the model from `model/`; `trainer.hf_export.modeling_source`
+In this repository it imports the model from `model/`; `trainer.export.hf.modeling_source`
 writes an export's self-contained `modeling_harness.py` by pasting the model sources above
 this file's code, so the exported model is the trained model's own code and cannot drift.
 """
@@ -17,8 +17,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from trainer.hf_export.causal import causal_logits
-from trainer.hf_export.configuration_harness import HarnessConfig
+from trainer.export.causal import causal_logits
+from trainer.export.configuration_harness import HarnessConfig
 
 
 def config_from_dict(cls, values: dict):

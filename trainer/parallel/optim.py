@@ -10,7 +10,7 @@ import torch
 import xxhash
 from torch import nn
 
-from trainer.dist import Dist
+from trainer.parallel.dist import Dist
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):

@@ -20,28 +20,16 @@ import numpy as np
 import torch
 
 from model import Transformer
-from trainer.checkpoint import rank0_work
+from trainer.checkpoint.checkpointer import rank0_work
 from trainer.config import RunConfig
-from trainer.dist import Dist
-
-
-def fp32_weights(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on CPU, keyed by parameter name (a tied head once): the fp32
-    masters under ZeRO and bf16, as a checkpoint export reads them, not the bf16 module
-    copy. Collective under ZeRO 1-3, so every rank calls it, visiting parameters in order."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    for name, p in engine.module.named_parameters():
-        managed = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # ZeRO-3 / ZeRO-1,2 or bf16 fragment
-        out[name] = (safe_get_full_fp32_param(p) if managed else p).detach().float().cpu().clone()
-    return out
+from trainer.evaluation.lm_eval_runner import check_tasks, metric_row, run_lm_eval, task_manager
+from trainer.export.hf import write_export
+from trainer.parallel import ds_state
+from trainer.parallel.dist import Dist
 
 
 class DownstreamEval:
     def __init__(self, cfg: RunConfig, dist: Dist, run_dir):
-        from trainer.evaluate import check_tasks, task_manager
-
         self.tasks, self.limit = list(cfg.run.eval_tasks), cfg.run.eval_tasks_limit or None
         self.batch_size = cfg.parallel.micro_batch
         self.dist, self.dir = dist, run_dir / "downstream"
@@ -52,10 +40,7 @@ class DownstreamEval:
 
     def run(self, engine, step: int) -> dict | None:
         """The `eval/<task>/<metric>` row on rank 0, None elsewhere."""
-        from trainer.evaluate import metric_row, run_lm_eval
-        from trainer.hf_export import write_export
-
-        weights = fp32_weights(engine)
+        weights = ds_state.fp32_weights(engine)
         rows = []
 
         def score() -> None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import math
 
-from trainer.checkpoint import TrainState
+from trainer.checkpoint.state import TrainState
 from trainer.config import RunConfig
-from trainer.dist import Dist
+from trainer.evaluation.downstream import make_downstream
+from trainer.parallel.dist import Dist
 from trainer.step import evaluate
 
 
 class Evaluator:
     def __init__(self, cfg: RunConfig, dist: Dist, data, metrics):
-        from trainer.downstream import make_downstream
-
         self.cfg, self.dist, self.data, self.metrics = cfg, dist, data, metrics
         self.downstream = make_downstream(cfg, dist, cfg.run_dir)  # run.eval_tasks; checks the names now
 

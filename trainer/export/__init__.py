@@ -4,7 +4,11 @@ A Llama-compatible model becomes a plain `LlamaForCausalLM`; any other option se
 LayerNorm Scaling, value residual, Mixture-of-Depths, post-LN, LayerNorm) becomes
 `HarnessForCausalLM`, loaded with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`. The tokenizer loads
-with `AutoTokenizer.from_pretrained(OUT_DIR)`. See `trainer/hf_export/`.
+with `AutoTokenizer.from_pretrained(OUT_DIR)`.
+
+The package: `hf` (the conversion and the written directory), `modeling_harness`,
+`configuration_harness` and `causal` (the remote code pasted into an export), `load`
+(`load_model`: a trained model back from a run dir) and `generate` (sampling).
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.hf_export import is_llama_compatible, llama_config, to_llama_state_dict, write_export
+from trainer.export.load import load_model, resolve_checkpoint
+from trainer.export.hf import is_llama_compatible, llama_config, to_llama_state_dict, write_export
 
 __all__ = ["export", "is_llama_compatible", "llama_config", "main", "to_llama_state_dict"]
 
@@ -24,8 +29,6 @@ def run_tokenizer(run_dir: Path) -> Path | None:
 
 
 def export(run_dir: Path, out_dir: Path, step: int | None = None) -> Path:
-    from trainer.api import load_model, resolve_checkpoint
-
     run_dir = resolve_checkpoint(run_dir, step)[0]
     return write_export(load_model(run_dir, step), run_tokenizer(run_dir), out_dir)
 
@@ -44,6 +47,3 @@ def main(argv=None) -> int:
     print(f"exported to {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

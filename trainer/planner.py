@@ -32,7 +32,7 @@ state over the whole data × sequence-parallel group):
 Not counted: DeepSpeed's communication buckets (ZeRO-1/2: a `reduce_bucket_size` = 5e8
 element bf16 bucket, 0.9 GiB, plus its fp32 copy while it is reduced), allocator
 fragmentation (budget ~10-20% on top), and the optimizer step's temporaries.
-`tests/test_summary.py` checks the arithmetic against tensor allocations tracked by torch's
+`tests/unit/test_summary.py` checks the arithmetic against tensor allocations tracked by torch's
 `MemTracker` during a real forward, backward and AdamW step on CPU.
 """
 from __future__ import annotations
@@ -45,12 +45,12 @@ import torch
 from model import Transformer
 from model.config import ModelConfig
 from model.mod import predictor_hidden, tokens_per_chunk
-from trainer.config import RunConfig, checkpoint_every
-from trainer.dist import print0
-from trainer.engine import deepspeed_config
+from trainer.config import RunConfig, activation_checkpoint_every
+from trainer.parallel.dist import print0
+from trainer.parallel.engine import deepspeed_config
 from trainer.errors import UserError
 from trainer.metrics import datasheet_peak
-from trainer.ulysses import grad_scale, largest_param
+from trainer.parallel.ulysses import grad_scale, largest_param
 
 GIB = 2**30
 # CUDA context (~0.5 GiB on an H100 under CUDA 12's lazy module loading, more as kernels
@@ -146,7 +146,7 @@ def logits_bytes(cfg: ModelConfig, tokens: float, a: int) -> float:
 def checkpointed_blocks(mode: str, n_layers: int) -> set[int]:
     """The 1-based blocks `parallel.activation_checkpointing` wraps: none, full, or
     every_<k> (blocks k, 2k, ...)."""
-    k = checkpoint_every(mode) or 0
+    k = activation_checkpoint_every(mode) or 0
     return set(range(k, n_layers + 1, k)) if k else set()
 
 

@@ -9,7 +9,8 @@ from typing import Callable, Optional
 import torch
 
 from model import local_attention_core
-from trainer.dist import Dist
+from trainer.errors import ConfigError
+from trainer.parallel.dist import Dist
 
 
 def attention_core(dist: Dist, kv_heads: int) -> Optional[Callable]:
@@ -72,7 +73,7 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
       it, gradients that fit a contiguous bucket (`contiguous_gradients`, numel ≤
       `reduce_bucket_size`) are all-reduced over dp, the rest averaged over dp·sp.
     - bf16 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's `BF16_Optimizer`, what
-      trainer.engine configures): `engine.allreduce_bucket` as at ZeRO-0, so dp whatever
+      trainer.parallel.engine configures): `engine.allreduce_bucket` as at ZeRO-0, so dp whatever
       `reduce_scatter` and the predivide factor say.
     - `gradient_allreduce_op: sum` removes the division at ZeRO-0/1/2 (divisor 1).
 
@@ -82,8 +83,6 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
     divides by it twice). tests/test_ulysses.py pins the factor against SP=1 on 2 ranks.
     """
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    from trainer.config import ConfigError
 
     z = DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
     dp, stage = world // sp, int(z.stage)

@@ -2,7 +2,7 @@
 
 Weights are the fp32 masters (under bf16 the model file holds only the bf16 copy), read
 with torch's weights-only unpickler: a run dir handed over by someone else cannot run code.
-The checkpoint is verified against its manifest first (`checkpoint.verified`), so a damaged
+The checkpoint is verified against its manifest first (`trainer.checkpoint.manifest.verified`), so a damaged
 file is refused in one line naming it; export, generate and evaluate load through here.
 """
 from __future__ import annotations
@@ -13,9 +13,19 @@ from pathlib import Path
 import torch
 
 from model import Transformer
-from trainer.checkpoint import STEP_DIR, Checkpointer, CheckpointError, verified
+from trainer.checkpoint.manifest import STEP_DIR, complete_steps, verified
+from trainer.checkpoint.state import read_state_blob
 from trainer.config import RunConfig, from_yaml_text
-from trainer.ds_state import fp32_state_dict
+from trainer.errors import CheckpointError, UserError
+from trainer.parallel.ds_state import fp32_state_dict
+
+
+def run_dir_or_error(path: Path) -> Path:
+    """The path itself, or a one-line error when it does not exist."""
+    if not Path(path).exists():
+        raise UserError(f"run dir {path} does not exist (give a run dir such as runs/tiny, "
+                        f"or one of its checkpoints/step-N dirs)")
+    return Path(path)
 
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
@@ -23,8 +33,7 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     path = Path(path)
     if STEP_DIR.match(path.name):
         return path.parent.parent, path
-    # Finding checkpoints reads the directory only; no process group is involved.
-    done = Checkpointer(path / "checkpoints", keep=0, dist=None).complete_steps()
+    done = complete_steps(path / "checkpoints")
     if step is not None:
         done = [p for p in done if p.name == f"step-{step}"]
     if not done:
@@ -43,7 +52,7 @@ def load_model(path: str | Path, step: int | None = None) -> Transformer:
     run_dir, ckpt = resolve_checkpoint(path, step)
     weights = consolidated_state_dict(verified(ckpt))  # first: it vets every .pt file of the checkpoint
     cfg: RunConfig = from_yaml_text((run_dir / "config.yaml").read_text())
-    state, _ = Checkpointer.read_state(ckpt)
+    state, _, _ = read_state_blob(ckpt)
     model = Transformer(dataclasses.replace(cfg.model, n_layers=state.n_layers))
     model.load_state_dict(weights, strict=True)
     return model.eval()

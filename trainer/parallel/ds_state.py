@@ -50,8 +50,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from trainer.checkpoint import CheckpointError
-from trainer.optim import SkipNonFiniteAdamW
+from trainer.errors import CheckpointError
+from trainer.parallel.optim import SkipNonFiniteAdamW
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _FLAT_PARTITIONS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
@@ -272,4 +272,47 @@ def _bf16_optimizer_masters(ckpt: Path, optim_files: list[Path]) -> dict[str, Te
         out[name] = torch.cat(parts).float().view(out[name].shape).clone()
     for name, source in states.get("shared_params", {}).items():
         out[name] = out[source]
+    return out
+
+
+def load_checkpoint(engine, tag_dir: Path, universal: bool) -> Optional[str]:
+    """`engine.load_checkpoint` of `tag_dir` (its parent is the save dir, its name the tag), with
+    the optimizer and without a scheduler (the LR is a function of the step). `universal`
+    reads DeepSpeed's universal format, which DeepSpeed takes only from its private config
+    (`engine._config.load_universal_checkpoint`), set for this one load. Returns DeepSpeed's
+    load path, None when it found nothing."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    engine._config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if universal:
+        _repair_after_universal_load(engine, hyper)
+    return load_path
+
+
+def _repair_after_universal_load(engine, hyper: list[dict]) -> None:
+    """Undo two side effects of DeepSpeed's ZeRO-3 universal loader: it copies group 0's
+    hyperparameters into every group (weight decay into the no-decay group; they come from our
+    config, so put them back), and it stores one `step` tensor in every parameter's Adam
+    state, which AdamW then increments once per group each step (wrong bias correction)."""
+    for group, values in zip(engine.optimizer.param_groups, hyper):
+        group.update(values)
+    for st in base_optimizer(engine).state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+
+
+def fp32_weights(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on CPU, keyed by parameter name (a tied head once): the fp32
+    masters under ZeRO and bf16, as a checkpoint export reads them, not the bf16 module
+    copy. Collective under ZeRO 1-3, so every rank calls it, visiting parameters in order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        managed = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # ZeRO-3 / ZeRO-1,2 or bf16 fragment
+        out[name] = (safe_get_full_fp32_param(p) if managed else p).detach().float().cpu().clone()
     return out

@@ -68,8 +68,8 @@ import torch.nn.functional as F
 from model import Routing
 from model.attention import causal_key_mask
 from trainer.config import RunConfig
-from trainer.dist import Dist
-from trainer.ulysses import gather_sequence, shard_sequence
+from trainer.parallel.dist import Dist
+from trainer.parallel.ulysses import gather_sequence, shard_sequence
 
 POS_BINS = 8
 SCORE_ELEMENTS = 2**26  # attention scores materialised at once for the entropy (256 MB in fp32)

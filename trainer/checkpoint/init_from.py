@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import ConfigError, RunConfig, _flatten, from_yaml_text
+from trainer.checkpoint.checkpointer import Checkpointer, rank0_work
+from trainer.checkpoint.manifest import verified
+from trainer.config import RunConfig, _flatten, from_yaml_text
+from trainer.errors import CheckpointError, ConfigError
+from trainer.export.load import consolidated_state_dict, resolve_checkpoint
+from trainer.parallel.ds_state import FullState, set_full_state
 
 # Model keys that leave every parameter's shape and meaning unchanged: positions (RoPE
 # theta and table length), the MoD routing granularity, loss weights and initialisation.
@@ -45,9 +50,6 @@ def resolve_init_source(cfg: RunConfig, dist=None) -> InitSource:
     """Find the checkpoint `run.init_from` names, verify it against its manifest (on rank 0
     of `dist`, which shares the verdict) and check its model fits `cfg.model`; before any
     data work."""
-    from trainer.api import resolve_checkpoint
-    from trainer.checkpoint import Checkpointer, CheckpointError, verified
-
     spec = cfg.run.init_from
     key = f"run.init_from={spec!r}"
     if not Path(spec).exists():
@@ -77,8 +79,6 @@ def resolve_init_source(cfg: RunConfig, dist=None) -> InitSource:
 
 def source_weights(src: InitSource) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the source checkpoint, whatever its ZeRO stage and world size."""
-    from trainer.api import consolidated_state_dict
-
     return consolidated_state_dict(src.checkpoint)
 
 
@@ -95,8 +95,6 @@ def shared_source_weights(src: InitSource, run_dir: Path, dist) -> dict[str, tor
     torch.load(mmap=True), so a node keeps one copy in its page cache. Rewritten at every
     fresh start, so a file left by a crash never stands in for a changed run.init_from;
     `release_shared_weights` removes it once the engine holds the weights."""
-    from trainer.checkpoint import rank0_work
-
     path = shared_weights_path(run_dir)
 
     def consolidate() -> None:
@@ -131,8 +129,6 @@ def load_into_engine(engine, weights: dict[str, torch.Tensor]) -> None:
     """After the engine exists: write the exact fp32 values into its fp32 masters (under
     bf16 or ZeRO the engine made them from its bf16 copy, which rounded them). Collective
     under ZeRO-3: every rank calls it."""
-    from trainer.ds_state import FullState, set_full_state
-
     set_full_state(engine, FullState(weights={k: v.float() for k, v in weights.items()}, moments={}, step=None))
 
 

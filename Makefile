@@ -9,6 +9,10 @@ PYTEST_ARGS ?=
 # Everything runs with the venv first on PATH, so torch's extension builds (DeepSpeed's CPU
 # shared-memory comm op) always use the venv's ninja and are compiled once, not per ninja.
 export PATH := $(abspath $(BIN)):$(PATH)
+# ...and into the venv's own folder: torch's default (~/.cache/torch_extensions) is shared by
+# every venv on the machine, and a second venv's build there makes the first rebuild (35-85 s
+# under a lock, in every engine a test builds) the next time it runs.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint docs bench ablate slurm-local clean clean-runs
 .DEFAULT_GOAL := help

@@ -136,10 +136,9 @@ class Trainer:
                 return 3
             metrics.log_train(state, result, time.perf_counter() - t0, engine.module)
             evaluator.maybe_run(state, engine)
-            diagnostics.maybe_run(state.step, engine)
+            diagnostics.maybe_run(state, engine)
             stopped_by = self.stop.reason(state.step, dist)
-            if self.ckpt.should_save(state.step, stopping=stopped_by is not None):
-                self.ckpt.save(engine, state)
+            self.ckpt.maybe_save(state, engine, stopping=stopped_by is not None)
 
         self.ckpt.wait()  # an async save (the final or preemption one included) is sealed before exit
         profiler.close()

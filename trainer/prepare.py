@@ -60,6 +60,7 @@ def main(argv=None) -> int:
 def verify(cfg, workers: int) -> int:
     """`--verify`: 0 when every dataset the config names is prepared and every shard file
     matches its sidecar's xxh3-64, else 1 after one line per problem."""
+    # why here: as in main(), the spawned workers re-import this module and need none of it
     from trainer.data.prepare import plan
     from trainer.data.shards import read_index, verify_shards
 

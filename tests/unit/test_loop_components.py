@@ -31,6 +31,11 @@ def test_checkpointer_saves_every_n_steps_at_the_end_and_when_stopping(tmp_path)
     assert ckpt.should_save(4, stopping=True)
     off = Checkpointer(tmp_path, keep=2, dist=None, every=0, last_step=10)
     assert [s for s in range(1, 11) if off.should_save(s)] == [10]
+    saved = []
+    ckpt.save = lambda engine, state: saved.append(state.step)
+    for s in range(1, 11):
+        ckpt.maybe_save(TrainState(step=s), None, stopping=s == 4)
+    assert saved == [3, 4, 6, 9, 10]  # the loop's hook: the same cadence, state and engine in
 
 
 def test_stop_reason_names_the_signal_the_stop_step_or_another_rank():
@@ -64,6 +69,6 @@ def test_eval_and_diagnostics_cadence(eval_every, diag_every, monkeypatch):
     monkeypatch.setattr("trainer.evaluation.diagnostics.depth_diagnostics",
                         lambda engine, data, dist, cfg, step: d_calls.append(step) or {"step": step})
     for s in range(1, 11):
-        diag.maybe_run(s, None)
+        diag.maybe_run(TrainState(step=s), None)
     assert d_calls == ([3, 6, 9] if diag_every else [])
     assert len(logged) == len(evals) + len(d_calls)

@@ -118,6 +118,10 @@ class Checkpointer:
         """After `step`: on a stop request, every `checkpoint.every` steps, and after the last step."""
         return stopping or bool(self.every and step % self.every == 0) or step == self.last_step
 
+    def maybe_save(self, state: TrainState, engine, stopping: bool = False) -> Optional[Path]:
+        """The loop's hook: save when `should_save(state.step, stopping)`."""
+        return self.save(engine, state) if self.should_save(state.step, stopping) else None
+
     # ---- finding -------------------------------------------------------------------
     def complete_steps(self) -> list[Path]:
         return complete_steps(self.root)

@@ -262,11 +262,12 @@ class Diagnostics:
     def __init__(self, cfg: RunConfig, dist: Dist, data, metrics):
         self.cfg, self.dist, self.data, self.metrics = cfg, dist, data, metrics
 
-    def maybe_run(self, step: int, engine) -> dict | None:
+    def maybe_run(self, state, engine) -> dict | None:
+        """Compute and log a row when `state.step` is due; every rank calls it (collectives)."""
         every = self.cfg.logging.diag_every
-        if not (every and step % every == 0):
+        if not (every and state.step % every == 0):
             return None
-        row = depth_diagnostics(engine, self.data, self.dist, self.cfg, step)
+        row = depth_diagnostics(engine, self.data, self.dist, self.cfg, state.step)
         self.metrics.log(row)
         return row
 

@@ -1,8 +1,11 @@
 """DeepSpeed state surgery: full fp32 weights and Adam moments out of and into an engine,
 and reading DeepSpeed's checkpoint files without unpickling arbitrary objects.
 
-Growth (trainer/growth.py), the step (skipped-step flag) and `load_model`/export reach
-DeepSpeed's internals only through this module, so a DeepSpeed upgrade is checked here.
+Growth (trainer/growth.py), the step (skipped-step flag), the Checkpointer's resume,
+downstream evaluation's weights and `load_model`/export reach DeepSpeed's internals only
+through this module, so a DeepSpeed upgrade is checked here (the universal-checkpoint file
+conversion, which edits DeepSpeed's files rather than its objects, is
+trainer/checkpoint/universal.py).
 It relies on these DeepSpeed 0.19.8 internals, each for the reason given:
 
 Engine and optimizer wrappers
@@ -26,6 +29,10 @@ Engine and optimizer wrappers
   - Engine counters `global_steps`, `global_samples`, `micro_steps`, `skipped_steps`, copied
     onto a re-created engine, and `engine.destroy()` to drop the old engine's hooks. After
     that the engine is freed by garbage collection once its last reference goes.
+  - `engine._config.load_universal_checkpoint`: DeepSpeed reads a universal checkpoint only
+    when its private config says so; `load_checkpoint` sets it for one load. Its ZeRO-3
+    loader then copies group 0's hyperparameters into every group and shares one `step`
+    tensor across parameters, which `_repair_after_universal_load` undoes.
 
 Checkpoint files
   - `deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` consolidates

@@ -135,7 +135,9 @@ def test_user_error_is_one_line_with_its_exit_code(name, tmp_path, capsys, monke
         ours = [line for line in err.splitlines() if line.startswith("warning:")]
         assert len(ours) == 1 and ours[0].startswith(_fill(case.line, tmp_path)), err[-3000:]
         seconds = float(out.split("started in ")[1].split(" s")[0])
-        assert seconds < 10 and "wandb mode offline" in out, out  # falls back within 10 s
+        # Not a speed bound (about 1 s idle): far under wandb's own 90 s init timeout, so it
+        # fails only if the fallback waited for the network instead of deciding up front.
+        assert seconds < 60 and "wandb mode offline" in out, out
 
 
 def test_cli_error_has_no_traceback():

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -110,12 +109,11 @@ def test_run_dir_whose_checkpoints_are_all_incomplete_refuses_to_restart_without
 
 def test_finished_run_rerun_says_so_before_touching_data_or_engine(trained):
     out, over = trained
-    t0 = time.perf_counter()
     proc = train(over)
-    elapsed = time.perf_counter() - t0
     assert "already finished at step 2" in proc.stdout
+    # No wall-time bound (a shared machine makes any number flaky): what makes it quick is that
+    # it stops before preparing data, building an engine or loading the checkpoint.
     assert not [line for line in proc.stdout.splitlines() if line.startswith(("data:", "resumed from", "finished"))]
-    assert elapsed < 15, f"{elapsed:.1f} s"  # ~4 s idle (interpreter, torch, DeepSpeed import); slack for a busy CI
 
 
 def test_export_is_readable_by_others(trained, tmp_path):

@@ -1,5 +1,5 @@
 """Test-only fault injection, driven by environment variables so no config key exists for
-it. tests/test_faults.py uses these to reproduce what real runs meet."""
+it. tests/cluster/test_faults.py uses these to reproduce what real runs meet."""
 from __future__ import annotations
 
 import errno

@@ -30,7 +30,7 @@ How it stays out of training's way:
 - Gradients come from `torch.autograd.grad(loss, block params)`. With explicit inputs autograd
   returns the leaf gradients without running AccumulateGrad, so `.grad` is untouched and
   DeepSpeed's ZeRO-1/2/3 reduction hooks (`register_post_accumulate_grad_hook`) never fire;
-  tests/test_diagnostics.py checks that the training losses are bit-identical with it on.
+  tests/integration/test_diagnostics.py checks that the training losses are bit-identical with it on.
 - ZeRO-3: the forward and backward go through the module's own ZeRO-3 hooks, which gather
   each block's parameters when it runs and release them after, exactly as in training and
   evaluation; every rank runs it (the gathers are collectives). The λ's are read inside
@@ -53,7 +53,7 @@ numbers, so they need no collective. Under Ulysses each rank holds a slice of th
 sums and counts (and the gradients, which are summed like training's are) are all-reduced
 over the SP group; entropies use the local queries against the gathered keys; MoD positions
 are global. The row is therefore the same at every ZeRO stage and SP degree (up to float
-rounding), which tests/test_diagnostics.py checks for SP=2.
+rounding), which tests/integration/test_diagnostics.py checks for SP=2.
 Rank 0 logs the row (the caller passes it to `Metrics.log`, a no-op elsewhere).
 """
 from __future__ import annotations

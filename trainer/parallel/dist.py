@@ -1,6 +1,6 @@
 """Process-group setup and the few collectives the harness issues itself. The only module
 that reads launcher environment variables or calls `torch.distributed`; everything else
-receives a `Dist` (tests/test_dist.py enforces this by reading the sources). DeepSpeed's
+receives a `Dist` (tests/unit/test_dist.py enforces this by reading the sources). DeepSpeed's
 own collectives (gradient reduction, Ulysses' all-to-all) stay inside DeepSpeed."""
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     alignment. torch.compile compiles one graph for all blocks of a kind, treats parameters as
     static inputs that were aligned when it compiled block 0, and does not check them again:
     block 1's shifted norm gains then crashed with "misaligned address" on the H200
-    (benchmarks/results/gpu_check.json). tests/test_param_layout.py pins the layout."""
+    (benchmarks/results/gpu_check.json). tests/integration/test_param_layout.py pins the layout."""
     return _groups(model, weight_decay, aligned=True)
 
 

@@ -80,7 +80,7 @@ def grad_scale(ds: dict, sp: int, world: int, largest_param: int) -> float:
     Combinations that no single factor makes right raise ConfigError: ZeRO-3 without
     reduce_scatter when some parameters fit the bucket and some do not, and ZeRO-3 without
     reduce_scatter with `gradient_predivide_factor` equal to the world size (DeepSpeed then
-    divides by it twice). tests/test_ulysses.py pins the factor against SP=1 on 2 ranks.
+    divides by it twice). tests/integration/test_ulysses.py pins the factor against SP=1 on 2 ranks.
     """
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 

@@ -29,8 +29,20 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (FixedBatch, command_line, engine_train_step, interleave, machine_info, median,
-                               print_summary, run_config, set_threads, speedups, timing_parser, write_result)
+from benchmarks.common import (
+    FixedBatch,
+    command_line,
+    engine_train_step,
+    interleave,
+    machine_info,
+    median,
+    print_summary,
+    run_config,
+    set_threads,
+    speedups,
+    timing_parser,
+    write_result,
+)
 from benchmarks.throughput import DIMS
 
 NAME = "activation_memory"

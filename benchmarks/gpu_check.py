@@ -170,8 +170,8 @@ def measure(cfg, dist, args, compiled: bool) -> dict:
     import dataclasses
 
     from benchmarks.common import FixedBatch
-    from trainer.parallel.engine import build_engine, build_model
     from trainer.metrics import peak_flops_per_device
+    from trainer.parallel.engine import build_engine, build_model
     from trainer.step import train_step
 
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, compile=compiled))

@@ -41,8 +41,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (ROOT, FixedBatch, command_line, engine_train_step, interleave, machine_info, median,
-                               plain_train_step, print_summary, run_config, speed_ratio, write_result)
+from benchmarks.common import (
+    ROOT,
+    FixedBatch,
+    command_line,
+    engine_train_step,
+    interleave,
+    machine_info,
+    median,
+    plain_train_step,
+    print_summary,
+    run_config,
+    speed_ratio,
+    write_result,
+)
 
 NAME = "gpu_throughput"
 RECIPE = ROOT / "configs" / "pretrain_1b.yaml"
@@ -92,9 +104,9 @@ def configs(args):
 
 def measure(args) -> dict:
     from benchmarks.throughput import HFAdapter, hf_copy
+    from trainer.metrics import matmul_probe
     from trainer.parallel.dist import init_distributed
     from trainer.parallel.engine import build_engine, build_model
-    from trainer.metrics import matmul_probe
 
     cfg, recipe_cfg = configs(args)
     dist = init_distributed()

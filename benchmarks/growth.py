@@ -20,7 +20,6 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, SHAKESPEARE, flops_per_token, machine_info, repo_relative, run_config
 
-
 DIMS = {"model.d_model": 128, "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 1024,
         "model.max_seq_len": 128, "data.seq_len": 128, "parallel.micro_batch": 16, "optim.lr": 3e-3,
         "schedule.warmup_steps": 20, "logging.wandb_mode": "disabled", "logging.progress": "false",

@@ -21,11 +21,24 @@ import sys
 
 import torch.nn.functional as F
 
+from benchmarks.common import (
+    HEADLINE_BASIS,
+    FixedBatch,
+    command_line,
+    engine_train_step,
+    interleave,
+    machine_info,
+    median,
+    op_profile,
+    plain_train_step,
+    print_summary,
+    run_config,
+    set_threads,
+    speedups,
+    timing_parser,
+    write_result,
+)
 from model import Routing
-
-from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
-                               machine_info, median, op_profile, plain_train_step, print_summary, run_config,
-                               set_threads, speedups, timing_parser, write_result)
 
 NAME = "mod"
 DIMS = dict(d_model=384, n_layers=8, n_heads=6, n_kv_heads=6, vocab_size=4096, seq_len=512)

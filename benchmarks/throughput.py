@@ -34,11 +34,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import (HEADLINE_BASIS, FixedBatch, command_line, engine_train_step, interleave,
-                               machine_info, median, op_profile, plain_train_step, print_summary,
-                               run_config, set_threads, speedups, timing_parser, write_result)
-from trainer.parallel.engine import adamw_kernel
+from benchmarks.common import (
+    HEADLINE_BASIS,
+    FixedBatch,
+    command_line,
+    engine_train_step,
+    interleave,
+    machine_info,
+    median,
+    op_profile,
+    plain_train_step,
+    print_summary,
+    run_config,
+    set_threads,
+    speedups,
+    timing_parser,
+    write_result,
+)
 from trainer.metrics import matmul_probe
+from trainer.parallel.engine import adamw_kernel
 
 NAME = "throughput"
 DIMS = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=4096, seq_len=256)

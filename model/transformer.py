@@ -21,8 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .attention import (Attention, AttentionCore, MixedValue, SharedValue, ValueProjection,
-                        local_attention_core)
+from .attention import Attention, AttentionCore, MixedValue, SharedValue, ValueProjection, local_attention_core
 from .block import Block, norm_slots
 from .config import ModelConfig, lookup
 from .flops import ATTN_KERNEL_MULT, MATMUL_TRAIN_MULT, Flops, children_flops

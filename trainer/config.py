@@ -20,12 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from model.block import PLACEMENTS
 from model.config import ModelConfig
+from model.growth import METHODS as GROWTH_METHODS
 from model.mod import CAUSAL_RULES
 from model.norms import NORMS
 from model.transformer import VALUE_MODULES
-from model.growth import METHODS as GROWTH_METHODS
-from trainer.schedule import SCHEDULES
 from trainer.errors import ConfigError
+from trainer.schedule import SCHEDULES
 
 
 @dataclass

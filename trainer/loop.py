@@ -10,22 +10,21 @@ import time
 from trainer.checkpoint import init_from
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.manifest import STEP_DIR
+from trainer.checkpoint.preemption import StopRequest
 from trainer.checkpoint.state import TrainState
-from trainer.config import (ConfigError, RunConfig, config_changes, from_yaml_text, resume_diff, to_yaml,
-                            validate)
+from trainer.config import ConfigError, RunConfig, config_changes, from_yaml_text, resume_diff, to_yaml, validate
 from trainer.data import prepare_data
 from trainer.evaluation.diagnostics import Diagnostics
-from trainer.parallel.dist import init_distributed, print0
-from trainer.parallel.engine import build_engine, build_model, set_lr
 from trainer.evaluation.evaluator import Evaluator
+from trainer.evaluation.profiling import StepProfiler
 from trainer.growth import Grower
 from trainer.metrics import make_metrics, peak_flops_per_device
-from trainer.checkpoint.preemption import StopRequest
-from trainer.evaluation.profiling import StepProfiler
+from trainer.parallel.dist import init_distributed, print0
+from trainer.parallel.engine import build_engine, build_model, set_lr
+from trainer.parallel.ulysses import attention_core
 from trainer.provenance import run_info
 from trainer.schedule import lr_at
 from trainer.step import train_step
-from trainer.parallel.ulysses import attention_core
 
 
 class Trainer:

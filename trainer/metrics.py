@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from trainer.config import RunConfig, to_dict
-from trainer.parallel.dist import print0
 from trainer.evaluation.profiling import peak_memory_gb
-from trainer.schedule import lr_at
+from trainer.parallel.dist import print0
 from trainer.parallel.ulysses import all_to_all_bytes_per_layer
-
+from trainer.schedule import lr_at
 
 # Dense (no sparsity) peak FLOP/s of one GPU from the vendor datasheets, per precision:
 # bf16 tensor core; tf32 tensor core; fp32 without tensor cores. Matched on the tokens of

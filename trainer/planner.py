@@ -46,10 +46,10 @@ from model import Transformer
 from model.config import ModelConfig
 from model.mod import predictor_hidden, tokens_per_chunk
 from trainer.config import RunConfig, activation_checkpoint_every
-from trainer.parallel.dist import print0
-from trainer.parallel.engine import deepspeed_config
 from trainer.errors import UserError
 from trainer.metrics import datasheet_peak
+from trainer.parallel.dist import print0
+from trainer.parallel.engine import deepspeed_config
 from trainer.parallel.ulysses import grad_scale, largest_param
 
 GIB = 2**30

@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from trainer.config import config_warnings, load_config, validate
-from trainer.parallel.dist import collective_failure, env_world_size, print0
 from trainer.errors import UserError
+from trainer.parallel.dist import collective_failure, env_world_size, print0
 
 
 def parse_args(argv=None) -> argparse.Namespace:

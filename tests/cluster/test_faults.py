@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, _env, losses, metrics, train, tiny_overrides
+from tests.helpers import ROOT, _env, losses, metrics, tiny_overrides, train
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test runs the real trainer
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, losses, tiny_overrides, train
 from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _train_steps
+from tests.helpers import ROOT, losses, tiny_overrides, train
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

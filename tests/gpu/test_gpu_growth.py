@@ -7,8 +7,16 @@ import json
 
 import pytest
 
-from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, NPROCS, TIMEOUT, assert_runs_close, bf16_overrides,
-                                  fp32_cpu_overrides)
+from tests.gpu.gpu_common import (
+    BF16_REL,
+    CPU_ONLY,
+    GPU,
+    NPROCS,
+    TIMEOUT,
+    assert_runs_close,
+    bf16_overrides,
+    fp32_cpu_overrides,
+)
 from tests.helpers import losses, metrics, torchrun_module, train
 
 pytestmark = GPU

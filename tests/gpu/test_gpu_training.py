@@ -13,8 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.gpu_common import (BF16_REL, CPU_ONLY, GPU, GRAD_NORM_REL, NPROCS, TIMEOUT, TWO_GPUS,
-                                  assert_runs_close, bf16_overrides, fp32_cpu_overrides)
+from tests.gpu.gpu_common import (
+    BF16_REL,
+    CPU_ONLY,
+    GPU,
+    GRAD_NORM_REL,
+    NPROCS,
+    TIMEOUT,
+    TWO_GPUS,
+    assert_runs_close,
+    bf16_overrides,
+    fp32_cpu_overrides,
+)
 from tests.helpers import ROOT, _env, free_port, metrics, train
 
 pytestmark = GPU

@@ -16,7 +16,6 @@ import torch
 from benchmarks import activation_memory, run_all, ulysses_memory
 from tests.helpers import ROOT
 
-
 TINY = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 256, "seq_len": 32}
 TINY_MOD = {**TINY, "n_layers": 4, "seq_len": 64}
 NAME_AM = activation_memory.NAME

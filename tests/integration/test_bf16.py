@@ -59,8 +59,8 @@ def _flat_fp32_partition_reference(ckpt: Path) -> tuple[dict[str, torch.Tensor],
 def test_load_model_and_export_return_the_fp32_masters_not_the_bf16_copy(runs, layout, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.export.load import load_model
     from trainer.export import export, is_llama_compatible, to_llama_state_dict
+    from trainer.export.load import load_model
 
     ckpt = runs[layout] / "checkpoints" / "step-2"
     masters, bf16_module = _flat_fp32_partition_reference(ckpt)

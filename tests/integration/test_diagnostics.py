@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks.plot_diagnostics import main as plot_main
-from tests.helpers import losses, metrics, train, tiny_overrides
+from tests.helpers import losses, metrics, tiny_overrides, train
 from trainer.evaluation.diagnostics import POS_BINS
 
 ALL_ON = {"model.n_layers": 4, "model.norm": "peri", "model.embed_norm": "true", "model.ln_scaling": "true",

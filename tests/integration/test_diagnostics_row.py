@@ -4,7 +4,6 @@ is computed on the device with one fetch, and compiled blocks give the eager row
 recompiling (the maths: tests/unit/test_diagnostics_math.py)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import losses, train, tiny_overrides
+from tests.helpers import losses, tiny_overrides, train
 from trainer.checkpoint.checkpointer import Checkpointer
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ import textwrap
 import pytest
 import torch
 
-from model import ModelConfig, ModConfig, Transformer
-from tests.helpers import ROOT, _env, losses, metrics, train, tiny_overrides
-from trainer.export.hf import write_export
+from model import ModConfig, ModelConfig, Transformer
+from tests.helpers import ROOT, _env, losses, metrics, tiny_overrides, train
 from trainer.export.causal import causal_logits
+from trainer.export.hf import write_export
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ALL_ON = {"model.norm": "peri", "model.embed_norm": "true", "model.ln_scaling": "true",

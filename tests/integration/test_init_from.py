@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from model import Transformer
 from tests.helpers import ROOT, losses, metrics, tiny_overrides, train
-from trainer.export.load import consolidated_state_dict, load_model, resolve_checkpoint
+from trainer.checkpoint.init_from import InitSource, check_tokenizer, resolve_init_source
 from trainer.config import ConfigError, load_config
 from trainer.data import prepare_data
-from trainer.checkpoint.init_from import InitSource, check_tokenizer, resolve_init_source
+from trainer.export.load import consolidated_state_dict, load_model, resolve_checkpoint
 from trainer.schedule import lr_at
 
 TINY = ROOT / "configs/tiny.yaml"

@@ -55,12 +55,11 @@ def test_a_checkpoint_in_the_old_parameter_order_is_read_by_name_or_refused_in_o
     """Checkpoints written before odd-sized parameters moved last record no order: with a
     value-residual model their flat optimizer layout differs from today's, so ZeRO 1-3 read
     them through the universal checkpoint (by name) and ZeRO-0 (by position) refuses."""
+    from benchmarks.common import run_config
     from model import Transformer
     from trainer.checkpoint.universal import needs_universal as _needs_universal
     from trainer.errors import CheckpointError
     from trainer.parallel.optim import param_order
-
-    from benchmarks.common import run_config
 
     cfg = run_config({"model.value_residual": "learned", "model.n_layers": 3})
     model = Transformer(cfg.model)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, metrics, spawn_gloo, train, tiny_overrides
-from trainer.export.load import consolidated_state_dict, resolve_checkpoint
+from tests.helpers import ROOT, metrics, spawn_gloo, tiny_overrides, train
 from trainer.config import load_config
+from trainer.export.load import consolidated_state_dict, resolve_checkpoint
 from trainer.parallel.engine import build_model
 
 MOD_VR = {"model.mod.capacity": 0.5, "model.mod.route_chunks": 2, "model.value_residual": "learned"}

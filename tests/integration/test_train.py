@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import losses, metrics, train, tiny_overrides
-
+from tests.helpers import losses, metrics, tiny_overrides, train
 
 pytestmark = pytest.mark.slow  # every test launches the real trainer
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import metrics, spawn_gloo, train, tiny_overrides
-from trainer.export.load import consolidated_state_dict, resolve_checkpoint
+from tests.helpers import metrics, spawn_gloo, tiny_overrides, train
 from trainer.config import load_config
+from trainer.export.load import consolidated_state_dict, resolve_checkpoint
 
 STEPS = 5
 

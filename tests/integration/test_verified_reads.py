@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, _env, free_port, torchrun_module, train, tiny_overrides
+from tests.helpers import ROOT, _env, free_port, tiny_overrides, torchrun_module, train
 
 TINY = ROOT / "configs/tiny.yaml"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -66,8 +66,8 @@ def test_every_reader_refuses_a_weight_file_damaged_in_place_naming_it(trained, 
             load_model(run)
         msg = _one_line_naming(str(e.value), WEIGHTS)
     elif reader == "init_from":
-        from trainer.config import ConfigError, load_config
         from trainer.checkpoint.init_from import resolve_init_source
+        from trainer.config import ConfigError, load_config
 
         with pytest.raises(ConfigError) as e:
             resolve_init_source(load_config(TINY, tiny_overrides(tmp_path, "dst", **{"run.init_from": str(run)})))
@@ -131,9 +131,9 @@ def test_export_is_readable_by_others(trained, tmp_path):
 def test_lm_eval_runs_as_one_process_under_a_torchrun_environment(trained, tmp_path, monkeypatch):
     """Rank 1 of 2 by the launcher's variables: given a path, HFLM would build an
     Accelerator that joins the job's world; given our model object it is rank 0 of 1."""
-    from trainer.export.load import load_model
     from trainer.evaluation.lm_eval_runner import single_process_lm
     from trainer.export.hf import write_export
+    from trainer.export.load import load_model
 
     run = trained[0] / "src"
     export = write_export(load_model(run), run / "tokenizer/tokenizer.model", tmp_path / "hf")

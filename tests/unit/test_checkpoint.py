@@ -10,8 +10,8 @@ import torch
 import xxhash
 
 from trainer.checkpoint.checkpointer import Checkpointer
-from trainer.checkpoint.manifest import HASH
 from trainer.checkpoint.io import RankWriter, save_hashed
+from trainer.checkpoint.manifest import HASH
 
 
 def _state() -> dict:

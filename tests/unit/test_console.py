@@ -7,8 +7,8 @@ import torch
 from tests.helpers import ROOT
 from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
-from trainer.parallel.dist import Dist
 from trainer.metrics import Metrics, Throughput
+from trainer.parallel.dist import Dist
 
 
 def _metrics(tmp_path, *overrides: str) -> Metrics:

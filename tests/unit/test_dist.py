@@ -16,8 +16,8 @@ import torch.distributed as real_tdist
 from torch.overrides import TorchFunctionMode
 
 import trainer.parallel.dist as dist_module
-from trainer.parallel.dist import Dist
 from trainer.errors import UserError
+from trainer.parallel.dist import Dist
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = torch.device("cuda", 0)

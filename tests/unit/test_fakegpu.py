@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
-from trainer.parallel.dist import Dist
 from trainer.metrics import RowBuilder, Throughput
+from trainer.parallel.dist import Dist
 from trainer.parallel.optim import SkipNonFiniteAdamW
 from trainer.step import evaluate, train_step
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from model import ModConfig, ModelConfig, Transformer
+from model.growth import GrowthPlan, grow_state_dict, plan_growth, source_blocks
 from model.mod import RoutedBlock, Routing
 from model.norms import LayerScaledNorm
-from model.growth import GrowthPlan, grow_state_dict, plan_growth, source_blocks
 from tests.helpers import ROOT
 
 B, T, D = 2, 16, 32

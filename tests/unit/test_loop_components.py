@@ -8,11 +8,11 @@ import pytest
 
 from tests.helpers import ROOT
 from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.preemption import StopRequest
 from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
 from trainer.evaluation.diagnostics import Diagnostics
 from trainer.evaluation.evaluator import Evaluator
-from trainer.checkpoint.preemption import StopRequest
 
 
 class _Dist:

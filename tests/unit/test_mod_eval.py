@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from benchmarks import ablate
 from trainer.config import load_config
-from trainer.parallel.dist import Dist
 from trainer.evaluation.evaluator import Evaluator
+from trainer.parallel.dist import Dist
 
 TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.vocab_size=64", "model.max_seq_len=16",
         "data.seq_len=16", "parallel.micro_batch=2", "run.eval_batches=2", "model.init_std=0.3"]

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from tests.helpers import ROOT
+from trainer.checkpoint.init_from import model_diff
 from trainer.config import ConfigError, load_config
 from trainer.parallel.engine import deepspeed_config
-from trainer.checkpoint.init_from import model_diff
 from trainer.planner import plan
 from trainer.train import main
 

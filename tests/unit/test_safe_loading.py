@@ -26,7 +26,8 @@ class _RunsShell:
 def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
     """A complete-looking run dir (config, tokenizer-free, checkpoint step-1) whose
     `poisoned_file` holds tensors plus a pickled os.system call."""
-    from trainer.checkpoint.manifest import HASH, hash_file as _hash_file
+    from trainer.checkpoint.manifest import HASH
+    from trainer.checkpoint.manifest import hash_file as _hash_file
     from trainer.checkpoint.state import TrainState
     from trainer.config import load_config, to_yaml
 
@@ -50,8 +51,8 @@ def _run_dir(tmp_path: Path, poisoned_file: str) -> Path:
 @pytest.mark.parametrize("poisoned_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                            "trainer_state_rank0.pt"])
 def test_load_model_refuses_a_checkpoint_file_that_pickles_a_callable(tmp_path, poisoned_file):
-    from trainer.export.load import load_model
     from trainer.errors import CheckpointError
+    from trainer.export.load import load_model
 
     run = _run_dir(tmp_path, poisoned_file)
     with pytest.raises(CheckpointError) as err:

@@ -12,9 +12,9 @@ import torch
 from model import Routing
 from tests.helpers import ROOT
 from trainer.config import load_config
+from trainer.evaluation.profiling import peak_memory_gb
 from trainer.parallel.engine import build_model
 from trainer.parallel.optim import SkipNonFiniteAdamW, param_groups
-from trainer.evaluation.profiling import peak_memory_gb
 
 MOD_VR = {"model.mod.capacity": 0.5, "model.mod.route_chunks": 2, "model.value_residual": "learned"}
 

@@ -23,11 +23,11 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     from trainer.checkpoint.checkpointer import Checkpointer
     from trainer.checkpoint.state import TrainState
     from trainer.config import load_config
-    from trainer.parallel.dist import init_distributed
-    from trainer.parallel.engine import build_engine, build_model
-    from trainer.parallel.ds_state import gather_full_state
     from trainer.growth import due_stage, grow
     from trainer.metrics import RowBuilder
+    from trainer.parallel.dist import init_distributed
+    from trainer.parallel.ds_state import gather_full_state
+    from trainer.parallel.engine import build_engine, build_model
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(out, f"m{stage}", **{
         "parallel.zero_stage": stage, "parallel.precision": precision, "model.mod.capacity": 0.5, "model.value_residual": "learned",

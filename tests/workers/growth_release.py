@@ -15,9 +15,9 @@ from tests.helpers import ROOT, tiny_overrides
 
 
 def main(out: Path, stage: int, precision: str) -> None:
-    from trainer.parallel import ds_state
     from trainer import growth, loop
     from trainer.config import load_config
+    from trainer.parallel import ds_state
 
     engines: list[weakref.ref] = []
     alive_at_collection: list[list[bool]] = []

@@ -18,15 +18,22 @@ import torch
 
 from trainer import faults
 from trainer.checkpoint.io import HostBuffers, RankWriter
-from trainer.checkpoint.manifest import (HASH, PART, checkpoint_size, complete_steps, fsync_dir,
-                                         fsync_write, hash_file, verify)
+from trainer.checkpoint.manifest import (
+    HASH,
+    PART,
+    checkpoint_size,
+    complete_steps,
+    fsync_dir,
+    fsync_write,
+    hash_file,
+    verify,
+)
 from trainer.checkpoint.state import TrainState, read_state_blob
 from trainer.checkpoint.universal import UNIVERSAL, convert_to_universal, needs_universal
 from trainer.errors import CheckpointError
 from trainer.parallel import ds_state
 from trainer.parallel.dist import Dist, print0
 from trainer.parallel.optim import param_order
-
 
 # Rank 0's long one-off work (the universal-checkpoint conversion, the init_from
 # consolidation) can outlast parallel.timeout_minutes, which bounds every collective: the

@@ -20,7 +20,6 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from trainer import faults
 from trainer.checkpoint.manifest import HASH
 
-
 WRITEBACK_CHUNK = 32 << 20  # bytes written between nudges to the kernel to start writeback
 
 

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.export.load import load_model, resolve_checkpoint
 from trainer.export.hf import is_llama_compatible, llama_config, to_llama_state_dict, write_export
+from trainer.export.load import load_model, resolve_checkpoint
 
 __all__ = ["export", "is_llama_compatible", "llama_config", "main", "to_llama_state_dict"]
 

@@ -69,7 +69,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r and not r.get("skipped")}
 
 
-
 def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple, results) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
@@ -83,6 +82,10 @@ def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple, results) -> No
     try:
         # By value: a tensor sent through torch's queue is a shared-memory handle that dies with this process.
         results.put((rank, pickle.dumps(fn(rank, world, *args))))
+        # Every rank's collectives are finished before any rank closes its sockets: a rank that
+        # tore its group down while a peer's last gloo op was still in flight killed that peer
+        # with SIGABRT ("terminate called without an active exception").
+        tdist.barrier()
     finally:
         tdist.destroy_process_group()
 

@@ -85,7 +85,12 @@ def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple, results) -> No
         # Every rank's collectives are finished before any rank closes its sockets: a rank that
         # tore its group down while a peer's last gloo op was still in flight killed that peer
         # with SIGABRT ("terminate called without an active exception").
-        tdist.barrier()
+        try:
+            tdist.barrier()
+        except RuntimeError:
+            # A peer died before the barrier: that rank reports its own traceback, and this
+            # rank's "connection reset" must not be the error spawn_gloo shows first.
+            pass
     finally:
         tdist.destroy_process_group()
 

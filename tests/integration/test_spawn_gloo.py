@@ -2,6 +2,8 @@
 failing rank's own traceback in the error."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ def _sum_of_ranks(rank: int, world: int, scale: float) -> tuple[int, torch.Tenso
 
 def _rank_1_fails(rank: int, world: int) -> None:
     if rank == 1:
+        # Late, so rank 0 already waits at spawn_gloo's closing barrier and sees a reset
+        # connection: the error must still be rank 1's own.
+        time.sleep(1.0)
         raise ValueError("rank 1 was told to fail")
 
 

@@ -1,0 +1,117 @@
+"""The ladder's scaling fits recover known laws within their bootstrap intervals
+(benchmarks/ladder/fit.py).
+
+A synthetic ladder: per arm L(N) = E + A·N^−α at 5 sizes (factor 2 apart), 3 LRs per size
+around a size-dependent optimum with a quadratic penalty in log LR, 2 seeds, Gaussian seed
+noise; E shared. Seeds are fixed, so the checks are deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from benchmarks.ladder import fit, stats
+
+E, SIZES, SIGMA = 2.0, (1e5, 2e5, 4e5, 8e5, 1.6e6), 0.01
+A_REF, ALPHA_REF = 40.0, 0.3
+
+
+def lr_star(n):
+    return 1e-3 * (n / 1e5) ** -0.3
+
+
+def ladder(rng, arms, seeds=2):
+    cells = {}
+    for arm, (a, alpha) in arms.items():
+        cells[arm] = {}
+        for n in SIZES:
+            cells[arm][int(n)] = {}
+            for k in (-1, 0, 1):
+                lr = float(lr_star(n) * 2.0 ** (k + rng.uniform(-0.4, 0.4)))
+                loss = E + a * n ** -alpha + 0.05 * math.log(lr / lr_star(n)) ** 2
+                cells[arm][int(n)][lr] = loss + SIGMA * rng.standard_normal(seeds)
+    return cells
+
+
+def true_log_m(a_o, alpha_o, n):
+    return -math.log(a_o / A_REF) / ALPHA_REF + (alpha_o / ALPHA_REF - 1) * math.log(n)
+
+
+def run(arms, seed):
+    cells = ladder(np.random.default_rng(seed), arms)
+    s2, df = stats.pooled_variance(cells)
+    out = fit.ladder_fit(cells, s2, df, [("opt", "ref")], n_boot=100, rng=seed)
+    fit.judge_slopes(out["pairs"])
+    return out
+
+
+def test_growing_gain_is_recovered_within_its_intervals():
+    alpha_o = 0.36
+    a_o = A_REF * 1e6 ** (alpha_o - ALPHA_REF) * 0.9
+    out = run({"ref": (A_REF, ALPHA_REF), "opt": (a_o, alpha_o)}, seed=0)
+    for arm, alpha in (("ref", ALPHA_REF), ("opt", alpha_o)):
+        a = out["alpha"][arm]
+        assert a["lo"] <= alpha <= a["hi"], (arm, a)
+    pair = out["pairs"][0]
+    assert pair["slope_lo"] <= alpha_o / ALPHA_REF - 1 <= pair["slope_hi"], pair
+    assert pair["verdict"] == "grows"
+    for m in pair["m"]:
+        assert m["lo"] <= math.exp(true_log_m(a_o, alpha_o, m["N"])) <= m["hi"], m
+    assert pair["m"][-1]["extrapolation"] and pair["m"][-1]["N"] == fit.EXTRAPOLATE_N
+    assert not any(m["extrapolation"] for m in pair["m"][:-1])
+
+
+def test_constant_gain_comes_out_undecided_or_covered():
+    a_o = A_REF * 0.8  # the same exponent: m(N) constant, slope 0
+    out = run({"ref": (A_REF, ALPHA_REF), "opt": (a_o, ALPHA_REF)}, seed=1)
+    pair = out["pairs"][0]
+    assert pair["verdict"] == "undecided" or pair["slope_lo"] <= 0 <= pair["slope_hi"], pair
+    for m in pair["m"][:-1]:
+        assert m["lo"] <= math.exp(true_log_m(a_o, ALPHA_REF, m["N"])) <= m["hi"], m
+
+
+def test_fit_is_exact_on_noiseless_data():
+    n = np.array(SIZES)
+    curves = {"r": (n, E + A_REF * n ** -ALPHA_REF), "o": (n, E + 25.0 * n ** -0.35)}
+    f = fit.fit(curves)
+    assert abs(f["E"] - E) < 0.02
+    assert abs(f["arms"]["r"]["alpha"] - ALPHA_REF) < 0.01 and abs(f["arms"]["o"]["alpha"] - 0.35) < 0.01
+    assert abs(fit.slope(f, "o", "r") - (0.35 / ALPHA_REF - 1)) < 0.05
+
+
+def test_too_few_sizes_means_no_fit_and_no_verdict():
+    cells = ladder(np.random.default_rng(2), {"ref": (A_REF, ALPHA_REF), "opt": (30.0, 0.3)})
+    cells = {a: dict(list(sizes.items())[:2]) for a, sizes in cells.items()}
+    s2, df = stats.pooled_variance(cells)
+    out = fit.ladder_fit(cells, s2, df, [("opt", "ref")], n_boot=10)
+    assert out["fit"] is None and out["pairs"] == [] and "no arm" in out["note"]
+
+
+def test_mod_compute_multiplier_against_the_dense_frontier():
+    """MoD reaching the dense arm's loss at each size with half its FLOPs: the dense reference
+    needs twice MoD's compute to match it (multiplier 2), covered."""
+    rng = np.random.default_rng(3)
+    cells = ladder(rng, {"dense": (A_REF, ALPHA_REF), "mod": (A_REF, ALPHA_REF)})
+    flops = {"dense": {int(n): 6 * n * 1e7 for n in SIZES}, "mod": {int(n): 3 * n * 1e7 for n in SIZES}}
+    s2, df = stats.pooled_variance(cells)
+    out = fit.compute_multiplier(cells, flops, "dense", "mod", s2, df, n_boot=60, rng=3)
+    assert abs(out["frontier"]["beta"] - ALPHA_REF) < 0.08
+    inside = [r["lo"] <= 2.0 <= r["hi"] for r in out["at"]]
+    assert sum(inside) >= 4, out["at"]
+
+
+def test_predict_lr_follows_the_best_lr_law():
+    rng = np.random.default_rng(4)
+    cells = ladder(rng, {"pre_ln": (A_REF, ALPHA_REF)})
+    rows = [{"setting": "width", "corpus": "h", "arm": "pre_ln", "params": n, "lr": lr, "seed": s, "val_loss": float(v)}
+            for n, lrs in cells["pre_ln"].items() for lr, vals in lrs.items() for s, v in enumerate(vals)]
+    lr = fit.predict_lr(rows, "pre_ln", 1e7)
+    assert abs(math.log(lr / lr_star(1e7))) < math.log(1.6), (lr, lr_star(1e7))
+    assert fit.predict_lr(rows, "value_residual", 1e7) == lr  # no rows yet: the fallback's law
+    try:
+        fit.predict_lr(rows + [{**rows[0], "corpus": "other"}], "pre_ln", 1e7)
+    except ValueError as e:
+        assert "never pooled" in str(e)
+    else:
+        raise AssertionError("rows of two corpora were pooled")

@@ -115,3 +115,26 @@ def test_predict_lr_follows_the_best_lr_law():
         assert "never pooled" in str(e)
     else:
         raise AssertionError("rows of two corpora were pooled")
+
+
+def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
+    """One size, one option, a second corpus: the report is written, the corpora are kept
+    apart, and nothing that cannot be judged yet gets a verdict."""
+    import json
+
+    from benchmarks.ladder import report
+
+    rng = np.random.default_rng(5)
+    rows = [{"setting": "width", "corpus": corpus, "arm": arm, "params": 100_000, "flops": 6e12, "lr": lr, "seed": s,
+             "val_loss": 3.0 + rng.normal(0, 0.01)}
+            for corpus in ("aaaa", "bbbb") for arm in ("pre_ln", "peri_ln") for lr in (1e-3, 2e-3) for s in (0, 1)]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report.main(["--runs", str(runs), "--out", str(tmp_path), "--ablation", "", "--boot", "500",
+                        "--fit-boot", "10"]) == 0
+    md = (tmp_path / "ladder.md").read_text()
+    rep = json.loads((tmp_path / "ladder.json").read_text())
+    assert "2 corpora" in md and "1 size(s) so far" in md and "no fit" in md
+    assert len(rep["sections"]) == 2
+    assert all(c["verdict"] == "undecided" for s in rep["sections"] for c in s["comparisons"])
+    assert (tmp_path / "ladder_width_aaaa_loss.png").is_file() and (tmp_path / "ladder_width_bbbb_lr.png").is_file()

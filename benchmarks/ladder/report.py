@@ -1,0 +1,397 @@
+"""The option ladder's report: per-size comparisons with Holm verdicts, scaling fits, m(N)
+and its slope, MoD against the dense FLOPs frontier, the best-LR law, and the old ablation's
+claims re-judged by the same statistics.
+
+    python -m benchmarks.ladder.report [--runs benchmarks/results/ladder_runs.jsonl] [--out benchmarks/results]
+                                       [--ablation benchmarks/results/ablation] [--boot 4000] [--fit-boot 200]
+
+Writes <out>/ladder.md, <out>/ladder.json and PNGs (<out>/ladder_<setting>_<corpus>_{loss,m,lr}.png).
+Rows of different (setting, corpus) are never pooled: each gets its own section, and the report
+says when there is more than one corpus. It works with the first rungs alone or with arms
+missing: what cannot be judged yet reads "undecided" (and a fit needs 3 sizes per arm).
+Methods: benchmarks/ladder/stats.py (comparisons) and benchmarks/ladder/fit.py (fits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.ladder import fit, stats
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+REFS = ("pre_ln", "pre_ln_embed_norm")  # Pre-LN, and Pre-LN + embed_norm: the stronger simple baseline
+EXTRA_METRICS = ("ood_loss", "induction")
+
+
+def rel(path: Path | str) -> str:
+    return os.path.relpath(os.path.abspath(path), ROOT)
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_mod(arm: str) -> bool:
+    return arm == "mod" or arm.startswith("mod_")
+
+
+def short(corpus: str) -> str:
+    return corpus[:12]
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def comparison_pairs(cells: dict) -> list[tuple[str, str, int]]:
+    """(ref, arm, size): every option vs each reference at each size both have (the second
+    reference against the first too)."""
+    out = []
+    for ref in REFS:
+        if ref not in cells:
+            continue
+        for arm in sorted(cells):
+            if arm == ref or (arm in REFS and REFS.index(arm) < REFS.index(ref)):
+                continue
+            out += [(ref, arm, size) for size in sorted(set(cells[arm]) & set(cells[ref]))]
+    return out
+
+
+def replicates_for(m: int, n_boot: int) -> int:
+    """Enough replicates that the smallest Monte-Carlo p-value, 2/(B+1), stays 10× below the
+    Holm threshold α/m of the family's most significant comparison (else a big family could
+    never reject, whatever the data)."""
+    return max(n_boot, math.ceil(20 * m / stats.ALPHA))
+
+
+def comparisons(cells: dict, s2: float, df: int, n_boot: int, seed: int) -> list[dict]:
+    return [stats.compare(cells, ref, arm, size, s2, df, n_boot=n_boot, rng=seed + i)
+            for i, (ref, arm, size) in enumerate(comparison_pairs(cells))]
+
+
+def arm_sigmas(cells: dict) -> dict:
+    """Per arm, the seed σ pooled over its own cells (a diagnostic: one unstable arm inflates the
+    shared σ, which widens every interval of its (setting, corpus))."""
+    out = {}
+    for arm, sizes in cells.items():
+        s2, df = stats.pooled_variance({arm: sizes})
+        if df:
+            out[arm] = {"sigma": math.sqrt(s2), "df": df}
+    return out
+
+
+def extras(rows: list[dict], cells: dict) -> list[dict]:
+    """At each arm's best (val-loss) LR per size: OOD loss, induction score, and loss by position
+    (mean over the first and the last quarter of positions), each a mean over seeds."""
+    out = []
+    for arm, sizes in sorted(cells.items()):
+        for size, lrs in sizes.items():
+            lr, _ = stats.best(lrs)
+            here = [r for r in rows if r["arm"] == arm and int(r["params"]) == size and float(r["lr"]) == lr]
+            row = {"arm": arm, "size": size, "lr": lr}
+            for m in EXTRA_METRICS:
+                vals = [float(r[m]) for r in here if r.get(m) is not None and math.isfinite(float(r[m]))]
+                row[m] = float(np.mean(vals)) if vals else None
+            lbp = [np.asarray(r["loss_by_position"], dtype=float) for r in here if r.get("loss_by_position")]
+            if lbp:
+                q = max(1, min(len(v) for v in lbp) // 4)
+                row["loss_first_quarter"] = float(np.mean([v[:q].mean() for v in lbp]))
+                row["loss_last_quarter"] = float(np.mean([v[-q:].mean() for v in lbp]))
+            if any(row.get(k) is not None for k in (*EXTRA_METRICS, "loss_first_quarter")):
+                out.append(row)
+    return out
+
+
+def flops_by_size(rows: list[dict]) -> dict:
+    """{arm: {size: median training FLOPs}} (the same for every LR and seed of a cell)."""
+    got: dict = {}
+    for r in rows:
+        if r.get("flops"):
+            got.setdefault(r["arm"], {}).setdefault(int(r["params"]), []).append(float(r["flops"]))
+    return {a: {s: float(np.median(v)) for s, v in sizes.items()} for a, sizes in got.items()}
+
+
+def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: int) -> dict:
+    """Everything about one (setting, corpus); verdicts are set later, over the whole report."""
+    s2, df = stats.pooled_variance(cells)
+    sizes = sorted({s for sizes in cells.values() for s in sizes})
+    pairs = [(o, r) for r in REFS if r in cells for o in sorted(cells) if o != r and not is_mod(o)
+             and not (o in REFS and REFS.index(o) < REFS.index(r))]
+    fits = fit.ladder_fit(cells, s2, df, pairs, n_boot=args.fit_boot, rng=seed)
+    flops = flops_by_size(rows)
+    mod = [m for r in REFS for o in sorted(cells) if is_mod(o) and o in flops and r in flops
+           for m in [fit.compute_multiplier(cells, flops, r, o, s2, df, n_boot=args.fit_boot, rng=seed)] if m]
+    return {"setting": key[0], "corpus": key[1], "runs": len(rows), "sizes": sizes, "arms": sorted(cells),
+            "s2": s2, "sigma": math.sqrt(s2) if df else None, "df": df,
+            "arm_sigma": arm_sigmas(cells), "comparisons": comparisons(cells, s2, df, n_boot, seed),
+            "fit": fits, "mod": mod, "lr_fit": {a: fit.lr_fit(sz) for a, sz in sorted(cells.items())},
+            "extras": extras(rows, cells)}
+
+
+def rejudge_ablation(path: Path, n_boot: int) -> dict | None:
+    """The old ablation's summaries through the new comparison and Holm (its own family), beside
+    the old rule's verdict (beyond the larger seed range, benchmarks/ablation_stats.py)."""
+    from benchmarks import ablation_stats
+
+    rows = stats.rows_from_ablation_summaries(path)
+    if not rows:
+        return None
+    summaries = [json.loads(p.read_text()) for p in sorted(path.glob("*/*/*/lr*-seed*.json"))]
+    old = ablation_stats.aggregate(summaries)
+    comps, pooled, groups = [], {}, stats.group(rows)
+    n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), n_boot)
+    for key, cells in sorted(groups.items()):
+        s2, df = stats.pooled_variance(cells)
+        pooled[f"{key[0]} · {key[1]}"] = {"s2": s2, "df": df, "arm_sigma": arm_sigmas(cells)}
+        for c in comparisons(cells, s2, df, n_boot, seed=len(comps)):
+            lrs_a, lrs_r = old[key][c["arm"]], old[key][c["ref"]]
+            c["old_verdict"] = ablation_stats.verdict(lrs_a[ablation_stats.best_lr(lrs_a)],
+                                                      lrs_r[ablation_stats.best_lr(lrs_r)])
+            comps.append({**c, "setting": key[0], "corpus": key[1]})
+    stats.judge(comps)
+    return {"path": rel(path), "runs": len(rows), "pooled": pooled, "comparisons": comps}
+
+
+def build(args) -> dict:
+    rows = load_rows(args.runs)
+    groups = stats.group(rows)
+    sections = []
+    n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), args.boot)
+    for i, (key, cells) in enumerate(sorted(groups.items())):
+        here = [r for r in rows if (r["setting"], r["corpus"]) == key]
+        sections.append(section(key, here, cells, args, seed=1000 * i, n_boot=n_boot))
+    stats.judge([c for s in sections for c in s["comparisons"]])  # Holm over the whole report
+    fit.judge_slopes([p for s in sections if s["fit"].get("fit") for p in s["fit"]["pairs"]])
+    report = {"runs_file": rel(args.runs), "runs": len(rows), "corpora": sorted({k[1] for k in groups}),
+              "sections": sections, "alpha": stats.ALPHA, "boot": n_boot, "fit_boot": args.fit_boot}
+    if args.ablation:
+        report["ablation"] = rejudge_ablation(args.ablation, args.boot)
+    return report
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot(section: dict, cells: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = f"ladder_{section['setting']}_{short(section['corpus'])}"
+    written = []
+    f = section["fit"].get("fit")
+    e = f["E"] if f else 0.0
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, sizes in sorted(cells.items()):
+        ns, ls = fit.best_curve(sizes)
+        line = ax.plot(ns, ls - e, marker="o", ls="" if f and arm in f["arms"] else "-", label=arm)[0]
+        for n in ns:  # the seeds of the best-LR cell, as points
+            lr, _ = stats.best(sizes[int(n)])
+            ax.scatter([n] * len(sizes[int(n)][lr]), sizes[int(n)][lr] - e, s=8, color=line.get_color(), alpha=0.5)
+        if f and arm in f["arms"]:
+            grid = np.geomspace(ns.min(), ns.max(), 50)
+            ax.plot(grid, fit.predict(f, arm, grid) - e, color=line.get_color(), lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N",
+           ylabel=f"val loss − E (E = {e:.3f})" if f else "val loss (no fit yet)",
+           title=f"{section['setting']} · {short(section['corpus'])}: best-LR loss against N")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_loss.png", dpi=110)
+    plt.close(fig)
+    written.append(f"{stem}_loss.png")
+
+    if section["fit"]["pairs"]:
+        fig, axes = plt.subplots(1, len(REFS), figsize=(12, 4.5), squeeze=False)
+        for ax, ref in zip(axes[0], REFS):
+            for p in (p for p in section["fit"]["pairs"] if p["ref"] == ref):
+                ms = [m for m in p["m"] if not m["extrapolation"]]
+                x = [m["N"] for m in ms]
+                line = ax.plot(x, [m["m"] for m in ms], marker="o", label=f"{p['option']} ({p['verdict']})")[0]
+                ax.fill_between(x, [m["lo"] for m in ms], [m["hi"] for m in ms], color=line.get_color(), alpha=0.2)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set(xscale="log", yscale="log", xlabel="N", ylabel="effective-size multiplier m(N)",
+                   title=f"vs {ref}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{stem}_m.png", dpi=110)
+        plt.close(fig)
+        written.append(f"{stem}_m.png")
+
+    arms = sorted(cells)
+    ncols = min(4, len(arms))
+    fig, axes = plt.subplots(math.ceil(len(arms) / ncols), ncols, figsize=(3.5 * ncols, 3 * math.ceil(len(arms) / ncols)),
+                             squeeze=False)
+    for ax, arm in zip(axes.flat, arms):
+        for size, lrs in cells[arm].items():
+            line = ax.plot(list(lrs), [v.mean() for v in lrs.values()], marker="o", label=f"N={size:.3g}")[0]
+            for lr, v in lrs.items():
+                ax.scatter([lr] * len(v), v, s=6, color=line.get_color(), alpha=0.5)
+        ax.set(xscale="log", xlabel="LR", ylabel="val loss", title=arm)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_lr.png", dpi=110)
+    plt.close(fig)
+    written.append(f"{stem}_lr.png")
+    return written
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _comparison_table(comps: list[dict], with_old: bool = False) -> list[str]:
+    head = "| arm | vs | N | best LR arm (ref) | Δ val loss | 95% interval | p | p (Holm) | verdict |"
+    rule = "|---|---|---:|---|---:|---|---:|---:|---|"
+    if with_old:
+        head, rule = head + " old rule |", rule + "---|"
+    out = [head, rule]
+    for c in comps:
+        edge = lambda lr, e: f"{lr:g}{' **edge**' if e else ''}"  # noqa: E731
+        v = c["verdict"] if c["verdict"] == "undecided" else f"**{c['verdict']}**"
+        line = (f"| {c['arm']} | {c['ref']} | {c['size']:.3g} | {edge(c['arm_lr'], c['arm_edge'])} "
+                f"({edge(c['ref_lr'], c['ref_edge'])}) | {c['delta']:+.4f} | [{_fmt(c['lo'], '+.4f')}, "
+                f"{_fmt(c['hi'], '+.4f')}] | {c['p']:.3f} | {c['p_holm']:.3f} | {v} |")
+        out.append(line + (f" {c['old_verdict']} |" if with_old else ""))
+    return out
+
+
+def _sigmas(arm_sigma: dict) -> str:
+    return ", ".join(f"{a} {v['sigma']:.4f}" for a, v in arm_sigma.items()) or "-"
+
+
+def markdown(rep: dict, plots: dict) -> str:
+    out = ["# Option ladder", ""]
+    secs = rep["sections"]
+    out += [f"{rep['runs']} run(s) from `{rep['runs_file']}`."]
+    if len(rep["corpora"]) > 1:
+        out += [f"**{len(rep['corpora'])} corpora** ({', '.join(short(c) for c in rep['corpora'])}): rows of "
+                "different corpora are never pooled; each (setting, corpus) has its own section."]
+    if not secs:
+        out += ["", "No runs yet: every comparison and slope is undecided."]
+    out += ["", "Method (benchmarks/ladder/stats.py, fit.py): each arm at its own best LR per size; Δ = arm − ref "
+            "val loss (negative: the arm is better). Intervals bound the best-LR selection for any shape of the LR "
+            "curves (σ² pooled over all cells with ≥ 2 seeds, drawn from its posterior); verdicts need Holm's "
+            f"adjusted p < {rep['alpha']} over all {sum(len(s['comparisons']) for s in secs)} comparisons of this "
+            "report **and** an interval that excludes 0, else *undecided*. **edge**: the best LR is at the end of "
+            "its grid (its optimum may lie beyond).", ""]
+    for s in secs:
+        out += [f"## {s['setting']} · corpus {short(s['corpus'])}", "",
+                f"**{len(s['sizes'])} size(s) so far**: N = {', '.join(f'{n:.3g}' for n in s['sizes'])}; arms: "
+                f"{', '.join(s['arms'])}; {s['runs']} runs. Seed σ = {_fmt(s['sigma'])} (pooled, {s['df']} df; per arm: "
+                f"{_sigmas(s['arm_sigma'])}).", ""]
+        for name in plots.get((s["setting"], s["corpus"]), []):
+            out.append(f"![{name}]({name})")
+        out += ["", "### Comparisons at each size", ""]
+        out += _comparison_table(s["comparisons"]) if s["comparisons"] else ["No arm shares a size with a reference yet."]
+        f = s["fit"]
+        out += ["", "### Scaling fit: L(N) = E + A·N^−α, E shared", ""]
+        if not f.get("fit"):
+            out += [f"{f['note']}."]
+        else:
+            lo, hi = f["E_interval"]
+            out += [f"E = {f['fit']['E']:.4f} [{_fmt(lo)}, {_fmt(hi)}]; arms fitted: {', '.join(f['arms_fitted'])}.",
+                    "", "| arm | α | 95% interval | A |", "|---|---:|---|---:|"]
+            out += [f"| {a} | {v['value']:.3f} | [{_fmt(v['lo'], '.3f')}, {_fmt(v['hi'], '.3f')}] | {v['A']:.4g} |"
+                    for a, v in f["alpha"].items()]
+            out += ["", "### Effective-size multiplier m(N) (the reference's size factor that matches the option)", "",
+                    "| option | vs | m at each N [95%] | m at N=1e9 (extrapolation) | slope d log m/d log N [95%] | "
+                    "p (Holm) | verdict |", "|---|---|---|---|---|---:|---|"]
+            for p in f["pairs"]:
+                ms = "; ".join(f"{m['N']:.3g}: {m['m']:.3g} [{m['lo']:.3g}, {m['hi']:.3g}]"
+                               for m in p["m"] if not m["extrapolation"])
+                x = p["m"][-1]
+                v = p["verdict"] if p["verdict"] == "undecided" else f"**{p['verdict']}**"
+                out.append(f"| {p['option']} | {p['ref']} | {ms} | {x['m']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}] | "
+                           f"{p['slope']:+.3f} [{_fmt(p['slope_lo'], '+.3f')}, {_fmt(p['slope_hi'], '+.3f')}] | "
+                           f"{p['p_holm']:.3f} | {v} |")
+            out += ["", "slope > 0: the option's gain grows with scale; < 0: it shrinks (a verdict needs the interval "
+                    "to exclude 0 and Holm over the report's slopes)."]
+        if s["mod"]:
+            out += ["", "### Mixture-of-Depths against the dense loss-vs-FLOPs frontier", "",
+                    "| option | dense | N | FLOPs C | loss | dense compute needed / C [95%] |", "|---|---|---:|---:|---:|---|"]
+            for m in s["mod"]:
+                for r in m["at"]:
+                    flag = " (extrapolation)" if r["extrapolation"] else ""
+                    out.append(f"| {m['option']} | {m['dense']} (β={m['frontier']['beta']:.3f}) | {r['N']:.3g} | "
+                               f"{r['C']:.3g} | {r['loss']:.4f} | {r['multiplier']:.3g} [{r['lo']:.3g}, "
+                               f"{r['hi']:.3g}]{flag} |")
+        out += ["", "### Best LR against size: log lr* = a + b·log N", "", "| arm | b | lr* per size | lr* at 1e9 |",
+                "|---|---:|---|---:|"]
+        for a, lf in s["lr_fit"].items():
+            pts = "; ".join(f"{p['N']:.3g}: {p['lr']:.3g}{'' if p['bracketed'] else ' (edge)'}" for p in lf["points"])
+            out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g} |")
+        if s["extras"]:
+            out += ["", "### Beside val loss (at each arm's best val-loss LR, mean over seeds)", "",
+                    "| arm | N | OOD loss | induction | loss, first ¼ of positions | loss, last ¼ |",
+                    "|---|---:|---:|---:|---:|---:|"]
+            out += [f"| {r['arm']} | {r['size']:.3g} | {_fmt(r.get('ood_loss'))} | {_fmt(r.get('induction'))} | "
+                    f"{_fmt(r.get('loss_first_quarter'))} | {_fmt(r.get('loss_last_quarter'))} |" for r in s["extras"]]
+        out.append("")
+    abl = rep.get("ablation")
+    if abl:
+        pooled = "; ".join(f"{k}: σ = {math.sqrt(v['s2']):.4f} ({v['df']} df; per arm: {_sigmas(v['arm_sigma'])})"
+                           for k, v in abl["pooled"].items())
+        out += ["## The old ablation re-judged", "",
+                f"The {abl['runs']} runs of `{abl['path']}` (one size per setting) through the same comparison, Holm "
+                f"over these {len(abl['comparisons'])} comparisons (their own family). Pooled seed σ: {pooled}. "
+                "\"old rule\": the ablation's verdict (beyond the larger seed range of 2 seeds, each at its best LR).",
+                ""]
+        for key in dict.fromkeys((c["setting"], c["corpus"]) for c in abl["comparisons"]):
+            out += [f"### {key[0]} · {key[1]}", "",
+                    *_comparison_table([c for c in abl["comparisons"] if (c["setting"], c["corpus"]) == key], True), ""]
+    return "\n".join(out) + "\n"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k) if not isinstance(k, str) else k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=RESULTS / "ladder_runs.jsonl", help="the runner's rows (JSON lines)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where ladder.md, ladder.json and the PNGs go")
+    ap.add_argument("--ablation", type=Path, default=RESULTS / "ablation",
+                    help="the old ablation's summaries to re-judge ('' to skip)")
+    ap.add_argument("--boot", type=int, default=stats.N_BOOT, help="replicates per comparison")
+    ap.add_argument("--fit-boot", type=int, default=fit.N_BOOT, help="bootstrap refits per scaling fit")
+    args = ap.parse_args(argv)
+    if args.ablation is not None and (str(args.ablation) in ("", ".") or not args.ablation.is_dir()):
+        args.ablation = None
+    rep = build(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    groups = stats.group(load_rows(args.runs))
+    plots = {}
+    for s in rep["sections"]:
+        names = plot(s, groups[(s["setting"], s["corpus"])], args.out)
+        s["plots"] = [rel(args.out / n) for n in names]
+        plots[(s["setting"], s["corpus"])] = names
+    (args.out / "ladder.json").write_text(json.dumps(_jsonable(rep), indent=1))
+    (args.out / "ladder.md").write_text(markdown(rep, plots))
+    print(f"wrote {rel(args.out / 'ladder.md')} and ladder.json ({rep['runs']} runs, {len(rep['sections'])} section(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

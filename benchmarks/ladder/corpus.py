@@ -19,7 +19,7 @@ Rules (all recorded under "rules" in corpus.json):
   over 1,000 characters or a mean line over 100 characters (minified or generated data);
   fewer than 25% of characters alphabetic (numeric tables); 50+ non-blank lines of which fewer
   than 10% are distinct once normalised as below (generated tables such as chardet's language
-  models, one `N: Likelihood.X,  # 'c'` line repeated 100k times). These are Codex/StarCoder-
+  models: one `N: Likelihood.X,  # 'c'` line shape, thousands of times). These are Codex/StarCoder-
   style filters: such files are data that happens to be in a .py file and would skew a small
   model's loss toward memorising tables.
 - Duplicates are dropped, keeping the first in (held-out first, then sorted source) order:
@@ -52,6 +52,11 @@ sha256 over the sorted (split, source, sha256(text)) triples. Every ladder run r
 that hash and rows with different hashes are never pooled. The same JSON (it holds no
 absolute path) is written to benchmarks/results/ladder_corpus.json, the definition on record.
 `--check` recomputes the hash of an existing build and compares it with its corpus.json.
+
+Measured on the project's venv (122 packages; see the record for the hash): train 12,373 files,
+205.5 MB; val 320 files, 3.14 MB; ood 522 files, 8.01 MB. A 2048-piece BPE trained on 6 MB of
+train gives ~2.7 bytes per token, so train is ~75M tokens, several times the largest rung's
+~20M. A build takes ~22 s of CPU (about a minute of wall time on a shared 2-core machine).
 """
 from __future__ import annotations
 

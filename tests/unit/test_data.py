@@ -372,3 +372,57 @@ def test_hub_failures_are_one_line(tmp_path, monkeypatch):
     message = error_of(tmp_path, cfg(source="hf:org/corpus", max_tokens=1000))
     assert "could not open hub dataset 'org/corpus'" in message and "Couldn't reach" in message
     assert "needs a bound" in error_of(tmp_path, cfg(source="hf:org/corpus", max_docs=0))
+
+
+
+# --------------------------------------------------------------------------- val manifest and the embedded val rule
+
+
+def test_val_manifest_has_one_entry_per_source_with_the_val_tokens(tmp_path, tokenizer_path):
+    """Records naming their `source` (the ladder corpus: one record per chunk of a file) count
+    under it, one entry per file; records without one are `<file>:<ordinal>`."""
+    records = [{"text": f"chunk {c} of module {m}:\ndef f{m}_{c}(x):\n    return x * {m + c}\n",
+                "source": f"pkg{m % 3}/mod{m}.py"} for m in range(40) for c in range(3)]
+    records += [{"text": p} for p in paragraphs(30)]
+    path = tmp_path / "ladder.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    data = prepare(tmp_path, cfg(source=str(path), tokenizer=tokenizer_path, max_docs=0, val_fraction=0.3,
+                                 shard_mb=0.002))  # several units: ordinals count across them
+    manifest = json.loads((Path(data.meta["dir"]) / "val_manifest.json").read_text())
+    expected: dict[str, int] = {}
+    for n, r in enumerate(records):
+        if hash_is_val(r["text"], 0.3):
+            key = r.get("source", f"{path}:{n}")
+            expected[key] = expected.get(key, 0) + len(data.tokenizer.encode([r["text"]])[0]) + 1
+    assert [e["source"] for e in manifest if "/mod" in e["source"]]  # some files hashed val
+    assert {e["source"]: e["tokens"] for e in manifest} == expected and len(manifest) == len(expected)
+    assert sum(e["tokens"] for e in manifest) == data.n_val_tokens == data.meta["n_val_tokens"]
+    assert [e["tokens"] for e in manifest] == sorted((e["tokens"] for e in manifest), reverse=True)
+
+
+def test_embedded_val_rule_moves_the_largest_val_files_to_train_until_none_is_over_5_percent(tmp_path):
+    from trainer.data.sources import embedded_train_only
+
+    rng = np.random.default_rng(0)
+    sizes = (np.exp(rng.normal(8, 1.2, 400))).astype(int) + 1  # heavy-tailed, like the stdlib
+    files = []
+    for i, size in enumerate(sizes):
+        (tmp_path / f"m{i}.py").write_text(f"# {i}\n" + "x" * int(size))
+        files.append((f"m{i}.py", int(size) + len(f"# {i}\n")))
+    moved = embedded_train_only(tmp_path, files, 0.3)
+    val = {rel: size for rel, size in files if hash_is_val((tmp_path / rel).read_text(), 0.3)}
+    kept = {rel: size for rel, size in val.items() if rel not in moved}
+    assert moved and moved <= set(val) and len(kept) >= 20
+    assert max(kept.values()) <= 0.05 * sum(kept.values())
+    assert min(val[rel] for rel in moved) >= max(kept.values())  # the largest went, nothing else
+    smallest_moved = min(moved, key=lambda rel: val[rel])  # a fixed point: it would break the cap
+    assert val[smallest_moved] > 0.05 * (sum(kept.values()) + val[smallest_moved])
+    assert embedded_train_only(tmp_path, files, 0.0) == frozenset()
+
+
+def test_embedded_corpus_leaves_out_the_generated_codec_tables():
+    root, files = stdlib_files(0)
+    rel = {p.relative_to(root).as_posix() for p in files}
+    assert (root / "encodings" / "cp861.py").exists() and "encodings/cp861.py" not in rel
+    assert "encodings/utf_8.py" in rel and "encodings/idna.py" in rel  # codec code stays
+    assert not [r for r in rel if r.startswith("encodings/") and b"Character Mapping Codec" in (root / r).read_bytes()]

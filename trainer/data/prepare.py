@@ -9,6 +9,9 @@ Datasets of a config:
 - train: `data.source`, or each `data.mix` entry. Each gets a val split by document hash
   (`data.val_fraction`) and the caps `data.max_docs` / `data.max_tokens`.
 - eval: each `data.eval` entry, every document held out (val).
+Next to each `index.json`, `val_manifest.json` lists the val tokens by source (file, or a
+record's `source` field), so a held-out set dominated by one file shows; the embedded corpus
+caps any one file's share of its val set (`sources.embedded_train_only`).
 All share one tokenizer: `data.tokenizer`, or a BPE model trained on `data.tokenizer_sample_chars`
 characters of train documents (split across mix sources by weight), cached by what it was
 trained on.
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.data import shards as sh
-from trainer.data.sources import DataError, Source, digest, documents, open_source
+from trainer.data.sources import DataError, Source, digest, keyed_documents, open_source
 from trainer.data.tokenizer import RECIPE_VERSION, TRAIN_THREADS, Tokenizer, TokenizerError
 
 # Bytes per token assumed when sizing a streamed source from its token cap (English BPE ≈ 4).
@@ -139,7 +142,7 @@ def plan(cfg, vocab_size: int, cache_dir: Path) -> Plan:
     datasets = []
     cap_train, cap_val = _caps(cfg.max_tokens, cfg.val_fraction)
     for name, spec, weight, key in entries:
-        src = open_source(spec, cfg.text_field, cfg.max_docs, cfg.shard_mb, key)
+        src = open_source(spec, cfg.text_field, cfg.max_docs, cfg.shard_mb, key, cfg.val_fraction)
         datasets.append(Dataset(name, "train", src, weight, sh.val_threshold(cfg.val_fraction), cap_train, cap_val,
                                 cfg.max_docs))
     for name, spec in cfg.eval.items():
@@ -228,10 +231,10 @@ def tokenizer_sample(datasets: list[Dataset], n_chars: int, include_val: bool = 
         want = n_chars if len(datasets) == 1 else int(n_chars * d.weight / total)
         texts, got = [], 0
         for unit in d.source.units:
-            for text in documents(unit):
+            for key, text in keyed_documents(unit):
                 if got >= want:
                     break
-                if include_val or not sh.is_val(text, d.threshold):
+                if include_val or key in unit.train_only or not sh.is_val(text, d.threshold):
                     texts.append(text)
                     got += len(text) + 1
             if got >= want:
@@ -287,7 +290,19 @@ def prepare_dataset(d: Dataset, tok: Tokenizer, cfg, workers: int, log: Callable
         "seconds": round(time.perf_counter() - t0, 2)})
     log(f"data: {d.name}: packed {index['n_docs']:,} docs into {_sizes_text(d, index, cfg)}, "
         f"{index['n_shards']} shard(s), in {index['seconds']:.1f} s ({workers} worker(s))")
+    if d.role == "train":
+        log(f"data: {d.name}: {_val_sources_text(d.directory, index)}")
     return index
+
+
+def _val_sources_text(directory: Path, index: dict) -> str:
+    """'val: N sources, the largest X (Y% of val tokens)', from val_manifest.json."""
+    manifest = sh.read_val_manifest(directory) or []
+    if not manifest or not index["n_val_tokens"]:
+        return "val: no documents held out"
+    top = manifest[0]
+    return (f"val: {len(manifest):,} source(s) in {directory / 'val_manifest.json'}, the largest "
+            f"{top['source']} ({top['tokens'] / index['n_val_tokens']:.1%} of val tokens)")
 
 
 def _resume(job: sh.Job, parts: list[dict], d: Dataset) -> sh.Job:

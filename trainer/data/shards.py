@@ -10,6 +10,8 @@ A prepared dataset directory holds:
   shard is complete: a prepare killed with -9 and run again keeps every part with a sidecar
   and restarts each unfinished unit after its last complete part.
 - `index.json`, written last: the shards in plan order, with what produced them.
+- `val_manifest.json`, written just before it: the val tokens by source (`val_manifest`),
+  merged from the sidecars, which each record what their val documents' sources gave.
 
 Train/val split by document hash: a document is val when xxh64(its UTF-8 bytes) falls below
 `val_fraction * 2**64`. That depends on nothing but the text, so it is the same for any
@@ -32,9 +34,9 @@ import numpy as np
 import xxhash
 
 from trainer import faults
-from trainer.data.sources import Unit, documents
+from trainer.data.sources import Unit, keyed_documents
 
-FORMAT = 2  # bump when the shard layout or the split rule changes
+FORMAT = 3  # bump when the shard layout or the split rule changes
 ENCODE_BATCH = 512  # documents per SentencePiece call
 HASH_SEED = 0  # the val split must not depend on the run's seed: one prepared set serves every seed
 ALL_VAL = 1 << 64  # threshold that makes every document val (held-out eval sets)
@@ -52,11 +54,11 @@ def is_val(text: str, threshold: int) -> bool:
     return xxhash.xxh64_intdigest(text.encode("utf-8", errors="replace"), HASH_SEED) < threshold
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj, text: str | None = None) -> None:
     """Atomic and durable: a reader sees the old file, or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1))
+        f.write(json.dumps(obj, indent=1) if text is None else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -126,43 +128,55 @@ def run_unit(job: Job) -> list[dict]:
 
     sp = spm.SentencePieceProcessor(model_file=job.tokenizer)
     eos, dtype, out = sp.eos_id(), np.dtype(job.dtype), Path(job.out)
-    docs = documents(job.unit)
+    docs = keyed_documents(job.unit)
     for _ in range(job.skip_docs):
         next(docs, None)
     part, doc_at, written = job.part, job.skip_docs, []
     left = {"train": job.max_train, "val": job.max_val}
     docs_left = job.max_docs
+    train_only = frozenset(job.unit.train_only)
 
     def capped(name: str) -> bool:
         return left[name] is not None and left[name] <= 0
 
     def open_part():
         base = out / shard_name(job.index, part)
-        return {s: _SplitFile(base.with_name(f"{base.name}.{s}.bin"), dtype) for s in ("train", "val")}, 0, doc_at
+        return ({s: _SplitFile(base.with_name(f"{base.name}.{s}.bin"), dtype) for s in ("train", "val")}, 0, doc_at,
+                {})
 
-    files, in_bytes, part_start = open_part()
+    files, in_bytes, part_start, val_sources = open_part()
     done = False
     for batch in _batches(docs, ENCODE_BATCH):
         if job.max_docs:
             batch = batch[:docs_left]
             docs_left -= len(batch)
-        raw = [t.encode("utf-8", errors="replace") for t in batch]
-        val = [xxhash.xxh64_intdigest(b, HASH_SEED) < job.threshold for b in raw]
-        ids = sp.encode(batch, out_type=int, num_threads=1)
+        keys = [k for k, _ in batch]
+        texts = [t for _, t in batch]
+        raw = [t.encode("utf-8", errors="replace") for t in texts]
+        val = [xxhash.xxh64_intdigest(b, HASH_SEED) < job.threshold and k not in train_only
+               for k, b in zip(keys, raw)]
+        ids = sp.encode(texts, out_type=int, num_threads=1)
         for name, want in (("train", False), ("val", True)):
-            chosen = [x for x, v in zip(ids, val) if v == want]
+            chosen = [(k, x) for k, x, v in zip(keys, ids, val) if v == want]
             if not chosen or capped(name):
                 continue
-            n = sum(map(len, chosen)) + len(chosen)
+            n = sum(len(x) for _, x in chosen) + len(chosen)
             arr = np.empty(n, dtype)
             pos = 0
-            for x in chosen:  # document, then EOS
+            for _, x in chosen:  # document, then EOS
                 arr[pos:pos + len(x)] = x
                 arr[pos + len(x)] = eos
                 pos += len(x) + 1
             if left[name] is not None:
                 arr = arr[:left[name]]
                 left[name] -= len(arr)
+            if want:  # what each source gave val, up to a cap that cut the batch short
+                room = len(arr)
+                for k, x in chosen:
+                    if room <= 0:
+                        break
+                    val_sources[k] = val_sources.get(k, 0) + min(room, len(x) + 1)
+                    room -= len(x) + 1
             files[name].write(arr, len(chosen))
         if doc_at == part_start:
             faults.pause_mid_shard()
@@ -172,19 +186,21 @@ def run_unit(job: Job) -> list[dict]:
         if done:
             break
         if in_bytes >= job.shard_bytes:
-            written.append(_seal(job, part, files, part_start, doc_at, in_bytes, last=False))
+            written.append(_seal(job, part, files, part_start, doc_at, in_bytes, val_sources, last=False))
             part += 1
-            files, in_bytes, part_start = open_part()
-    written.append(_seal(job, part, files, part_start, doc_at, in_bytes, last=True))
+            files, in_bytes, part_start, val_sources = open_part()
+    written.append(_seal(job, part, files, part_start, doc_at, in_bytes, val_sources, last=True))
     return written
 
 
-def _seal(job: Job, part: int, files: dict, doc_start: int, doc_end: int, in_bytes: int, last: bool) -> dict:
+def _seal(job: Job, part: int, files: dict, doc_start: int, doc_end: int, in_bytes: int, val_sources: dict,
+          last: bool) -> dict:
     u = job.unit
     sidecar = {"format": FORMAT, "unit": job.index, "part": part, "last": last, "source": u.path,
                "range": list(u.files[:1] + u.files[-1:]) if u.kind == "embedded" else [u.start, u.stop],
                "kind": u.kind, "doc_start": doc_start, "doc_end": doc_end, "input_bytes": in_bytes,
-               "train": files["train"].close(), "val": files["val"].close()}
+               "train": files["train"].close(), "val": files["val"].close(),
+               "val_sources": [[k, n] for k, n in val_sources.items()]}
     write_json(Path(job.out) / f"{shard_name(job.index, part)}.json", sidecar)  # last: the shard's commit
     return sidecar
 
@@ -352,8 +368,46 @@ def open_streams(directory: Path, index: dict) -> tuple[TokenStream, TokenStream
     return streams[0], streams[1]
 
 
+def val_manifest(sidecars: list[dict]) -> list[dict]:
+    """Where the val tokens of the finished sidecars (in plan order) came from: one
+    {"source", "tokens"} per source, most tokens first. A document that named its source (a
+    stdlib file, a record's `source` field) counts under it, so a file split into several
+    documents is one entry; any other document is `<file>:<n>`, the file's n-th document
+    (0-based: paragraph of a .txt, non-empty record of a .jsonl/.json/.parquet), or a hub
+    stream's `<name>:<n>` (`<name>:<shard>:<n>` when the stream is read in several shards)."""
+    offset, before, tokens = {}, {}, {}
+    for side in sidecars:
+        path, unit = side["source"], side["unit"]
+        if unit not in offset:  # documents of the same file in the units before this one
+            offset[unit] = before.get(path, 0)
+        if side["last"]:
+            before[path] = offset[unit] + side.get("doc_end", 0)
+        for key, n in side.get("val_sources", []):
+            if isinstance(key, int):
+                at = key if side["kind"] == "hf" else offset[unit] + key
+                multi = side["kind"] == "hf" and side["range"][1] > 1
+                key = f"{path}:{side['range'][0]}:{at}" if multi else f"{path}:{at}"
+            tokens[key] = tokens.get(key, 0) + n
+    return [{"source": k, "tokens": n} for k, n in sorted(tokens.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def write_val_manifest(directory: Path, manifest: list[dict]) -> None:
+    """`val_manifest.json`: one entry per line, so a reader can grep or diff it."""
+    write_json(directory / "val_manifest.json", manifest,
+               "[\n" + ",\n".join(json.dumps(e) for e in manifest) + "\n]\n" if manifest else "[]\n")
+
+
+def read_val_manifest(directory: Path) -> list[dict] | None:
+    try:
+        return json.loads((directory / "val_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def publish_index(directory: Path, sidecars: list[dict], meta: dict) -> dict:
-    """Write `index.json` over the finished sidecars (in plan order); the dataset's commit point."""
+    """Write `val_manifest.json`, then `index.json`, over the finished sidecars (in plan
+    order); the index is the dataset's commit point."""
+    write_val_manifest(directory, val_manifest(sidecars))
     shards = []
     for side in sidecars:
         entry = dict(side)

@@ -3,7 +3,15 @@
 A source string is one of:
 - `embedded`: the interpreter's standard-library `.py` files, one document per non-empty
   file, sorted by relative path (site-packages, dist-packages and test/tests/idlelib/lib2to3
-  directories excluded). `max_docs` keeps the first N files of that order.
+  directories excluded). `max_docs` keeps the first N files of that order. The character-map
+  codec tables under `encodings/` (cp861.py, iso8859_5.py, ...: 72 files in 3.11, whose
+  docstring starts "Python Character Mapping Codec", generated from one template) are excluded
+  too: they are near-copies of one another, 256-entry tables more than code, so one of them
+  held out for val is predicted by its siblings in train and made a val loss that measured
+  nothing (one such table was ~92% of the val tokens).
+  Its val split is decided per file before anything is tokenized (`embedded_train_only`): a
+  file whose hash says val but which is larger than `EMBEDDED_VAL_MAX_SHARE` of the val
+  set's bytes goes to train, so no single file dominates the held-out loss.
 - a local `.txt` / `.jsonl` / `.json` / `.parquet` file, optionally compressed as `.gz` or
   `.zst` (not parquet, which compresses internally), a directory of them (searched
   recursively, sorted paths) or a glob (`corpus/**/*.jsonl.zst`).
@@ -28,6 +36,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import sysconfig
@@ -42,6 +51,11 @@ COMPRESSED = (".gz", ".zst")
 ACCEPTED = ("'embedded', a .txt/.jsonl/.json/.parquet file (optionally .gz/.zst), a directory or glob of them, "
             "or 'hf:<name>[:<config>]'")
 EXCLUDED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+# The first line of every generated character-map codec table in the stdlib's encodings/.
+CODEC_TABLE_MARKER = b"Python Character Mapping Codec"
+# The most of the embedded val set's bytes one file may hold (the larger val-hashed files
+# go to train, see embedded_train_only); bytes stand in for tokens, known before tokenizing.
+EMBEDDED_VAL_MAX_SHARE = 0.05
 _SEPARATOR = {"text": b"\n\n", "jsonl": b"\n"}
 
 
@@ -74,6 +88,7 @@ class Unit:
     text_field: str = "text"
     config: str | None = None  # hub dataset config
     take: int = 0  # hub: stop after this many documents (0 = all)
+    train_only: tuple = ()  # embedded: files of this unit that go to train whatever their hash
 
     @property
     def label(self) -> str:
@@ -109,10 +124,12 @@ class Source:
 
 
 def open_source(spec: str, text_field: str = "text", max_docs: int = 0, shard_mb: float = 64.0,
-                key: str = "data.source") -> Source:
-    """The source named by `spec`, checked and cut into units without reading documents."""
+                key: str = "data.source", val_fraction: float = 0.0) -> Source:
+    """The source named by `spec`, checked and cut into units without reading documents.
+    `val_fraction` (a train source's val split) lets the embedded corpus decide which of its
+    val-hashed files are too large for val when it plans its units."""
     if spec == "embedded":
-        return _embedded(max_docs, shard_mb)
+        return _embedded(max_docs, shard_mb, val_fraction)
     if spec.startswith("hf:"):
         return _hub(spec, text_field, max_docs, key)
     return _local(spec, text_field, shard_mb, key)
@@ -121,12 +138,19 @@ def open_source(spec: str, text_field: str = "text", max_docs: int = 0, shard_mb
 # --------------------------------------------------------------------------- embedded
 
 
-def _embedded(max_docs: int, shard_mb: float) -> Source:
+def _is_codec_table(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return CODEC_TABLE_MARKER in f.read(256)
+
+
+def _embedded(max_docs: int, shard_mb: float, val_fraction: float = 0.0) -> Source:
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_STDLIB_DIRS and d != "__pycache__"]
-        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+        codecs = Path(dirpath) == root / "encodings"
+        found += [Path(dirpath, f) for f in filenames
+                  if f.endswith(".py") and not (codecs and _is_codec_table(Path(dirpath, f)))]
     stats = sorted((p.relative_to(root).as_posix(), p.stat()) for p in found)
     stats = [(rel, st) for rel, st in stats if st.st_size > 0]
     if max_docs:
@@ -138,17 +162,48 @@ def _embedded(max_docs: int, shard_mb: float) -> Source:
     n_bytes = sum(st.st_size for _, st in stats)
 
     def units() -> list[Unit]:
+        to_train = embedded_train_only(root, [(rel, st.st_size) for rel, st in stats], val_fraction)
         out, group, size = [], [], 0
+
+        def unit() -> Unit:
+            return Unit("embedded", str(root), files=tuple(group), train_only=tuple(f for f in group if f in to_train))
+
         for rel, st in stats:
             group.append(rel)
             size += st.st_size
             if size >= shard_mb * 2**20:
-                out.append(Unit("embedded", str(root), files=tuple(group)))
+                out.append(unit())
                 group, size = [], 0
-        return out + ([Unit("embedded", str(root), files=tuple(group))] if group else [])
+        return out + ([unit()] if group else [])
 
-    return Source("embedded", "embedded", digest("embedded", sys.version, str(root), listing), n_bytes, units,
-                  f"embedded stdlib corpus {root}: {len(stats)} .py files, {n_bytes / 1e6:.1f} MB")
+    # val_fraction and the share cap decide which files are val, so they are part of what the
+    # corpus is (the tokenizer and the shards of another split are cached apart).
+    split = (val_fraction, EMBEDDED_VAL_MAX_SHARE) if val_fraction > 0 else ()
+    return Source("embedded", "embedded", digest("embedded", sys.version, str(root), listing, *split), n_bytes,
+                  units, f"embedded stdlib corpus {root}: {len(stats)} .py files, {n_bytes / 1e6:.1f} MB")
+
+
+def embedded_train_only(root: Path, files: list[tuple[str, int]], val_fraction: float,
+                        max_share: float = EMBEDDED_VAL_MAX_SHARE) -> frozenset:
+    """The files (relative paths) whose text hashes to val but that go to train, so that no
+    val file holds more than `max_share` of the val set's bytes: the largest val file moves
+    to train while it is above the cap (the cap shrinks with the val set, so this repeats
+    until it holds). No set of 1/max_share files or fewer can meet the cap (unless all are the
+    same size), so the moves stop at that many rather than empty val. `files` are (path, bytes), known before any
+    tokenizing; the hash is the one the shard writer uses."""
+    if val_fraction <= 0 or max_share <= 0:
+        return frozenset()
+    from trainer.data.shards import is_val, val_threshold  # why here: shards imports this module
+
+    threshold = val_threshold(val_fraction)
+    val = sorted(((size, rel) for rel, size in files
+                  if is_val((root / rel).read_text(encoding="utf-8", errors="replace"), threshold)),
+                 key=lambda x: (-x[0], x[1]))
+    total, moved, floor = sum(size for size, _ in val), [], math.ceil(1 / max_share)
+    while len(val) - len(moved) > floor and val[len(moved)][0] > max_share * total:
+        total -= val[len(moved)][0]
+        moved.append(val[len(moved)][1])
+    return frozenset(moved)
 
 
 def stdlib_files(unit: Unit) -> list[Path]:
@@ -295,23 +350,40 @@ def _hub_shards(name: str, config: str | None) -> int:
 
 def documents(unit: Unit) -> Iterator[str]:
     """The non-empty documents of `unit`, in order."""
+    for _, text in keyed_documents(unit):
+        yield text
+
+
+def keyed_documents(unit: Unit) -> Iterator[tuple[str | int, str]]:
+    """(source, text) for the documents of `unit`, in order. The source is where the document
+    came from when the unit says so: a stdlib file's relative path, or a record's own `source`
+    field (a string); otherwise it is the document's 0-based ordinal in the unit (an int, which
+    `shards.val_manifest` turns into `<file>:<ordinal in the file>`)."""
     if unit.kind == "embedded":
-        for p in stdlib_files(unit):
+        for rel, p in zip(unit.files, stdlib_files(unit)):
             text = p.read_text(encoding="utf-8", errors="replace")
             if text:
-                yield text
-    elif unit.kind == "text":
-        yield from _paragraphs(_text_chunks(unit))
+                yield rel, text
+        return
+    if unit.kind == "text":
+        docs = ((None, t) for t in _paragraphs(_text_chunks(unit)))
     elif unit.kind == "jsonl":
-        yield from _records(unit, _lines(_text_chunks(unit)))
+        docs = _records(unit, _lines(_text_chunks(unit)))
     elif unit.kind == "json":
-        yield from _records(unit, _json_records(unit))
+        docs = _records(unit, _json_records(unit))
     elif unit.kind == "parquet":
-        yield from _parquet(unit)
+        docs = _parquet(unit)
     elif unit.kind == "hf":
-        yield from _hub_documents(unit)
+        docs = ((None, t) for t in _hub_documents(unit))
     else:
         raise AssertionError(unit.kind)
+    for n, (source, text) in enumerate(docs):
+        yield (source if source else n), text
+
+
+def _source_field(item) -> str | None:
+    source = item.get("source")
+    return source if isinstance(source, str) else None
 
 
 # The share of printable characters (whitespace counts, U+FFFD from undecodable bytes does
@@ -448,10 +520,11 @@ def _records(unit: Unit, items: Iterator) -> Iterator[str]:
             continue
         text = text if isinstance(text, str) else str(text)
         if text:
-            yield text
+            yield _source_field(item) if f != "source" else None, text
 
 
-def _parquet(unit: Unit) -> Iterator[str]:
+def _parquet(unit: Unit) -> Iterator[tuple[str | None, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
@@ -459,11 +532,15 @@ def _parquet(unit: Unit) -> Iterator[str]:
     if unit.text_field not in names:
         raise DataError(f"parquet records in {unit.path} have no field {unit.text_field!r} (fields: "
                         f"{', '.join(names) or 'none'}); set data.text_field")
+    with_source = "source" in names and unit.text_field != "source" and pa.types.is_string(
+        pf.schema_arrow.field("source").type)
     for i in range(unit.start, unit.stop):
-        column = pf.read_row_group(i, columns=[unit.text_field]).column(0)
-        for text in column.cast("string").to_pylist():
+        table = pf.read_row_group(i, columns=[unit.text_field] + (["source"] if with_source else []))
+        texts = table.column(0).cast("string").to_pylist()
+        sources = table.column(1).to_pylist() if with_source else [None] * len(texts)
+        for text, source in zip(texts, sources):
             if text:
-                yield text
+                yield source, text
 
 
 def _hub_documents(unit: Unit) -> Iterator[str]:

@@ -149,7 +149,7 @@ class FixedBatch:
         ids = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), generator=g)
         self.inputs, self.labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
-    def train_batch(self, step, micro, dp_rank, dp_size, micro_batch, grad_accum):
+    def train_batch(self, step, micro, layout):
         return self.inputs, self.labels
 
 
@@ -183,12 +183,14 @@ def plain_train_step(model: torch.nn.Module, loss_fn: Callable, cfg) -> Callable
 
 def engine_train_step(engine, data, dist, cfg) -> Callable[[], None]:
     """One `trainer.step.train_step` on `engine`, as trainer.train runs it; losses in `.losses`."""
+    from trainer.parallel.layout import BatchLayout
     from trainer.step import train_step
 
+    layout = BatchLayout.build(cfg, dist)
     losses: list[float] = []
 
     def step():
-        losses.append(train_step(engine, data, dist, cfg, len(losses)).loss)
+        losses.append(train_step(engine, data, dist, cfg, layout, len(losses)).loss)
 
     step.losses = losses
     return step

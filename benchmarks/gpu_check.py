@@ -172,6 +172,7 @@ def measure(cfg, dist, args, compiled: bool) -> dict:
     from benchmarks.common import FixedBatch
     from trainer.metrics import peak_flops_per_device
     from trainer.parallel.engine import build_engine, build_model
+    from trainer.parallel.layout import BatchLayout
     from trainer.step import train_step
 
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, compile=compiled))
@@ -181,12 +182,12 @@ def measure(cfg, dist, args, compiled: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = build_model(cfg, cfg.model.n_layers)
     engine = build_engine(cfg, dist, model)
-    data = FixedBatch(cfg.model.vocab_size, args.batch, args.seq_len)
+    data, layout = FixedBatch(cfg.model.vocab_size, args.batch, args.seq_len), BatchLayout.build(cfg, dist)
     losses, times = [], []
     state = {"step": 0}
 
     def step():
-        result = train_step(engine, data, dist, cfg, state["step"])
+        result = train_step(engine, data, dist, cfg, layout, state["step"])
         state["step"] += 1
         return result
 

@@ -117,6 +117,7 @@ import numpy, torch
 from pathlib import Path
 from trainer.data.shards import check_shards, open_streams, publish_index, write_json
 from trainer.data.loader import PackedData
+from trainer.parallel.layout import BatchLayout
 d = Path({str(directory)!r}); (d / "shards").mkdir(parents=True, exist_ok=True)
 sides = []
 for i in range(100):
@@ -134,7 +135,7 @@ index = json.loads((d / "index.json").read_text())
 assert check_shards(d, index) is None
 train, val = open_streams(d, index)
 data = PackedData(train, val, None, 2048, 0)
-x, _ = data.train_batch(10**6, 0, 0, 1, 8, 1)
+x, _ = data.train_batch(10**6, 0, BatchLayout(micro_batch=8, grad_accum=1, seq_len=2048, dp_size=1))
 print(json.dumps({{"tokens": data.n_train_tokens + data.n_val_tokens, "shards": 100,
                   "seconds": time.perf_counter() - t, "rss_mb": (rss() - before) / 2**20}}))
 """

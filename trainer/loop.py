@@ -21,6 +21,7 @@ from trainer.growth import Grower
 from trainer.metrics import make_metrics, peak_flops_per_device
 from trainer.parallel.dist import init_distributed, print0
 from trainer.parallel.engine import build_engine, build_model, set_lr
+from trainer.parallel.layout import BatchLayout
 from trainer.parallel.ulysses import attention_core
 from trainer.provenance import run_info
 from trainer.schedule import lr_at
@@ -32,6 +33,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.sp, cfg.parallel.timeout_minutes)
         validate(cfg, world_size=self.dist.world)
+        self.layout = BatchLayout.build(cfg, self.dist)
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist,
                                  every=cfg.checkpoint.every, last_step=cfg.run.max_steps,
@@ -98,7 +100,7 @@ class Trainer:
                                 "changed": changed}) + "\n")
 
     def fit(self) -> int:
-        cfg, dist = self.cfg, self.dist
+        cfg, dist, layout = self.cfg, self.dist, self.layout
         if self.resume_from is not None and self.state.step >= cfg.run.max_steps:
             # Before the data and the engine: re-running a finished command costs seconds.
             print0(f"run {self.run_dir} already finished at step {self.state.step} (run.max_steps="
@@ -111,7 +113,7 @@ class Trainer:
         # The peak probe runs before the checkpoint restores the RNG (it also forks the RNG).
         peak, _ = peak_flops_per_device(dist.device, cfg.parallel.precision, cfg.logging.peak_flops)
         state = self._resume(engine, data)
-        metrics = make_metrics(cfg, self.run_dir, state.step, dist, data, peak_flops=peak)
+        metrics = make_metrics(cfg, self.run_dir, state.step, dist, layout, data, peak_flops=peak)
         profiler = StepProfiler(cfg.logging.profile_steps, self.run_dir, dist.rank, dist.device, state.step)
         grower = Grower(cfg, dist, core, self.ckpt, metrics)
         evaluator = Evaluator(cfg, dist, data, metrics)
@@ -122,10 +124,11 @@ class Trainer:
             if grower.due(state):
                 held, engine = [engine], None  # growth frees the old engine: keep no reference here
                 engine = grower.grow(state, held)
-            set_lr(engine, lr_at(cfg, state.step))
+            lr = lr_at(cfg, state.step)
+            set_lr(engine, lr)
             t0 = time.perf_counter()
-            result = train_step(engine, data, dist, cfg, state.step)
-            state.advance(result.skipped, metrics.throughput.samples_per_step, metrics.throughput.tokens_per_step)
+            result = train_step(engine, data, dist, cfg, layout, state.step)
+            state.advance(result.skipped, layout)
             if trace := profiler.after_step(state.step):
                 metrics.message(f"step {state.step}: wrote profiler trace {trace}")
             if result.skipped and self._too_many_bad_steps(result, state, metrics):
@@ -133,7 +136,7 @@ class Trainer:
                 profiler.close()
                 metrics.close()
                 return 3
-            metrics.log_train(state, result, time.perf_counter() - t0, engine.module)
+            metrics.log_train(state, result, time.perf_counter() - t0, engine.module, lr)
             evaluator.maybe_run(state, engine)
             diagnostics.maybe_run(state, engine)
             stopped_by = self.stop.reason(state.step, dist)
@@ -165,9 +168,8 @@ class Trainer:
         if self.resume_from is not None:
             state = self.ckpt.load(engine, self.resume_from)
             print0(f"resumed from {self.resume_from} (step {state.step}, {state.n_layers} layers)")
-        p = self.cfg.parallel
         if state.step and not state.samples:  # a checkpoint from before samples were recorded
-            state.samples = state.step * p.micro_batch * p.grad_accum * self.dist.dp_size
+            state.samples = state.step * self.layout.samples_per_step
         data.seek(state.step, state.samples)
         return state
 

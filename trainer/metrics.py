@@ -17,8 +17,8 @@ import torch
 from trainer.config import RunConfig, to_dict
 from trainer.evaluation.profiling import peak_memory_gb
 from trainer.parallel.dist import print0
+from trainer.parallel.layout import BatchLayout
 from trainer.parallel.ulysses import all_to_all_bytes_per_layer
-from trainer.schedule import lr_at
 
 # Dense (no sparsity) peak FLOP/s of one GPU from the vendor datasheets, per precision:
 # bf16 tensor core; tf32 tensor core; fp32 without tensor cores. Matched on the tokens of
@@ -162,21 +162,19 @@ def _unreachable(url: str) -> str | None:
 
 
 class Throughput:
-    """What a training row derives from the batch layout: tokens and samples per step,
-    tokens/s, MFU and HFU against the per-device peak, the Ulysses all-to-all bytes per
-    layer, and peak memory."""
+    """What a training row derives from the batch layout: tokens/s, MFU and HFU against the
+    per-device peak, the Ulysses all-to-all bytes per layer, and peak memory."""
 
-    def __init__(self, cfg: RunConfig, dist, peak_flops: float):
+    def __init__(self, cfg: RunConfig, dist, layout: BatchLayout, peak_flops: float):
         p = cfg.parallel
-        self.dist, self.seq_len, self.peak = dist, cfg.data.seq_len, peak_flops
-        self.samples_per_step = p.micro_batch * p.grad_accum * dist.dp_size
-        self.tokens_per_step = self.samples_per_step * cfg.data.seq_len
+        self.dist, self.seq_len, self.peak = dist, layout.seq_len, peak_flops
+        self.tokens_per_step = layout.tokens_per_step
         self._flops_key, self._flops_value = None, (0.0, 0.0)
         # A CPU peak is a matmul timed at start-up, maybe while other processes held the cores;
         # it is re-measured whenever a step beats it (see _raise_peak).
         self.peak_is_probe = dist.device.type == "cpu" and not cfg.logging.peak_flops
         self.announce = lambda text: None  # the console (Metrics on rank 0 sets it)
-        self.a2a = all_to_all_bytes_per_layer(p.micro_batch, cfg.data.seq_len, p.sp, cfg.model.n_heads,
+        self.a2a = all_to_all_bytes_per_layer(layout.micro_batch, layout.seq_len, p.sp, cfg.model.n_heads,
                                               cfg.model.kv_heads, cfg.model.head_dim, 2 if p.precision == "bf16" else 4)
 
     def fields(self, dt: float, model) -> dict:
@@ -225,18 +223,19 @@ class RowBuilder:
         self.last: dict = {}
         self.last_eval: dict = {}  # the latest eval row (val_loss ...), for the console and the summary
 
-    def log_train(self, state, result, dt: float, model) -> None:
+    def log_train(self, state, result, dt: float, model, lr: float) -> None:
         """The row of a finished (not skipped) step, logged every logging.every steps and at
-        step 1; the progress bar every step. The loss and grad norm are read (a host sync
-        each) only for a logged row, the first step and the last one (the summary's figures);
-        between rows the bar shows the last row's loss."""
+        step 1; the progress bar every step. `lr` is the rate the loop set for the update that
+        produced this row. The loss and grad norm are read (a host sync each) only for a logged
+        row, the first step and the last one (the summary's figures); between rows the bar shows
+        the last row's loss."""
         if result.skipped:
             return
         fields = self.throughput.fields(dt, model)
         logged = state.step % self.cfg.logging.every == 0 or state.step == 1
         if logged or self.first_loss is None or state.step == self.cfg.run.max_steps:
             self.first_loss = result.loss if self.first_loss is None else self.first_loss
-            self.last = {"step": state.step, "loss": result.loss, "lr": lr_at(self.cfg, state.step - 1),
+            self.last = {"step": state.step, "loss": result.loss, "lr": lr,
                          "grad_norm": result.grad_norm, **fields,
                          "n_layers": state.n_layers, "tokens": state.tokens,
                          **(self.data.log_fields(state.samples) if self.data is not None else {})}
@@ -369,9 +368,9 @@ def eval_line(row: dict) -> str:
     return text + (f"; held-out: {', '.join(held)}" if held else "")
 
 
-def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, dist, data=None,
+def make_metrics(cfg: RunConfig, run_dir: Path, start_step: int, dist, layout: BatchLayout, data=None,
                  peak_flops: float = 0.0) -> Metrics | RowBuilder:
-    throughput = Throughput(cfg, dist, peak_flops)
+    throughput = Throughput(cfg, dist, layout, peak_flops)
     return Metrics(cfg, run_dir, start_step, throughput, data) if dist.is_main else RowBuilder(cfg, throughput)
 
 

@@ -50,6 +50,7 @@ from trainer.errors import UserError
 from trainer.metrics import datasheet_peak
 from trainer.parallel.dist import print0
 from trainer.parallel.engine import deepspeed_config
+from trainer.parallel.layout import BatchLayout
 from trainer.parallel.ulysses import grad_scale, largest_param
 
 GIB = 2**30
@@ -213,7 +214,7 @@ def memory_per_gpu(cfg: RunConfig, n_params: int, world: int, checkpointing: str
     bf16 = p.precision == "bf16"
     shard, z = max(1, world), p.zero_stage
     a = 2 if bf16 else 4
-    tokens = p.micro_batch * cfg.data.seq_len / p.sp
+    tokens = BatchLayout.of(cfg, world // p.sp).tokens_per_micro / p.sp  # per rank: SP ranks split each sample
     every = checkpointed_blocks(checkpointing, m.n_layers)
     return Memory(
         weights=n_params * a / (shard if z == 3 else 1),
@@ -248,7 +249,7 @@ def plan(cfg: RunConfig, world_size: int = 0, gpu: str = "H100", mfu: float = 0.
     dp = world // p.sp
     final = _meta_model(cfg, cfg.final_layers)
     n = final.num_params()
-    tokens_per_step = p.micro_batch * p.grad_accum * dp * cfg.data.seq_len
+    tokens_per_step = BatchLayout.of(cfg, dp).tokens_per_step  # the training loop's own arithmetic
     steps = cfg.run.max_steps
     # Growth: each stage trains at its own depth, so FLOPs are summed stage by stage.
     bounds = [(0, cfg.model.n_layers)] + [(s.at_step, s.layers) for s in cfg.growth.stages]

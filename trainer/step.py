@@ -12,6 +12,7 @@ from trainer import faults
 from trainer.config import RunConfig
 from trainer.parallel.dist import Dist
 from trainer.parallel.ds_state import base_optimizer
+from trainer.parallel.layout import BatchLayout
 from trainer.parallel.ulysses import shard_sequence
 
 
@@ -49,21 +50,20 @@ def _token_loss_sum(engine, inputs, labels, pos, cfg: RunConfig, causal: bool = 
     return ce, routing.aux_loss()
 
 
-def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResult:
-    """One optimizer step over p.grad_accum micro-batches. Nothing here waits for the device
-    but the optimizer's skip decision (trainer.parallel.optim); `engine.grad_scale` is build_engine's."""
-    p = cfg.parallel
+def train_step(engine, data, dist: Dist, cfg: RunConfig, layout: BatchLayout, step: int) -> StepResult:
+    """One optimizer step over `layout.grad_accum` micro-batches. Nothing here waits for the
+    device but the optimizer's skip decision (trainer.parallel.optim); `engine.grad_scale` is
+    build_engine's."""
     # Loss = Σ token losses / tokens of the whole sample: SP ranks each hold a slice, and
     # DeepSpeed averages over DP (and over micro-steps via engine.backward).
-    tokens_per_micro = p.micro_batch * cfg.data.seq_len
-    scale = engine.grad_scale / tokens_per_micro
+    scale = engine.grad_scale / layout.tokens_per_micro
     faults.at_step(step, dist.rank)
     poison = float("nan") if step in faults.nan_steps() else 1.0
     ce_total = torch.zeros(1, device=dist.device)  # summed on the device: no host sync per micro-step
     optimizer = base_optimizer(engine)
     engine.train()
-    for micro in range(p.grad_accum):
-        x, y = data.train_batch(step, micro, dist.dp_rank, dist.dp_size, p.micro_batch, p.grad_accum)
+    for micro in range(layout.grad_accum):
+        x, y = data.train_batch(step, micro, layout)
         x, y, pos = shard_sequence(x, y, dist)
         x, y, pos = to_device(x, dist.device), to_device(y, dist.device), to_device(pos, dist.device)
         ce, aux = _token_loss_sum(engine, x, y, pos, cfg)
@@ -78,7 +78,7 @@ def train_step(engine, data, dist: Dist, cfg: RunConfig, step: int) -> StepResul
     optimizer.loss_flag = None
     dist.all_reduce(ce_total)
     # float64 on the device: the same value as the host's float division it replaces.
-    loss = ce_total[0].double() / (tokens_per_micro * p.grad_accum * dist.dp_size)
+    loss = ce_total[0].double() / layout.tokens_per_step
     norm = engine.get_global_grad_norm()
     norm = plain_norm if norm is None else norm.detach() if torch.is_tensor(norm) else norm
     return StepResult(loss=loss, grad_norm=norm, skipped=optimizer.skipped_last_step)

@@ -14,6 +14,7 @@ from trainer.checkpoint.init_from import InitSource, check_tokenizer, resolve_in
 from trainer.config import ConfigError, load_config
 from trainer.data import prepare_data
 from trainer.export.load import consolidated_state_dict, load_model, resolve_checkpoint
+from trainer.parallel.layout import BatchLayout
 from trainer.schedule import lr_at
 
 TINY = ROOT / "configs/tiny.yaml"
@@ -51,7 +52,7 @@ def test_init_from_starts_from_source_weights_with_new_seq_len_and_sp(source_run
     data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.run.seed, cfg.cache_dir, tmp_path, True,
                         lambda: None, log=lambda s: None)
     data.seek(0, 0)
-    x, y = data.train_batch(0, 0, 0, 1, cfg.parallel.micro_batch, cfg.parallel.grad_accum)
+    x, y = data.train_batch(0, 0, BatchLayout.of(cfg, dp_size=1))
     with torch.no_grad():
         want = F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).item()
     rows = [r for r in metrics(out / "dst") if "loss" in r]

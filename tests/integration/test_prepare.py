@@ -19,6 +19,7 @@ from tests.helpers import ROOT, _env, losses, metrics, tiny_overrides, train
 from trainer.config import ConfigError, DataConfig, MixEntry, load_config
 from trainer.data import DataError, MixedData, Mixture, PackedData, permute, plan, prepare_all, prepare_data
 from trainer.data.shards import TokenStream, read_val_manifest
+from trainer.parallel.layout import BatchLayout
 
 VOCAB = 512
 
@@ -218,7 +219,7 @@ def test_offline_mode_names_the_prepare_command_and_creates_nothing(corpus, toke
     data = prepare_data(small, VOCAB, 0, tmp_path / "cache", tmp_path / "run", True, lambda: None, log=quiet, world=2)
     other = prepare_data(small, VOCAB, 0, tmp_path / "cache", tmp_path / "run", False, lambda: None, log=quiet,
                          world=2)
-    assert (data.train_batch(3, 0, 1, 2, 4, 1)[0] == other.train_batch(3, 0, 1, 2, 4, 1)[0]).all()
+    assert (data.train_batch(3, 0, _on(1, 2, 4, 1))[0] == other.train_batch(3, 0, _on(1, 2, 4, 1))[0]).all()
 
 
 def test_bad_sources_and_mixtures_are_one_line_and_lose_nothing(corpus, tokenizer, tmp_path):
@@ -293,13 +294,14 @@ import torch, numpy
 from pathlib import Path
 from trainer.config import DataConfig
 from trainer.data import prepare_data
+from trainer.parallel.layout import BatchLayout
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
 c = dataclasses.replace(DataConfig(), **{dataclasses.asdict(c)!r})
 before = rss(); t = time.perf_counter()
 data = prepare_data(c, {VOCAB}, 0, Path({str(tmp_path)!r}), Path({str(tmp_path / 'run')!r}), True, lambda: None,
                     log=lambda m: None)
 seconds = time.perf_counter() - t
-x, _ = data.train_batch(10**7, 0, 0, 1, 8, 1)
+x, _ = data.train_batch(10**7, 0, BatchLayout(micro_batch=8, grad_accum=1, seq_len=c.seq_len, dp_size=1))
 print(seconds, (rss() - before) / 2**20, data.n_train_tokens, x.shape[0])
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=_env())
@@ -325,8 +327,13 @@ def synthetic(n_tokens: int, seq_len: int = 8, seed: int = 0, key: int = 0, offs
                       np.arange(offset, offset + n_tokens // 4, dtype=np.uint32), None, seq_len, seed, key=key)
 
 
+def _on(dp_rank: int, dp_size: int, micro_batch: int, grad_accum: int) -> BatchLayout:
+    """DP rank `dp_rank`'s batch layout (the loader reads the batch split, not seq_len)."""
+    return BatchLayout(micro_batch=micro_batch, grad_accum=grad_accum, seq_len=8, dp_size=dp_size, dp_rank=dp_rank)
+
+
 def indices(data, first_step: int, last_step: int, dp: int, micro_batch: int, accum: int) -> np.ndarray:
-    return np.concatenate([data.sample_indices(s, m, r, dp, micro_batch, accum)
+    return np.concatenate([data.sample_indices(s, m, _on(r, dp, micro_batch, accum))
                            for s in range(first_step, last_step) for m in range(accum) for r in range(dp)])
 
 
@@ -341,7 +348,7 @@ def test_resume_on_another_batch_layout_sees_every_sample_exactly_once():
     after = indices(doubled, 10, 20, dp=2, micro_batch=4, accum=2)  # global batch 16
     assert sorted(np.concatenate([first, after])) == list(range(80 + 160))
     # and the same sample index is the same window whatever the layout
-    x, _ = data.train_batch(10, 1, 0, 1, 4, 2)
+    x, _ = data.train_batch(10, 1, _on(0, 1, 4, 2))
     assert (x == data.samples(np.arange(84, 88))[0]).all()
 
 
@@ -366,11 +373,12 @@ def test_mixed_loader_is_exact_on_resume_and_reports_shares():
         return MixedData(parts, ["a", "b"], [3.0, 1.0], seed=5)
 
     data = mixed()  # 2 ranks x micro 4 x accum 2; rows come out in global sample order
-    straight = np.concatenate([data.train_batch(s, m, r, 2, 4, 2)[0].numpy()
+    straight = np.concatenate([data.train_batch(s, m, _on(r, 2, 4, 2))[0].numpy()
                                for s in range(6) for m in range(2) for r in range(2)])
     resumed = mixed()  # resumed at step 3 on 1 rank x micro 8 x accum 2
     resumed.seek(3, 3 * 16)
-    tail = np.concatenate([resumed.train_batch(s, m, 0, 1, 8, 2)[0].numpy() for s in range(3, 6) for m in range(2)])
+    tail = np.concatenate([resumed.train_batch(s, m, _on(0, 1, 8, 2))[0].numpy()
+                           for s in range(3, 6) for m in range(2)])
     assert (tail == straight[48:]).all() and (straight == data.samples(np.arange(96))[0].numpy()).all()
     from_b = straight[:, 0] >= 1_000_000
     assert abs(from_b.mean() - 0.25) < 0.02

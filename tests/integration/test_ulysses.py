@@ -54,10 +54,11 @@ class _Batches:
     def __init__(self, vocab_size: int, seq_len: int):
         self.vocab_size, self.seq_len = vocab_size, seq_len
 
-    def train_batch(self, step, micro, dp_rank, dp_size, micro_batch, grad_accum):
+    def train_batch(self, step, micro, layout):
         g = torch.Generator().manual_seed(1000 * step + micro)
-        ids = torch.randint(0, self.vocab_size, (dp_size * micro_batch, self.seq_len + 1), generator=g)
-        ids = ids[dp_rank * micro_batch:(dp_rank + 1) * micro_batch]
+        b = layout.micro_batch
+        ids = torch.randint(0, self.vocab_size, (layout.dp_size * b, self.seq_len + 1), generator=g)
+        ids = ids[layout.dp_rank * b:(layout.dp_rank + 1) * b]
         return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
@@ -68,6 +69,7 @@ def _sp_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[tuple[f
     from trainer.parallel.dist import init_distributed
     from trainer.parallel.ds_state import fp32_weights
     from trainer.parallel.engine import build_engine, build_model
+    from trainer.parallel.layout import BatchLayout
     from trainer.parallel.ulysses import attention_core
     from trainer.step import train_step
 
@@ -75,10 +77,10 @@ def _sp_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[tuple[f
     dist = init_distributed("gloo", cfg.parallel.sp)
     model = build_model(cfg, cfg.model.n_layers, attention_core(dist, cfg.model.kv_heads))
     engine = build_engine(cfg, dist, model)
-    data = _Batches(cfg.model.vocab_size, cfg.data.seq_len)
+    data, layout = _Batches(cfg.model.vocab_size, cfg.data.seq_len), BatchLayout.build(cfg, dist)
     rows = []
     for step in range(1, STEPS + 1):
-        r = train_step(engine, data, dist, cfg, step)
+        r = train_step(engine, data, dist, cfg, layout, step)
         rows.append((float(r.loss), float(r.grad_norm)))
     weights = fp32_weights(engine)  # collective under ZeRO: every rank calls it
     return rows, weights if rank == 0 else None

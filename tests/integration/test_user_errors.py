@@ -30,11 +30,13 @@ from pathlib import Path
 from trainer.config import load_config
 from trainer.parallel.dist import Dist
 from trainer.metrics import make_metrics
+from trainer.parallel.layout import BatchLayout
 import torch
 cfg = load_config("configs/tiny.yaml", ["logging.wandb_mode=online", "logging.progress=false"])
 run = Path(sys.argv[1]); run.mkdir(parents=True)
 t0 = time.perf_counter()
-m = make_metrics(cfg, run, 0, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1), peak_flops=1e9)
+dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
+m = make_metrics(cfg, run, 0, dist, BatchLayout.build(cfg, dist), peak_flops=1e9)
 print(f"started in {time.perf_counter() - t0:.1f} s, wandb mode {m.wandb.settings.mode}")
 m.close()
 """

@@ -9,13 +9,14 @@ from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
 from trainer.metrics import Metrics, Throughput
 from trainer.parallel.dist import Dist
+from trainer.parallel.layout import BatchLayout
 
 
 def _metrics(tmp_path, *overrides: str) -> Metrics:
     cfg = load_config(ROOT / "configs/tiny.yaml", ["logging.wandb_mode=disabled", "logging.progress=false",
                                                    *overrides])
     dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
-    return Metrics(cfg, tmp_path, 0, Throughput(cfg, dist, peak_flops=1e12))
+    return Metrics(cfg, tmp_path, 0, Throughput(cfg, dist, BatchLayout.build(cfg, dist), peak_flops=1e12))
 
 
 def test_each_eval_prints_one_val_loss_line_and_the_summary_ends_with_the_last(tmp_path, capsys):

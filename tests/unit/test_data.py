@@ -17,6 +17,7 @@ from tests.helpers import SHAKESPEARE
 from trainer.config import DataConfig
 from trainer.data import EXCLUDED_STDLIB_DIRS, DataError, PackedData, open_source, prepare_data
 from trainer.data.tokenizer import Tokenizer, TokenizerError
+from trainer.parallel.layout import BatchLayout
 
 VOCAB = 512
 
@@ -65,6 +66,11 @@ def synthetic(n_tokens: int, seq_len: int, seed: int = 0) -> PackedData:
     """Token t at position t, so a window's first input token names the window."""
     return PackedData(np.arange(n_tokens, dtype=np.uint32), np.arange(n_tokens // 4, dtype=np.uint32), None,
                       seq_len, seed)
+
+
+def _on(dp_rank: int, dp_size: int, micro_batch: int, grad_accum: int) -> BatchLayout:
+    """DP rank `dp_rank`'s batch layout (the loader reads the batch split, not seq_len)."""
+    return BatchLayout(micro_batch=micro_batch, grad_accum=grad_accum, seq_len=8, dp_size=dp_size, dp_rank=dp_rank)
 
 
 # --------------------------------------------------------------------------- embedded corpus + tokenizer
@@ -132,7 +138,7 @@ def test_run_dir_gets_tokenizer_and_other_ranks_open_the_same_data(embedded):
     assert (tmp / "run" / "tokenizer" / "tokenizer.model").read_bytes() == data.tokenizer.path.read_bytes()
     assert json.loads((tmp / "run" / "data.json").read_text())["n_train_tokens"] == data.n_train_tokens
     other = prepare(tmp, cfg(), is_main=False)
-    for args in [(0, 0, 0, 2, 4, 1), (7, 1, 1, 2, 4, 2)]:
+    for args in [(0, 0, _on(0, 2, 4, 1)), (7, 1, _on(1, 2, 4, 2))]:
         assert all((a == b).all() for a, b in zip(other.train_batch(*args), data.train_batch(*args)))
 
 
@@ -152,16 +158,16 @@ def test_incomplete_cached_pack_is_rebuilt_not_trusted(tmp_path, tokenizer_path)
 
 def test_batch_is_a_pure_function_of_seed_step_micro_rank():
     a, b = synthetic(5000, 16, seed=3), synthetic(5000, 16, seed=3)
-    b.train_batch(99, 0, 0, 1, 8, 1)  # other calls in between change nothing
-    for args in [(0, 0, 0, 2, 4, 2), (5, 1, 1, 2, 4, 2), (1000, 0, 1, 2, 4, 2)]:
+    b.train_batch(99, 0, _on(0, 1, 8, 1))  # other calls in between change nothing
+    for args in [(0, 0, _on(0, 2, 4, 2)), (5, 1, _on(1, 2, 4, 2)), (1000, 0, _on(1, 2, 4, 2))]:
         assert all((x == y).all() for x, y in zip(a.train_batch(*args), b.train_batch(*args)))
     other_seed = synthetic(5000, 16, seed=4)
-    assert not (other_seed.train_batch(0, 0, 0, 1, 8, 1)[0] == a.train_batch(0, 0, 0, 1, 8, 1)[0]).all()
+    assert not (other_seed.train_batch(0, 0, _on(0, 1, 8, 1))[0] == a.train_batch(0, 0, _on(0, 1, 8, 1))[0]).all()
 
 
 def test_ranks_and_micro_steps_get_disjoint_windows():
     data = synthetic(10_000, 16)
-    seen = [data.train_windows(3, micro, rank, 4, 5, 2) for micro in range(2) for rank in range(4)]
+    seen = [data.train_windows(3, micro, _on(rank, 4, 5, 2)) for micro in range(2) for rank in range(4)]
     flat = np.concatenate(seen)
     assert len(np.unique(flat)) == len(flat) == 40
 
@@ -170,17 +176,17 @@ def test_one_epoch_visits_every_window_once_then_reshuffles():
     seq_len, n_windows = 8, 21  # 21 windows, 4 per step: epochs straddle steps
     data = synthetic(n_windows * seq_len + 1, seq_len)
     assert data.n_train_windows == n_windows
-    order = np.concatenate([data.train_windows(s, 0, r, 2, 2, 1) for s in range(21) for r in range(2)])
+    order = np.concatenate([data.train_windows(s, 0, _on(r, 2, 2, 1)) for s in range(21) for r in range(2)])
     epochs = order.reshape(4, n_windows)
     assert all(sorted(e) == list(range(n_windows)) for e in epochs)
     assert not (epochs[0] == epochs[1]).all()
-    inputs, _ = data.train_batch(0, 0, 0, 1, 4, 1)
-    assert (inputs[:, 0].numpy() // seq_len == data.train_windows(0, 0, 0, 1, 4, 1)).all()
+    inputs, _ = data.train_batch(0, 0, _on(0, 1, 4, 1))
+    assert (inputs[:, 0].numpy() // seq_len == data.train_windows(0, 0, _on(0, 1, 4, 1))).all()
 
 
 def test_labels_are_inputs_shifted_by_one():
     data = synthetic(3000, 16)
-    inputs, labels = data.train_batch(2, 1, 0, 1, 6, 2)
+    inputs, labels = data.train_batch(2, 1, _on(0, 1, 6, 2))
     assert inputs.shape == labels.shape == (6, 16) and inputs.dtype == labels.dtype == torch.long
     assert (labels == inputs + 1).all()  # token t sits at position t
     assert (labels[:, :-1] == inputs[:, 1:]).all()
@@ -372,7 +378,6 @@ def test_hub_failures_are_one_line(tmp_path, monkeypatch):
     message = error_of(tmp_path, cfg(source="hf:org/corpus", max_tokens=1000))
     assert "could not open hub dataset 'org/corpus'" in message and "Couldn't reach" in message
     assert "needs a bound" in error_of(tmp_path, cfg(source="hf:org/corpus", max_docs=0))
-
 
 
 # --------------------------------------------------------------------------- val manifest and the embedded val rule

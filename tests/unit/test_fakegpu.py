@@ -19,6 +19,7 @@ from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
 from trainer.metrics import RowBuilder, Throughput
 from trainer.parallel.dist import Dist
+from trainer.parallel.layout import BatchLayout
 from trainer.parallel.optim import SkipNonFiniteAdamW
 from trainer.step import evaluate, train_step
 
@@ -96,11 +97,15 @@ class _Data:
 
     eval_sets: dict = {}
 
-    def train_batch(self, step, micro, dp_rank, dp_size, micro_batch, grad_accum):
-        return torch.randint(0, 64, (micro_batch, 16)), torch.randint(0, 64, (micro_batch, 16))
+    @staticmethod
+    def _batch(rows):
+        return torch.randint(0, 64, (rows, 16)), torch.randint(0, 64, (rows, 16))
+
+    def train_batch(self, step, micro, layout):
+        return self._batch(layout.micro_batch)
 
     def val_batches(self, n, micro):
-        return iter([self.train_batch(0, 0, 0, 1, micro, 1) for _ in range(n)])
+        return iter([self._batch(micro) for _ in range(n)])
 
     def log_fields(self, samples):
         return {}
@@ -125,7 +130,7 @@ def _engine(dist: Dist, *extra: str):
 @pytest.mark.parametrize("mod", ["0", "0.5"], ids=["dense", "mod"])
 def test_train_step_keeps_loss_norm_and_skip_check_on_the_device(meta, mod):
     cfg, engine = _engine(meta, f"model.mod.capacity={mod}")
-    result = train_step(engine, _Data(), meta, cfg, step=0)
+    result = train_step(engine, _Data(), meta, cfg, BatchLayout.build(cfg, meta), step=0)
     assert result._loss.device == DEVICE and result._grad_norm.device == DEVICE
     assert result.skipped is True and engine.optimizer.loss_flag is None
     assert (result.loss, result.grad_norm) == (1.0, 1.0)
@@ -146,12 +151,13 @@ def test_metrics_rows_reduce_on_the_device(meta, monkeypatch):
 
     monkeypatch.setattr(trainer.metrics, "peak_memory_gb", lambda device: 1.5)
     cfg, engine = _engine(meta)
-    result = train_step(engine, _Data(), meta, cfg, step=0)
-    metrics = RowBuilder(cfg, Throughput(cfg, meta, peak_flops=1e12), _Data())
+    layout = BatchLayout.build(cfg, meta)
+    result = train_step(engine, _Data(), meta, cfg, layout, step=0)
+    metrics = RowBuilder(cfg, Throughput(cfg, meta, layout, peak_flops=1e12), _Data())
     state = TrainState(n_layers=3)
-    state.advance(False, samples=8, tokens=128)
+    state.advance(False, layout)
     result.skipped = False  # meta reads say "skip"; the row of a finished step is what is under test
-    metrics.log_train(state, result, 0.1, engine.module)
+    metrics.log_train(state, result, 0.1, engine.module, cfg.optim.lr)
     assert metrics.last["loss"] == metrics.last["mem_gb"] == 1.0  # both read back from the device
     metrics.log_skipped(state, result, limit=3)
 

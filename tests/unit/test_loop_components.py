@@ -13,6 +13,7 @@ from trainer.checkpoint.state import TrainState
 from trainer.config import load_config
 from trainer.evaluation.diagnostics import Diagnostics
 from trainer.evaluation.evaluator import Evaluator
+from trainer.parallel.layout import BatchLayout
 
 
 class _Dist:
@@ -50,7 +51,7 @@ def test_stop_reason_names_the_signal_the_stop_step_or_another_rank():
 def test_train_state_advances_and_counts_consecutive_bad_steps():
     st = TrainState(n_layers=2)
     for skipped in (False, True, True, False, True):
-        st.advance(skipped, samples=8, tokens=8 * 64)
+        st.advance(skipped, BatchLayout(micro_batch=4, grad_accum=2, seq_len=64, dp_size=1))
     assert (st.step, st.samples, st.tokens, st.bad_steps) == (5, 40, 40 * 64, 1)
 
 

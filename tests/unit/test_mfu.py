@@ -100,9 +100,11 @@ class _FlopsModel:
 def _cpu_throughput(peak: float, *overrides: str) -> metrics.Throughput:
     from trainer.config import load_config
     from trainer.parallel.dist import Dist
+    from trainer.parallel.layout import BatchLayout
 
     cfg = load_config(ROOT / "configs/tiny.yaml", list(overrides))
-    return metrics.Throughput(cfg, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1), peak)
+    dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), sp=1)
+    return metrics.Throughput(cfg, dist, BatchLayout.build(cfg, dist), peak)
 
 
 @pytest.mark.parametrize("reprobe", [5e9, 1e6], ids=["quieter-machine", "still-busy"])

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from trainer.parallel.layout import BatchLayout
 
 
 @dataclass
@@ -18,11 +21,11 @@ class TrainState:
     n_layers: int = 0  # depth the checkpoint was saved at (growth)
     bad_steps: int = 0  # consecutive non-finite steps
 
-    def advance(self, skipped: bool, samples: int, tokens: int) -> None:
-        """One optimizer step done (a skipped step still consumed its batch)."""
+    def advance(self, skipped: bool, layout: BatchLayout) -> None:
+        """One optimizer step done on `layout` (a skipped step still consumed its batch)."""
         self.step += 1
-        self.samples += samples
-        self.tokens += tokens
+        self.samples += layout.samples_per_step
+        self.tokens += layout.tokens_per_step
         self.bad_steps = self.bad_steps + 1 if skipped else 0
 
 

@@ -2,10 +2,10 @@
 
 Sampling. The global batch of every step is a run of consecutive *global sample indices*
 g = first, first+1, ...; micro step m of data-parallel rank r takes
-g = first + (m*dp_size + r)*micro_batch + j, j < micro_batch. `first` is the number of
-samples consumed before the step, which the checkpoint stores (TrainState.samples). So a
-resume with another micro batch, accumulation or world size continues at the next unseen
-sample: none skipped, none repeated.
+g = first + (m*dp_size + r)*micro_batch + j, j < micro_batch (`BatchLayout.sample_indices`,
+trainer/parallel/layout.py). `first` is the number of samples consumed before the step, which
+the checkpoint stores (TrainState.samples). So a resume with another micro batch, accumulation
+or world size continues at the next unseen sample: none skipped, none repeated.
 
 A sample index becomes a window (seq_len+1 tokens at stride seq_len over a source's train
 stream): with a mixture, `Mixture.assign` first picks the source and the index within it.
@@ -32,6 +32,7 @@ from trainer.data.mixture import Mixture
 from trainer.data.prepare import Dataset, Plan, _load_tokenizer, plan, prepare_all, split_sizes
 from trainer.data.sources import DataError
 from trainer.data.tokenizer import Tokenizer, TokenizerError
+from trainer.parallel.layout import BatchLayout
 
 # --------------------------------------------------------------------------- keyed permutation
 
@@ -117,18 +118,15 @@ class Loader:
         """Continue from a checkpoint: `samples` were consumed before `step`."""
         self._anchor = (step, samples)
 
-    def sample_indices(self, step: int, micro: int, dp_rank: int, dp_size: int, micro_batch: int,
-                       grad_accum: int) -> np.ndarray:
-        """Global sample indices [micro_batch] of this (step, micro step, dp rank) under the
-        current layout: the step's batch is the next micro*accum*dp samples after the anchor."""
+    def sample_indices(self, step: int, micro: int, layout: BatchLayout) -> np.ndarray:
+        """Global sample indices [micro_batch] of this (step, micro step) on `layout`'s DP rank:
+        the step's batch is the next `layout.samples_per_step` samples after the anchor."""
         step0, samples0 = self._anchor
-        first = max(0, samples0 + (step - step0) * micro_batch * grad_accum * dp_size)
-        return first + (micro * dp_size + dp_rank) * micro_batch + np.arange(micro_batch, dtype=np.int64)
+        return layout.sample_indices(max(0, samples0 + (step - step0) * layout.samples_per_step), micro)
 
-    def train_batch(self, step: int, micro: int, dp_rank: int, dp_size: int, micro_batch: int,
-                    grad_accum: int):
+    def train_batch(self, step: int, micro: int, layout: BatchLayout):
         """(inputs, labels), LongTensors [micro_batch, seq_len]."""
-        return self.samples(self.sample_indices(step, micro, dp_rank, dp_size, micro_batch, grad_accum))
+        return self.samples(self.sample_indices(step, micro, layout))
 
     def samples(self, g: np.ndarray):
         raise NotImplementedError
@@ -167,9 +165,8 @@ class PackedData(Loader):
             out[at] = permute(pos[at], self.n_train_windows, (self.seed, self.key, int(e)))
         return out
 
-    def train_windows(self, step: int, micro: int, dp_rank: int, dp_size: int, micro_batch: int,
-                      grad_accum: int) -> np.ndarray:
-        return self.windows_of(self.sample_indices(step, micro, dp_rank, dp_size, micro_batch, grad_accum))
+    def train_windows(self, step: int, micro: int, layout: BatchLayout) -> np.ndarray:
+        return self.windows_of(self.sample_indices(step, micro, layout))
 
     def samples(self, g: np.ndarray):
         return _gather(self._train, self.windows_of(g), self.seq_len)

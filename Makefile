@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # under a lock, in every engine a test builds) the next time it runs.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint docs bench ablate slurm-local clean clean-runs
+.PHONY: help setup prepare pretrain test test-fast test-fakegpu test-gpu gpu-bundle gpu-snapshot gpu-check faults lint docs bench ablate ladder slurm-local clean clean-runs
 .DEFAULT_GOAL := help
 
 # The list is every target line with a `## ` description, so a new target documents itself.
@@ -108,6 +108,15 @@ JOBS ?= $(shell nproc)
 ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --extend-edges 1 --sources shakespeare,embedded --settings default,deep --jobs $(JOBS)
 ablate: setup ## Run (or continue) the ablation protocol (hours on 2 cores)
 	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
+
+# The option ladder (issue 24; benchmarks/ladder/run.py): builds the corpus if missing, then
+# trains every pending (arm, size, LR, seed) as one one-thread run, JOBS at a time (default 2
+# here, whatever ablate's default; JOBS=... on the command line wins), and appends one row per
+# run to benchmarks/results/ladder_runs.jsonl. Resumable: rerun to continue. Refuses a dirty
+# git tree. ARGS adds flags, e.g. ARGS='--dry-run' or ARGS='--settings width,depth'.
+LADDER_JOBS := $(if $(filter command line environment,$(origin JOBS)),$(JOBS),2)
+ladder: setup ## Run (or continue) the option ladder (hours; ARGS='--dry-run' prints the plan)
+	$(BIN)/python -m benchmarks.ladder.run --jobs $(LADDER_JOBS) $(ARGS)
 
 # A real SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent. NODES=2 brings
 # up a separate two-node cluster (n1, n2) beside the one-node one and prints SLURM_CONF=<path>.

@@ -43,9 +43,10 @@ E_FRACTIONS = (0.0, 0.5, 0.9)  # E starts, as fractions of the lowest loss
 
 
 def best_curve(sizes: dict[int, dict[float, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, best-LR mean loss) per size of one arm."""
+    """(N, best-LR mean loss) per size of one arm; a size where every LR diverged is left out."""
     ns = np.array(sorted(sizes), dtype=float)
-    return ns, np.array([stats.best(sizes[int(n)])[1] for n in ns])
+    ls = np.array([stats.best(sizes[int(n)])[1] for n in ns])
+    return ns[np.isfinite(ls)], ls[np.isfinite(ls)]
 
 
 def _objective(theta, x, y, idx, k):
@@ -260,14 +261,14 @@ def best_lr_per_size(sizes: dict[int, dict[float, np.ndarray]]) -> list[tuple[in
         grid = sorted(lrs)
         lr, _ = stats.best(lrs)
         i = grid.index(lr)
-        if 0 < i < len(grid) - 1:
+        y = np.array([lrs[g].mean() for g in grid[max(0, i - 1):i + 2]])
+        if 0 < i < len(grid) - 1 and np.isfinite(y).all():  # a diverged neighbour: keep the grid LR
             x = np.log(grid[i - 1:i + 2])
-            y = np.array([lrs[g].mean() for g in grid[i - 1:i + 2]])
             c2, c1, _ = np.polyfit(x, y, 2)
             v = -c1 / (2 * c2) if c2 > 0 else x[1]
             out.append((n, float(np.exp(np.clip(v, x[0], x[2]))), True))
         else:
-            out.append((n, float(lr), False))
+            out.append((n, float(lr), 0 < i < len(grid) - 1))
     return out
 
 

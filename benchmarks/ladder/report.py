@@ -119,6 +119,17 @@ def flops_by_size(rows: list[dict]) -> dict:
     return {a: {s: float(np.median(v)) for s, v in sizes.items()} for a, sizes in got.items()}
 
 
+def fields_of(rows: list[dict]) -> tuple:
+    """What separates groups: (setting, corpus), and the token budget per parameter when the rows
+    carry it (a rung trained at another tokens/param is another experiment)."""
+    return stats.KEY + (("tokens_per_param",) if any(r.get("tokens_per_param") is not None for r in rows) else ())
+
+
+def stem(s: dict) -> str:
+    tpp = f"_tpp{s['tokens_per_param']:g}" if s.get("tokens_per_param") is not None else ""
+    return f"ladder_{s['setting']}_{short(s['corpus'])}{tpp}"
+
+
 def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: int) -> dict:
     """Everything about one (setting, corpus); verdicts are set later, over the whole report."""
     s2, df = stats.pooled_variance(cells)
@@ -129,7 +140,8 @@ def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: 
     flops = flops_by_size(rows)
     mod = [m for r in REFS for o in sorted(cells) if is_mod(o) and o in flops and r in flops
            for m in [fit.compute_multiplier(cells, flops, r, o, s2, df, n_boot=args.fit_boot, rng=seed)] if m]
-    return {"setting": key[0], "corpus": key[1], "runs": len(rows), "sizes": sizes, "arms": sorted(cells),
+    return {"setting": key[0], "corpus": key[1], "tokens_per_param": key[2] if len(key) > 2 else None,
+            "key": list(key), "runs": len(rows), "sizes": sizes, "arms": sorted(cells),
             "s2": s2, "sigma": math.sqrt(s2) if df else None, "df": df,
             "arm_sigma": arm_sigmas(cells), "comparisons": comparisons(cells, s2, df, n_boot, seed),
             "fit": fits, "mod": mod, "lr_fit": {a: fit.lr_fit(sz) for a, sz in sorted(cells.items())},
@@ -162,15 +174,17 @@ def rejudge_ablation(path: Path, n_boot: int) -> dict | None:
 
 def build(args) -> dict:
     rows = load_rows(args.runs)
-    groups = stats.group(rows)
+    fields = fields_of(rows)
+    groups = stats.group(rows, fields=fields)
     sections = []
     n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), args.boot)
     for i, (key, cells) in enumerate(sorted(groups.items())):
-        here = [r for r in rows if (r["setting"], r["corpus"]) == key]
+        here = [r for r in rows if stats.row_key(r, fields) == key]
         sections.append(section(key, here, cells, args, seed=1000 * i, n_boot=n_boot))
     stats.judge([c for s in sections for c in s["comparisons"]])  # Holm over the whole report
     fit.judge_slopes([p for s in sections if s["fit"].get("fit") for p in s["fit"]["pairs"]])
     report = {"runs_file": rel(args.runs), "runs": len(rows), "corpora": sorted({k[1] for k in groups}),
+              "diverged": sum(bool(r.get("diverged")) for r in rows),
               "sections": sections, "alpha": stats.ALPHA, "boot": n_boot, "fit_boot": args.fit_boot}
     if args.ablation:
         report["ablation"] = rejudge_ablation(args.ablation, args.boot)
@@ -186,7 +200,7 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stem = f"ladder_{section['setting']}_{short(section['corpus'])}"
+    stem_ = stem(section)
     written = []
     f = section["fit"].get("fit")
     e = f["E"] if f else 0.0
@@ -207,9 +221,9 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{stem}_loss.png", dpi=110)
+    fig.savefig(out / f"{stem_}_loss.png", dpi=110)
     plt.close(fig)
-    written.append(f"{stem}_loss.png")
+    written.append(f"{stem_}_loss.png")
 
     if section["fit"]["pairs"]:
         fig, axes = plt.subplots(1, len(REFS), figsize=(12, 4.5), squeeze=False)
@@ -225,9 +239,9 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"{stem}_m.png", dpi=110)
+        fig.savefig(out / f"{stem_}_m.png", dpi=110)
         plt.close(fig)
-        written.append(f"{stem}_m.png")
+        written.append(f"{stem_}_m.png")
 
     arms = sorted(cells)
     ncols = min(4, len(arms))
@@ -244,9 +258,9 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
     for ax in list(axes.flat)[len(arms):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / f"{stem}_lr.png", dpi=110)
+    fig.savefig(out / f"{stem_}_lr.png", dpi=110)
     plt.close(fig)
-    written.append(f"{stem}_lr.png")
+    written.append(f"{stem_}_lr.png")
     return written
 
 
@@ -276,7 +290,9 @@ def _sigmas(arm_sigma: dict) -> str:
 def markdown(rep: dict, plots: dict) -> str:
     out = ["# Option ladder", ""]
     secs = rep["sections"]
-    out += [f"{rep['runs']} run(s) from `{rep['runs_file']}`."]
+    out += [f"{rep['runs']} run(s) from `{rep['runs_file']}`" + (f", {rep['diverged']} of them diverged (their LR "
+                                                                 "counts as +inf: never best, still in the grid)."
+                                                                 if rep.get("diverged") else ".")]
     if len(rep["corpora"]) > 1:
         out += [f"**{len(rep['corpora'])} corpora** ({', '.join(short(c) for c in rep['corpora'])}): rows of "
                 "different corpora are never pooled; each (setting, corpus) has its own section."]
@@ -289,11 +305,12 @@ def markdown(rep: dict, plots: dict) -> str:
             "report **and** an interval that excludes 0, else *undecided*. **edge**: the best LR is at the end of "
             "its grid (its optimum may lie beyond).", ""]
     for s in secs:
-        out += [f"## {s['setting']} · corpus {short(s['corpus'])}", "",
+        tpp = f" · {s['tokens_per_param']:g} tokens/param" if s.get("tokens_per_param") is not None else ""
+        out += [f"## {s['setting']} · corpus {short(s['corpus'])}{tpp}", "",
                 f"**{len(s['sizes'])} size(s) so far**: N = {', '.join(f'{n:.3g}' for n in s['sizes'])}; arms: "
                 f"{', '.join(s['arms'])}; {s['runs']} runs. Seed σ = {_fmt(s['sigma'])} (pooled, {s['df']} df; per arm: "
                 f"{_sigmas(s['arm_sigma'])}).", ""]
-        for name in plots.get((s["setting"], s["corpus"]), []):
+        for name in plots.get(tuple(s["key"]), []):
             out.append(f"![{name}]({name})")
         out += ["", "### Comparisons at each size", ""]
         out += _comparison_table(s["comparisons"]) if s["comparisons"] else ["No arm shares a size with a reference yet."]
@@ -381,12 +398,13 @@ def main(argv=None) -> int:
         args.ablation = None
     rep = build(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    groups = stats.group(load_rows(args.runs))
+    rows = load_rows(args.runs)
+    groups = stats.group(rows, fields=fields_of(rows))
     plots = {}
     for s in rep["sections"]:
-        names = plot(s, groups[(s["setting"], s["corpus"])], args.out)
+        names = plot(s, groups[tuple(s["key"])], args.out)
         s["plots"] = [rel(args.out / n) for n in names]
-        plots[(s["setting"], s["corpus"])] = names
+        plots[tuple(s["key"])] = names
     (args.out / "ladder.json").write_text(json.dumps(_jsonable(rep), indent=1))
     (args.out / "ladder.md").write_text(markdown(rep, plots))
     print(f"wrote {rel(args.out / 'ladder.md')} and ladder.json ({rep['runs']} runs, {len(rep['sections'])} section(s))")

@@ -69,15 +69,27 @@ ALPHA = 0.05
 N_BOOT = 4000
 
 
-def group(rows: list[dict], metric: str = METRIC, size_key: str = "params") -> dict:
-    """{(setting, corpus): {arm: {size: {lr: np.array(seed values)}}}}, sorted by size and LR.
-    Rows whose metric is missing or not finite (a diverged run) are left out of their cell."""
+KEY = ("setting", "corpus")
+
+
+def row_key(r: dict, fields=KEY) -> tuple:
+    """The group a row belongs to: never pooled with rows of another key."""
+    return tuple(float(r[f]) if f == "tokens_per_param" and r.get(f) is not None else r.get(f) for f in fields)
+
+
+def group(rows: list[dict], metric: str = METRIC, size_key: str = "params", fields=KEY) -> dict:
+    """{key: {arm: {size: {lr: np.array(seed values)}}}}, key = row_key (by default (setting,
+    corpus)), sorted by size and LR. A diverged run (the runner's `diverged`, or a non-finite
+    loss) counts as +inf: its LR can never be the best, and it stays in the grid, so a best LR
+    next to a diverged one is bracketed. Rows with no value otherwise are left out."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     for r in rows:
         v = r.get(metric)
         if v is None or not math.isfinite(float(v)):
-            continue
-        out[(r["setting"], r["corpus"])][r["arm"]][int(r[size_key])][float(r["lr"])].append(float(v))
+            if not (r.get("diverged") or v is not None):
+                continue
+            v = math.inf
+        out[row_key(r, fields)][r["arm"]][int(r[size_key])][float(r["lr"])].append(float(v))
     return {key: {arm: {size: {lr: np.asarray(v) for lr, v in sorted(lrs.items())}
                         for size, lrs in sorted(sizes.items())}
                   for arm, sizes in arms.items()}
@@ -85,12 +97,13 @@ def group(rows: list[dict], metric: str = METRIC, size_key: str = "params") -> d
 
 
 def pooled_variance(cells: dict) -> tuple[float, int]:
-    """(s², df) pooled over every cell with ≥ 2 seeds of one (setting, corpus); (nan, 0) if none."""
+    """(s², df) pooled over every cell with ≥ 2 seeds of one (setting, corpus); (nan, 0) if none.
+    A cell with a diverged seed has no finite spread and is left out."""
     ss, df = 0.0, 0
     for sizes in cells.values():
         for lrs in sizes.values():
             for v in lrs.values():
-                if len(v) >= 2:
+                if len(v) >= 2 and np.isfinite(v).all():
                     ss += float(((v - v.mean()) ** 2).sum())
                     df += len(v) - 1
     return (ss / df if df else math.nan), df
@@ -167,6 +180,8 @@ def compare(cells: dict, ref: str, arm: str, size: int, s2: float, df: int, n_bo
            "s2": s2, "df": df}
     if not df or not math.isfinite(s2):  # no cell with two seeds: no noise estimate, no test
         return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "no cell with 2 seeds"}
+    if not math.isfinite(delta):  # every LR of an arm diverged: nothing to compare
+        return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "every LR diverged"}
     sigma2 = sigma2_draws(s2, df, n_boot, rng)  # one σ² per replicate, shared by both arms
     if interval == "lf":
         upper, lower = least_favourable_replicates(a, r, sigma2, rng)

@@ -126,8 +126,9 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
 
     rng = np.random.default_rng(5)
     rows = [{"setting": "width", "corpus": corpus, "arm": arm, "params": 100_000, "flops": 6e12, "lr": lr, "seed": s,
-             "val_loss": 3.0 + rng.normal(0, 0.01)}
+             "tokens_per_param": 8.0, "val_loss": 3.0 + rng.normal(0, 0.01)}
             for corpus in ("aaaa", "bbbb") for arm in ("pre_ln", "peri_ln") for lr in (1e-3, 2e-3) for s in (0, 1)]
+    rows.append({**rows[0], "lr": 4e-3, "val_loss": None, "diverged": True})
     runs = tmp_path / "runs.jsonl"
     runs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert report.main(["--runs", str(runs), "--out", str(tmp_path), "--ablation", "", "--boot", "500",
@@ -137,4 +138,5 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     assert "2 corpora" in md and "1 size(s) so far" in md and "no fit" in md
     assert len(rep["sections"]) == 2
     assert all(c["verdict"] == "undecided" for s in rep["sections"] for c in s["comparisons"])
-    assert (tmp_path / "ladder_width_aaaa_loss.png").is_file() and (tmp_path / "ladder_width_bbbb_lr.png").is_file()
+    assert "1 of them diverged" in md
+    assert (tmp_path / "ladder_width_aaaa_tpp8_loss.png").is_file() and (tmp_path / "ladder_width_bbbb_tpp8_lr.png").is_file()

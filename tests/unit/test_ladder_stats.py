@@ -108,11 +108,16 @@ def test_no_two_seed_cell_means_undecided():
     assert df == 0 and c["verdict"] == "undecided"
 
 
-def test_rows_group_per_setting_and_corpus():
+def test_rows_group_per_setting_and_corpus_and_diverged_runs_count_as_inf():
     rows = [{"setting": "width", "corpus": h, "arm": "pre_ln", "params": 10, "lr": 1e-3, "seed": s, "val_loss": 3.0 + s}
-            for h in ("aaa", "bbb") for s in (0, 1)] + [
-        {"setting": "width", "corpus": "aaa", "arm": "pre_ln", "params": 10, "lr": 1e-3, "seed": 2,
-         "val_loss": float("nan")}]
+            for h in ("aaa", "bbb") for s in (0, 1)]
     g = stats.group(rows)
     assert set(g) == {("width", "aaa"), ("width", "bbb")}
-    assert list(g[("width", "aaa")]["pre_ln"][10][1e-3]) == [3.0, 4.0]  # the diverged run is left out
+    diverged = {"setting": "width", "corpus": "aaa", "arm": "pre_ln", "params": 10, "lr": 4e-3, "val_loss": None}
+    failed = {**diverged, "lr": 8e-3}
+    cells = stats.group([*rows, {**diverged, "seed": 0, "diverged": True}, {**diverged, "seed": 1, "diverged": True},
+                         {**failed, "seed": 0}])[("width", "aaa")]
+    lrs = cells["pre_ln"][10]
+    assert set(lrs) == {1e-3, 4e-3} and np.isinf(lrs[4e-3]).all()  # the row without a loss is left out
+    assert stats.pooled_variance(cells) == (0.5, 1)  # the diverged cell has no spread to pool
+    assert stats.best(lrs) == (1e-3, 3.5)

@@ -183,10 +183,11 @@ def rungs(setting: str, sizes: list[int], depths: list[int]) -> list[tuple[int, 
 
 def plan_rung(base_cfg, setting: str, width: int, n_layers: int, arms: list[str], args, rows: list[dict],
               corpus: str) -> list[Cell]:
-    """Every cell of one rung, done or not, in arm, LR, seed order."""
+    """Every cell of one rung, done or not, in arm, LR, seed order (the arms of `arms` that the
+    setting has)."""
     found = budgets(base_cfg, width, n_layers, args.tokens_per_param, SETTINGS[setting].arms)
     cells = []
-    for arm in arms:
+    for arm in (a for a in arms if a in SETTINGS[setting].arms):
         n = args.control_lrs if ARMS[arm].control_for else args.lrs_per_cell
         for lr in arm_lrs(rows, setting, corpus, arm, width, found[arm], args.tokens_per_param, args.seeds, n,
                           args.max_extend):

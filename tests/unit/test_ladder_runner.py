@@ -1,0 +1,269 @@
+"""The ladder runner in process (benchmarks/ladder/run.py, arms.py, probes.py): the plan's
+cells and budgets, the LR bracketing, resume, the dirty-tree refusal and the row schema. No
+training: budgets come from meta-device models and runs from a fake run function."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from benchmarks.ladder import arms, probes, run
+from trainer.config import load_config
+
+STAND_IN = ["data.source=embedded", "data.eval.val=embedded", "data.eval.ood=embedded"]
+
+
+@pytest.fixture(scope="module")
+def base_cfg():
+    return load_config(run.BASE, STAND_IN)
+
+
+def args_for(argv: list[str]):
+    return run.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- plan and budgets
+
+
+@pytest.mark.parametrize("width", [32, 48, 80])
+def test_budgets_tokens_per_param_iso_flop_and_growth(base_cfg, width):
+    b = arms.budgets(base_cfg, width, 8, 8.0)
+    assert set(b) == set(arms.ARMS)
+    tps = base_cfg.parallel.micro_batch * base_cfg.data.seq_len
+    ref = b["pre_ln"]
+    for arm, x in b.items():
+        assert x.tokens_per_param >= 8.0, arm  # every run, on its own non-embedding N
+        assert x.tokens == x.steps * tps
+        if arms.ARMS[arm].budget == "iso-token":
+            assert x.steps == ref.steps, arm
+    # MoD is iso-FLOP with pre_ln (within one step's FLOPs), and capacity 0.125 buys more tokens
+    for arm in ("mod", "mod_c1"):
+        assert abs(b[arm].flops - ref.flops) <= b[arm].flops_per_token * tps, arm
+    assert b["mod"].steps > ref.steps
+    # grow's FLOPs are summed stage by stage (half depth for the first 25%), below pre_ln's;
+    # shallow trains those FLOPs at half depth
+    half = arms.budgets(base_cfg, width, 4, 8.0)["pre_ln"].flops_per_token
+    at = arms.grow_step(ref.steps)
+    assert b["grow"].flops == pytest.approx(tps * (at * half + (ref.steps - at) * ref.flops_per_token))
+    assert b["grow"].flops < ref.flops
+    assert b["shallow"].n_layers == 4
+    assert abs(b["shallow"].flops - b["grow"].flops) <= b["shallow"].flops_per_token * tps
+
+
+def test_shapes_head_dim_16_and_ffn():
+    for width in arms.SETTINGS["width"].widths:
+        s = arms.shape(width, 8)
+        assert s["d_model"] // s["n_heads"] == 16
+        assert s["ffn_hidden"] % 16 == 0 and 8 / 3 <= s["ffn_hidden"] / width < 8 / 3 + 16 / width
+
+
+def test_plan_cells_lrs_and_controls(base_cfg):
+    a = args_for(["--sizes", "32", "--seeds", "2"])
+    cells = run.plan_rung(base_cfg, "width", 32, 8, a.arms, a, [], "h")
+    assert len(cells) == len(arms.ARMS) * 3 * 2
+    assert sorted({c.lr for c in cells}) == [0.002, 0.004, 0.008]  # centred on CENTRE_LR, ×2 apart
+    assert len({c.key("h") for c in cells}) == len(cells)
+    cut = args_for(["--sizes", "32", "--control-lrs", "1"])
+    cells = run.plan_rung(base_cfg, "width", 32, 8, cut.arms, cut, [], "h")
+    per_arm = {arm: len({c.lr for c in cells if c.arm == arm}) for arm in arms.ARMS}
+    assert per_arm["pre_ln_lns_init"] == per_arm["mod_c1"] == per_arm["shallow"] == 1
+    assert per_arm["lns"] == per_arm["pre_ln"] == 3
+
+
+def test_every_arms_overrides_validate(base_cfg):
+    """Each arm's cell command line loads through the real config validation, as trained."""
+    a = args_for(["--sizes", "32", "--seeds", "1", "--lrs-per-cell", "1"])
+    for cell in run.plan_rung(base_cfg, "width", 32, 8, a.arms, a, [], "h"):
+        cfg = load_config(run.BASE, [*STAND_IN, *cell.overrides()])
+        assert cfg.run.max_steps == cell.budget.steps and cfg.optim.lr == cell.lr and cfg.run.seed == cell.seed
+        assert cfg.final_layers == cell.budget.n_layers
+        assert cfg.schedule.warmup_steps == max(1, round(0.05 * cell.budget.steps))
+        if cell.arm == "lns":
+            assert cfg.model.ln_scaling and not cfg.model.depth_scaled_init
+        if cell.arm == "grow":
+            assert cfg.model.n_layers == 4 and cfg.growth.stages[0].layers == 8
+    depth = args_for(["--settings", "depth", "--depths", "24", "--seeds", "1"])
+    cells = run.plan_rung(base_cfg, "depth", 48, 24, depth.arms, depth, [], "h")
+    assert {c.arm for c in cells} == {"pre_ln", "lns", "pre_ln_lns_init"}
+    assert all(c.budget.params > 600_000 and c.budget.tokens_per_param >= 8 for c in cells)
+
+
+# --------------------------------------------------------------------------- LRs and bracketing
+
+
+def rows_for(losses: dict[float, float], seeds: int = 2, arm: str = "pre_ln", **kw) -> list[dict]:
+    return [{"setting": "width", "corpus": "h", "arm": arm, "width": 32, "n_layers": 8, "tokens_per_param": 8.0,
+             "lr": lr, "seed": s, "params": 107040, "val_loss": v, **kw} for lr, v in losses.items() for s in range(seeds)]
+
+
+def test_lr_lattice():
+    assert run.snap(0.0041) == 0.004 and run.snap(0.0027) == 0.002 and run.snap(0.0029) == 0.004  # log-space nearest
+    assert run.lr_grid(0.004, 3) == [0.002, 0.004, 0.008]
+    assert run.lr_grid(0.004, 1) == [0.004]
+
+
+def test_extension_at_each_edge_and_not_inside():
+    grid = [0.002, 0.004, 0.008]
+    assert run.extension(rows_for({0.002: 3.0, 0.004: 3.1, 0.008: 3.2}), grid, 2) == 0.001
+    assert run.extension(rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0}), grid, 2) == 0.016
+    assert run.extension(rows_for({0.002: 3.2, 0.004: 3.0, 0.008: 3.1}), grid, 2) is None
+    # unfinished: a seed missing at one LR -> wait
+    partial = [r for r in rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0}) if not (r["lr"] == 0.004 and r["seed"] == 1)]
+    assert run.extension(partial, grid, 2) is None
+    # a diverged top LR counts as +inf: best is inside, bracketed
+    assert run.extension(rows_for({0.002: 3.2, 0.004: 3.0, 0.008: None}), grid, 2) is None
+    assert run.extension(rows_for({0.002: None, 0.004: None, 0.008: None}), grid, 2) is None
+
+
+def test_arm_lrs_extends_and_caps(base_cfg):
+    b = arms.budgets(base_cfg, 32, 8, 8.0)["pre_ln"]
+    rows = rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0})
+    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 3) == [0.002, 0.004, 0.008, 0.016]
+    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 0) == [0.002, 0.004, 0.008]
+    # rows of another corpus or budget are not this cell's
+    assert run.arm_lrs(rows, "width", "other", "pre_ln", 32, b, 8.0, 2, 3, 3) == [0.002, 0.004, 0.008]
+
+
+def test_centre_from_smaller_rungs(monkeypatch):
+    seen = {}
+
+    def fake_predict(rows, arm, params, setting=None, corpus=None):
+        seen.update(n=len(rows), arm=arm, params=params)
+        return 0.0123
+
+    import benchmarks.ladder.fit as fit
+
+    monkeypatch.setattr(fit, "predict_lr", fake_predict)
+    rows = rows_for({0.004: 3.0}) + rows_for({0.004: 2.9}, params=10**9)
+    assert run.centre_lr(rows, "width", "h", "lns", 222000) == 0.0123
+    assert seen == {"n": 2, "arm": "lns", "params": 222000}  # only the smaller rung's rows
+    assert run.centre_lr([], "width", "h", "lns", 222000) == run.CENTRE_LR
+    monkeypatch.setattr(fit, "predict_lr", lambda *a, **k: (_ for _ in ()).throw(ValueError("too few")))
+    assert run.centre_lr(rows, "width", "h", "lns", 222000) == run.CENTRE_LR
+
+
+# --------------------------------------------------------------------------- sweep, resume, rows
+
+
+def fake_run(losses):
+    """A run function that writes a row whose val loss is losses(lr), as train_cell would."""
+    def one(cell, ctx):
+        row = run.make_row(cell, ctx, {"val/val_loss": losses(cell.lr), "val/ood_loss": 4.0, "train_loss": 3.0},
+                           {"induction": 0.5, "loss_by_position": {"1": 5.0}}, 1.0, ctx["out"] / cell.name)
+        run.append_row(ctx["rows_path"], row)
+        return row
+    return one
+
+
+def ctx_for(tmp_path) -> dict:
+    return {"corpus": "h", "commit": "abc", "device": "cpu: test x1 thread", "rows_path": tmp_path / "rows.jsonl",
+            "out": tmp_path / "runs"}
+
+
+def test_sweep_brackets_then_resumes(base_cfg, tmp_path):
+    a = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "1"])
+    ctx = ctx_for(tmp_path)
+    losses = fake_run(lambda lr: 3.0 + math.log2(lr / 0.016) ** 2)  # best at 0.016: two extensions up
+    assert run.sweep(base_cfg, a, ctx, losses) == 5
+    rows = run.read_rows(ctx["rows_path"])
+    assert sorted(r["lr"] for r in rows) == [0.002, 0.004, 0.008, 0.016, 0.032]
+    assert run.sweep(base_cfg, a, ctx, losses) == 0  # every cell has its row: nothing reruns
+    before = ctx["rows_path"].read_text()
+    more = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "2", "--max-runs", "2"])
+    assert run.sweep(base_cfg, more, ctx, losses) == 2
+    assert ctx["rows_path"].read_text().startswith(before)  # appended, never rewritten
+
+
+def test_failed_cell_gets_no_row_and_is_not_retried_in_the_same_sweep(base_cfg, tmp_path):
+    a = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "1", "--max-extend", "0"])
+    calls = []
+
+    def failing(cell, ctx):
+        calls.append(cell.name)
+        raise run.CellFailed("boom")
+
+    assert run.sweep(base_cfg, a, ctx_for(tmp_path), failing) == 3
+    assert len(calls) == 3 and run.read_rows(tmp_path / "rows.jsonl") == []
+
+
+ROW_KEYS = {"setting", "corpus", "arm", "width", "n_layers", "params", "flops", "tokens", "steps", "tokens_per_param",
+            "lr", "seed", "commit", "device", "val_loss", "ood_loss", "induction", "loss_by_position", "train_loss",
+            "diverged", "wall_s", "finished", "run_dir"}
+
+
+def test_row_schema_and_append(base_cfg, tmp_path):
+    a = args_for(["--sizes", "32", "--arms", "mod", "--seeds", "1", "--lrs-per-cell", "1"])
+    cell = run.plan_rung(base_cfg, "width", 32, 8, a.arms, a, [], "h")[0]
+    ctx = ctx_for(tmp_path)
+    path = ctx["rows_path"]
+    path.write_text('{"already": "here"}\n')
+    row = fake_run(lambda lr: 3.5)(cell, ctx)
+    assert set(row) == ROW_KEYS
+    assert row["params"] == cell.budget.params and row["flops"] == cell.budget.flops and row["n_layers"] == 8
+    assert row["finished"].endswith("+00:00")
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"already": "here"}' and json.loads(lines[1]) == row
+    assert run.row_key(row) == cell.key("h")
+    diverged = run.make_row(cell, ctx, {"diverged": True}, {}, 1.0, tmp_path)
+    assert diverged["val_loss"] is None and diverged["diverged"] is True
+
+
+# --------------------------------------------------------------------------- the dirty-tree refusal
+
+
+def git(repo, *cmd):
+    subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+
+
+def test_dirty_tree_refused(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@t")
+    git(repo, "config", "user.name", "t")
+    (repo / ".gitignore").write_text("ignored/\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "init")
+    rows, corpus = repo / "results" / "rows.jsonl", repo / "data" / "ladder"
+    run.require_clean(repo, [rows, corpus])
+    rows.parent.mkdir()
+    rows.write_text("{}\n")
+    corpus.mkdir(parents=True)
+    (corpus / "train.jsonl").write_text("{}\n")
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "x").write_text("")
+    run.require_clean(repo, [rows, corpus])  # results, corpus and git-ignored files do not count
+    (repo / "code.py").write_text("x = 2\n")
+    with pytest.raises(SystemExit, match="commit first"):
+        run.require_clean(repo, [rows, corpus])
+    git(repo, "commit", "-qam", "edit")
+    (repo / "new.py").write_text("")
+    with pytest.raises(SystemExit, match="1 uncommitted change"):
+        run.require_clean(repo, [rows, corpus])
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def test_position_buckets():
+    b = probes.buckets(256)
+    assert len(b) == 8 and b[0] == (1, 1) and b[-1] == (128, 256)
+    assert all(hi + 1 == lo for (_, hi), (lo, _) in zip(b, b[1:]))
+
+
+def test_probes_on_a_tiny_model():
+    from model import Transformer
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=128, max_seq_len=256)).eval()
+    score = probes.induction_score(model, 128)
+    assert math.isfinite(score) and abs(score) < 0.5  # an untrained model cannot copy
+    tokens = torch.randint(0, 128, (4 * 64 + 1,)).numpy().astype("uint16")
+    by_pos = probes.loss_by_position(model, tokens, 64)
+    assert list(by_pos) == ["1", "2-3", "4-7", "8-15", "16-31", "32-64"]
+    assert all(math.isfinite(v) for v in by_pos.values())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.data import shards as sh
-from trainer.data.sources import DataError, Source, digest, keyed_documents, open_source
+from trainer.data.sources import ALL_VAL, DataError, Source, digest, is_val, keyed_documents, open_source, val_threshold
 from trainer.data.tokenizer import RECIPE_VERSION, TRAIN_THREADS, Tokenizer, TokenizerError
 
 # Bytes per token assumed when sizing a streamed source from its token cap (English BPE ≈ 4).
@@ -44,7 +44,7 @@ class Dataset:
     role: str  # train | eval
     source: Source
     weight: float
-    threshold: int  # val split threshold (sh.ALL_VAL for eval sets)
+    threshold: int  # val split threshold (ALL_VAL for eval sets)
     cap_train: int | None  # exact token caps applied when opening (None = all)
     cap_val: int | None
     max_docs: int
@@ -143,11 +143,11 @@ def plan(cfg, vocab_size: int, cache_dir: Path) -> Plan:
     cap_train, cap_val = _caps(cfg.max_tokens, cfg.val_fraction)
     for name, spec, weight, key in entries:
         src = open_source(spec, cfg.text_field, cfg.max_docs, cfg.shard_mb, key, cfg.val_fraction)
-        datasets.append(Dataset(name, "train", src, weight, sh.val_threshold(cfg.val_fraction), cap_train, cap_val,
+        datasets.append(Dataset(name, "train", src, weight, val_threshold(cfg.val_fraction), cap_train, cap_val,
                                 cfg.max_docs))
     for name, spec in cfg.eval.items():
         src = open_source(spec, cfg.text_field, cfg.max_docs, cfg.shard_mb, f"data.eval.{name}")
-        datasets.append(Dataset(name, "eval", src, 0.0, sh.ALL_VAL, 0 if cfg.max_tokens else None,
+        datasets.append(Dataset(name, "eval", src, 0.0, ALL_VAL, 0 if cfg.max_tokens else None,
                                 cfg.max_tokens or None, cfg.max_docs))
     if cfg.tokenizer:
         tok_path, tok_key = Path(cfg.tokenizer), ""
@@ -234,7 +234,7 @@ def tokenizer_sample(datasets: list[Dataset], n_chars: int, include_val: bool = 
             for key, text in keyed_documents(unit):
                 if got >= want:
                     break
-                if include_val or key in unit.train_only or not sh.is_val(text, d.threshold):
+                if include_val or key in unit.train_only or not is_val(text, d.threshold):
                     texts.append(text)
                     got += len(text) + 1
             if got >= want:

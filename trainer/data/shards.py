@@ -34,24 +34,14 @@ import numpy as np
 import xxhash
 
 from trainer import faults
-from trainer.data.sources import Unit, keyed_documents
+from trainer.data.sources import HASH_SEED, Unit, keyed_documents
 
 FORMAT = 3  # bump when the shard layout or the split rule changes
 ENCODE_BATCH = 512  # documents per SentencePiece call
-HASH_SEED = 0  # the val split must not depend on the run's seed: one prepared set serves every seed
-ALL_VAL = 1 << 64  # threshold that makes every document val (held-out eval sets)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def val_threshold(val_fraction: float) -> int:
-    return min(ALL_VAL, int(val_fraction * ALL_VAL))
-
-
-def is_val(text: str, threshold: int) -> bool:
-    return xxhash.xxh64_intdigest(text.encode("utf-8", errors="replace"), HASH_SEED) < threshold
 
 
 def write_json(path: Path, obj, text: str | None = None) -> None:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import xxhash
+
 from trainer.errors import UserError
 
 SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -57,6 +59,10 @@ CODEC_TABLE_MARKER = b"Python Character Mapping Codec"
 # go to train, see embedded_train_only); bytes stand in for tokens, known before tokenizing.
 EMBEDDED_VAL_MAX_SHARE = 0.05
 _SEPARATOR = {"text": b"\n\n", "jsonl": b"\n"}
+# The train/val split rule (documented in trainer/data/shards.py): here, beside the documents it
+# splits, because the embedded corpus applies it before anything is tokenised.
+HASH_SEED = 0  # the val split must not depend on the run's seed: one prepared set serves every seed
+ALL_VAL = 1 << 64  # threshold that makes every document val (held-out eval sets)
 
 
 class DataError(UserError):
@@ -68,6 +74,14 @@ class DataError(UserError):
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def val_threshold(val_fraction: float) -> int:
+    return min(ALL_VAL, int(val_fraction * ALL_VAL))
+
+
+def is_val(text: str, threshold: int) -> bool:
+    return xxhash.xxh64_intdigest(text.encode("utf-8", errors="replace"), HASH_SEED) < threshold
 
 
 def first_line(e: BaseException) -> str:
@@ -193,7 +207,6 @@ def embedded_train_only(root: Path, files: list[tuple[str, int]], val_fraction: 
     tokenizing; the hash is the one the shard writer uses."""
     if val_fraction <= 0 or max_share <= 0:
         return frozenset()
-    from trainer.data.shards import is_val, val_threshold  # why here: shards imports this module
 
     threshold = val_threshold(val_fraction)
     val = sorted(((size, rel) for rel, size in files

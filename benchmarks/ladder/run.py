@@ -329,6 +329,7 @@ def sweep(base_cfg, args, ctx: dict, run_fn=train_cell) -> int:
                 _, bad = run_cells(pending, args.jobs, ctx, run_fn)
                 failed |= {c.name for c in bad}
             if failed:
+                ctx.setdefault("failed", []).extend(sorted(failed))
                 print(f"{len(failed)} run(s) failed at {setting} w{width} l{n_layers}; rerun to retry them", flush=True)
             if args.max_runs is not None and started >= args.max_runs:
                 print(f"--max-runs {args.max_runs}: stopping; rerun to continue", flush=True)
@@ -570,8 +571,9 @@ def main(argv=None) -> int:
     ctx = {"corpus": corpus, "commit": commit, "device": device_name(env), "env": env, "out": out,
            "rows_path": args.rows, "common": common, "keep_runs": args.keep_runs}
     started = sweep(base_cfg, args, ctx)
-    print(f"{started} run(s) started; rows in {repo_relative(args.rows)}", flush=True)
-    return 0
+    failed = ctx.get("failed", [])
+    print(f"{started} run(s) started, {len(failed)} failed; rows in {repo_relative(args.rows)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -346,7 +346,8 @@ def dirty_paths(root: Path, ignore: list[Path]) -> list[str]:
     proc = subprocess.run(["git", "status", "--porcelain=v1", "--untracked-files=all"], cwd=root,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {root} is not a git work tree ({proc.stderr.strip()[:120]}); the ladder records commits")
+        raise SystemExit(f"error: {root} is not a git work tree ({proc.stderr.strip()[:120]}); "
+                         f"the ladder records commits")
     skip = [os.path.relpath(os.path.abspath(p), root) for p in ignore]
     paths = [line[3:].split(" -> ")[-1].strip('"') for line in proc.stdout.splitlines() if line.strip()]
     return [p for p in paths if not any(p == s or p.startswith(s.rstrip("/") + "/") for s in skip)]
@@ -371,8 +372,8 @@ def ensure_corpus(corpus_dir: Path, env: dict) -> str:
 
     if not (corpus_dir / "corpus.json").is_file():
         if corpus_dir.resolve() != CORPUS.resolve():
-            raise SystemExit(f"error: {corpus_dir} has no corpus.json; build it with python -m benchmarks.ladder.corpus "
-                             f"--out {corpus_dir}")
+            raise SystemExit(f"error: {corpus_dir} has no corpus.json; build it with "
+                             f"python -m benchmarks.ladder.corpus --out {corpus_dir}")
         print(f"building the ladder corpus into {repo_relative(corpus_dir)} (python -m benchmarks.ladder.corpus)",
               flush=True)
         if subprocess.run([sys.executable, "-m", "benchmarks.ladder.corpus"], cwd=ROOT, env=env).returncode != 0:
@@ -389,11 +390,11 @@ def data_overrides(corpus_dir: Path, out: Path) -> list[str]:
             f"data.eval.ood={repo_relative(corpus_dir / 'ood.jsonl')}", f"run.out_dir={repo_relative(out)}"]
 
 
-def prepare(common: list[str], env: dict) -> None:
+def prepare(common: list[str], env: dict, workers: int = 1) -> None:
     """Tokenizer and shards once, before parallel runs start (two runs finding the cache empty
     would both build it)."""
-    proc = subprocess.run([sys.executable, "-m", "trainer.prepare", repo_relative(BASE), *common, "--workers", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "trainer.prepare", repo_relative(BASE), *common, "--workers", str(workers)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: preparing the ladder corpus failed: {(proc.stderr.strip().splitlines() or [''])[-1]}")
 
@@ -567,7 +568,7 @@ def main(argv=None) -> int:
         commit = git_head(ROOT)
     corpus = ensure_corpus(args.corpus, env)
     base_cfg = load_config(BASE, common)
-    prepare(common, env)
+    prepare(common, env, args.jobs)  # one worker per job slot: nothing else runs yet
     ctx = {"corpus": corpus, "commit": commit, "device": device_name(env), "env": env, "out": out,
            "rows_path": args.rows, "common": common, "keep_runs": args.keep_runs}
     started = sweep(base_cfg, args, ctx)

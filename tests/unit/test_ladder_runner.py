@@ -96,7 +96,8 @@ def test_every_arms_overrides_validate(base_cfg):
 
 def rows_for(losses: dict[float, float], seeds: int = 2, arm: str = "pre_ln", **kw) -> list[dict]:
     return [{"setting": "width", "corpus": "h", "arm": arm, "width": 32, "n_layers": 8, "tokens_per_param": 8.0,
-             "lr": lr, "seed": s, "params": 107040, "val_loss": v, **kw} for lr, v in losses.items() for s in range(seeds)]
+             "lr": lr, "seed": s, "params": 107040, "val_loss": v, **kw}
+            for lr, v in losses.items() for s in range(seeds)]
 
 
 def test_lr_lattice():

@@ -62,6 +62,7 @@ import math
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,6 @@ from model import Routing
 from model.attention import causal_key_mask
 from trainer.config import RunConfig
 from trainer.parallel.dist import Dist
-from trainer.parallel.layout import BatchLayout
 from trainer.parallel.ulysses import gather_sequence, shard_sequence
 
 POS_BINS = 8
@@ -81,9 +81,9 @@ def fixed_batch(data, dist: Dist, cfg: RunConfig) -> tuple[torch.Tensor, torch.T
     this rank's sequence slice: inputs, labels [B, T/sp], global position ids [T/sp]."""
     batch = next(iter(data.val_batches(1, cfg.parallel.micro_batch)), None)
     if batch is None:
-        # One rank's one micro-step: every DP rank reads this same batch.
-        alone = BatchLayout(micro_batch=cfg.parallel.micro_batch, grad_accum=1, seq_len=cfg.data.seq_len, dp_size=1)
-        batch = data.train_batch(0, 0, alone)
+        # Global samples 0..B-1, by index: a step's batch is placed relative to the resume
+        # anchor, so "step 0" after a resume at another accumulation x DP is another batch.
+        batch = data.samples(np.arange(cfg.parallel.micro_batch))
     x, y, pos = shard_sequence(*batch, dist)
     return x.to(dist.device), y.to(dist.device), pos.to(dist.device)
 

@@ -37,7 +37,10 @@ it is not retried and the LR search sees it. A run that fails otherwise gets no 
 stays in the runs folder and the next invocation retries it.
 
 Exactness: the runner refuses to start when the git tree has uncommitted changes (bar the
-results file and the corpus folder), so each row's `commit` is the code that trained it.
+results file and the corpus folder), so each row's `commit` is the code that trained it; and
+each run checks, before it trains and before its row is written, that the code it imports
+(CODE_PATHS) still equals that commit, so work can go on in the tree during a sweep (tests,
+docs) but a change to what the runs import stops the sweep instead of mislabelling rows.
 `--dry-run` prints the plan (cells, steps, tokens, FLOPs) and its CPU core-hours from a quick
 measured CPU time per token of each arm's model at each rung, without training anything.
 """
@@ -61,6 +64,7 @@ from benchmarks.common import RESULTS, ROOT, cpu_model, repo_relative
 from benchmarks.ladder.arms import ARMS, SETTINGS, Budget, budgets, model_overrides, schedule_overrides
 
 BASE = ROOT / "configs" / "ladder" / "base.yaml"
+CODE_PATHS = ("trainer", "model", "configs", "benchmarks/ladder", "benchmarks/common.py")  # what a run imports or reads
 CORPUS = ROOT / "benchmarks" / "data" / "ladder"
 ROWS = RESULTS / "ladder_runs.jsonl"
 OUT = RESULTS / "ladder_runs"  # git-ignored (benchmarks/results/*_runs/)
@@ -251,8 +255,20 @@ class CellFailed(Exception):
     pass
 
 
+def require_code_at(commit: str, root: Path = ROOT) -> None:
+    """CellFailed unless the tree's CODE_PATHS equal `commit`'s (module docstring: Exactness)."""
+    if commit.endswith("-dirty"):
+        return
+    changed = subprocess.run(["git", "diff", "--name-only", commit, "--", *CODE_PATHS], cwd=root,
+                             capture_output=True, text=True).stdout.split()
+    if changed:
+        raise CellFailed(f"{changed[0]} changed since the sweep started at {commit[:12]}; "
+                         f"commit, then rerun to continue")
+
+
 def train_cell(cell: Cell, ctx: dict) -> dict:
     """Train, probe and record one cell; returns its row. Raises CellFailed (no row)."""
+    require_code_at(ctx["commit"])
     out: Path = ctx["out"]
     run_dir = out / cell.name
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run restarts from scratch
@@ -279,6 +295,7 @@ def train_cell(cell: Cell, ctx: dict) -> dict:
             raise CellFailed(f"probes exit {rc}; see {repo_relative(log_path)}")
         probes = json.loads(probe_json.read_text())
     row = make_row(cell, ctx, final, probes, time.perf_counter() - t0, run_dir)
+    require_code_at(ctx["commit"])
     append_row(ctx["rows_path"], row)
     if not ctx.get("keep_runs"):
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -215,8 +215,8 @@ def test_row_schema_and_append(base_cfg, tmp_path):
 # --------------------------------------------------------------------------- the dirty-tree refusal
 
 
-def git(repo, *cmd):
-    subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+def git(repo, *cmd) -> str:
+    return subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
 def test_dirty_tree_refused(tmp_path):
@@ -245,6 +245,28 @@ def test_dirty_tree_refused(tmp_path):
     (repo / "new.py").write_text("")
     with pytest.raises(SystemExit, match="1 uncommitted change"):
         run.require_clean(repo, [rows, corpus])
+
+
+def test_a_run_refuses_code_changed_since_the_sweep_started(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "trainer").mkdir(parents=True)
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@t")
+    git(repo, "config", "user.name", "t")
+    (repo / "trainer" / "loop.py").write_text("x = 1\n")
+    (repo / "tests.py").write_text("")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "init")
+    start = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "tests.py").write_text("y = 1\n")  # outside CODE_PATHS: the sweep goes on
+    git(repo, "commit", "-qam", "tests")
+    run.require_code_at(start, repo)
+    (repo / "trainer" / "loop.py").write_text("x = 2\n")  # uncommitted, then committed: both stop it
+    with pytest.raises(run.CellFailed, match="trainer/loop.py changed since the sweep started"):
+        run.require_code_at(start, repo)
+    git(repo, "commit", "-qam", "loop")
+    with pytest.raises(run.CellFailed, match="trainer/loop.py changed"):
+        run.require_code_at(start, repo)
 
 
 # --------------------------------------------------------------------------- probes

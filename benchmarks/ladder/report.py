@@ -95,7 +95,7 @@ def extras(rows: list[dict], cells: dict) -> list[dict]:
     for arm, sizes in sorted(cells.items()):
         for size, lrs in sizes.items():
             lr, _ = stats.best(lrs)
-            here = [r for r in rows if r["arm"] == arm and int(r["params"]) == size and float(r["lr"]) == lr]
+            here = [r for r in rows if r["arm"] == arm and stats.size_of(r) == size and float(r["lr"]) == lr]
             row = {"arm": arm, "size": size, "lr": lr}
             for m in EXTRA_METRICS:
                 vals = [float(r[m]) for r in here if r.get(m) is not None and math.isfinite(float(r[m]))]
@@ -115,7 +115,7 @@ def flops_by_size(rows: list[dict]) -> dict:
     got: dict = {}
     for r in rows:
         if r.get("flops"):
-            got.setdefault(r["arm"], {}).setdefault(int(r["params"]), []).append(float(r["flops"]))
+            got.setdefault(r["arm"], {}).setdefault(stats.size_of(r), []).append(float(r["flops"]))
     return {a: {s: float(np.median(v)) for s, v in sizes.items()} for a, sizes in got.items()}
 
 

@@ -61,7 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, cpu_model, repo_relative
-from benchmarks.ladder.arms import ARMS, SETTINGS, Budget, budgets, model_overrides, schedule_overrides
+from benchmarks.ladder.arms import ARMS, REFERENCE, SETTINGS, Budget, budgets, model_overrides, schedule_overrides
 
 BASE = ROOT / "configs" / "ladder" / "base.yaml"
 CODE_PATHS = ("trainer", "model", "configs", "benchmarks/ladder", "benchmarks/common.py")  # what a run imports or reads
@@ -89,6 +89,7 @@ class Cell:
     seed: int
     budget: Budget = field(compare=False)
     tokens_per_param: float = 8.0
+    size: int = field(default=0, compare=False)  # the rung's N: the reference's non-embedding params there
 
     @property
     def name(self) -> str:
@@ -195,8 +196,8 @@ def plan_rung(base_cfg, setting: str, width: int, n_layers: int, arms: list[str]
         n = args.control_lrs if ARMS[arm].control_for else args.lrs_per_cell
         for lr in arm_lrs(rows, setting, corpus, arm, width, found[arm], args.tokens_per_param, args.seeds, n,
                           args.max_extend):
-            cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param)
-                      for seed in range(args.seeds)]
+            cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param,
+                           found[REFERENCE].params) for seed in range(args.seeds)]
     return cells
 
 
@@ -238,7 +239,9 @@ def final_eval(metrics: Path) -> dict:
 def make_row(cell: Cell, ctx: dict, final: dict, probes: dict, wall: float, run_dir: Path) -> dict:
     b = cell.budget
     return {"setting": cell.setting, "corpus": ctx["corpus"], "arm": cell.arm, "width": cell.width,
-            "n_layers": b.n_layers, "params": b.params, "flops": b.flops, "tokens": b.tokens, "steps": b.steps,
+            # size: the rung, shared by its arms (what comparisons pair and fits use as N);
+            # params: this arm's own count (norm gains, λs and routers differ by a few hundred).
+            "n_layers": b.n_layers, "size": cell.size or b.params, "params": b.params, "flops": b.flops, "tokens": b.tokens, "steps": b.steps,
             "tokens_per_param": float(cell.tokens_per_param), "lr": float(cell.lr), "seed": cell.seed,
             "commit": ctx["commit"], "device": ctx["device"],
             "val_loss": final.get("val/val_loss"), "ood_loss": final.get("val/ood_loss"),

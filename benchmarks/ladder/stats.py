@@ -77,7 +77,12 @@ def row_key(r: dict, fields=KEY) -> tuple:
     return tuple(float(r[f]) if f == "tokens_per_param" and r.get(f) is not None else r.get(f) for f in fields)
 
 
-def group(rows: list[dict], metric: str = METRIC, size_key: str = "params", fields=KEY) -> dict:
+def size_of(r: dict, size_key: str = "size") -> int:
+    """A row's N: its rung's shared size (the runner's `size`), else its own `params`."""
+    return int(r[size_key] if r.get(size_key) is not None else r["params"])
+
+
+def group(rows: list[dict], metric: str = METRIC, size_key: str = "size", fields=KEY) -> dict:
     """{key: {arm: {size: {lr: np.array(seed values)}}}}, key = row_key (by default (setting,
     corpus)), sorted by size and LR. A diverged run (the runner's `diverged`, or a non-finite
     loss) counts as +inf: its LR can never be the best, and it stays in the grid, so a best LR
@@ -89,7 +94,7 @@ def group(rows: list[dict], metric: str = METRIC, size_key: str = "params", fiel
             if not (r.get("diverged") or v is not None):
                 continue
             v = math.inf
-        out[row_key(r, fields)][r["arm"]][int(r[size_key])][float(r["lr"])].append(float(v))
+        out[row_key(r, fields)][r["arm"]][size_of(r, size_key)][float(r["lr"])].append(float(v))
     return {key: {arm: {size: {lr: np.asarray(v) for lr, v in sorted(lrs.items())}
                         for size, lrs in sorted(sizes.items())}
                   for arm, sizes in arms.items()}

@@ -190,7 +190,7 @@ def test_failed_cell_gets_no_row_and_is_not_retried_in_the_same_sweep(base_cfg, 
     assert len(calls) == 3 and run.read_rows(tmp_path / "rows.jsonl") == []
 
 
-ROW_KEYS = {"setting", "corpus", "arm", "width", "n_layers", "params", "flops", "tokens", "steps", "tokens_per_param",
+ROW_KEYS = {"setting", "corpus", "arm", "width", "n_layers", "size", "params", "flops", "tokens", "steps", "tokens_per_param",
             "lr", "seed", "commit", "device", "val_loss", "ood_loss", "induction", "loss_by_position", "train_loss",
             "diverged", "wall_s", "finished", "run_dir"}
 
@@ -204,6 +204,9 @@ def test_row_schema_and_append(base_cfg, tmp_path):
     row = fake_run(lambda lr: 3.5)(cell, ctx)
     assert set(row) == ROW_KEYS
     assert row["params"] == cell.budget.params and row["flops"] == cell.budget.flops and row["n_layers"] == 8
+    # The rung's size is pre_ln's, shared by every arm there (mod's own count has its routers).
+    pre_ln = run.plan_rung(base_cfg, "width", 32, 8, ["pre_ln"], a, [], "h")[0]
+    assert row["size"] == pre_ln.budget.params != row["params"]
     assert row["finished"].endswith("+00:00")
     lines = path.read_text().splitlines()
     assert lines[0] == '{"already": "here"}' and json.loads(lines[1]) == row

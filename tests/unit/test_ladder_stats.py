@@ -121,3 +121,15 @@ def test_rows_group_per_setting_and_corpus_and_diverged_runs_count_as_inf():
     assert set(lrs) == {1e-3, 4e-3} and np.isinf(lrs[4e-3]).all()  # the row without a loss is left out
     assert stats.pooled_variance(cells) == (0.5, 1)  # the diverged cell has no spread to pool
     assert stats.best(lrs) == (1e-3, 3.5)
+
+
+def test_arms_of_one_rung_pair_by_its_size_not_their_own_param_counts():
+    # Peri-LN's extra norm gains make its count differ from Pre-LN's at the same rung: paired by
+    # the rung's `size`, the two meet at one size; rows without `size` fall back to `params`.
+    rows = [{"setting": "width", "corpus": "h", "arm": arm, "size": 107040, "params": params, "lr": 1e-3,
+             "seed": s, "val_loss": 3.0 + s / 10} for arm, params in (("pre_ln", 107040), ("peri_ln", 107584))
+            for s in (0, 1)]
+    cells = stats.group(rows)[("width", "h")]
+    assert set(cells["pre_ln"]) == set(cells["peri_ln"]) == {107040}
+    old = [{k: v for k, v in r.items() if k != "size"} for r in rows]
+    assert set(stats.group(old)[("width", "h")]["peri_ln"]) == {107584}

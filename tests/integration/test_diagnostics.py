@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks.plot_diagnostics import main as plot_main
-from tests.helpers import losses, metrics, tiny_overrides, train
+from tests.helpers import SHAKESPEARE, losses, metrics, tiny_overrides, train
 from trainer.evaluation.diagnostics import POS_BINS
 
 ALL_ON = {"model.n_layers": 4, "model.norm": "peri", "model.embed_norm": "true", "model.ln_scaling": "true",
@@ -86,21 +86,15 @@ def test_residual_stream_grows_far_more_with_depth_under_pre_ln_than_peri_ln_or_
     """Peri-LN (Kim et al., 2025) and LNS (Sun et al., 2025): Pre-LN's residual stream keeps
     growing with depth; Peri-LN bounds each block's increment and LNS damps deep layers'.
 
-    Measured here (12 layers of width 64, 40 steps at lr 5e-3, seed 1337; the range over 60-step
-    runs with seeds 1-4 and 1337 in brackets), rms_l = diag/resid_rms/l{l}, l0 the embedding output:
-        growth through the stack rms_12 / rms_0:  pre 450 [363-690], peri 15.0 [7.9-14.8],
-                                                  pre + LNS 151 [166-200]
-        deep-half growth ln(rms_12 / rms_6):      pre 0.64 [0.35-0.79], pre + LNS 0.26 [0.17-0.26]
-    Not separating measures at this scale: rms_12 / rms_1 (from block 1's output): pre 11.9
-    [3.4-20.8] vs peri 6.9 [3.7-7.3]; and the deep-half growth, which after the sharded data
-    path changed the sample order measured pre 0.56 vs pre + LNS 0.54 (so it is within the
-    run-to-run spread here; the ablation's deep-narrow setting measures LNS's depth claim over
-    seeds). Pre-LN's growth is front-loaded into block 1 (embedding RMS 0.03 -> 1-5), and a
-    Peri-LN stream, a sum of unit-RMS increments, grows linearly.
+    Measured here on tinyshakespeare (12 layers of width 64, 40 steps at lr 5e-3; seed 1337, and
+    seeds 1-2 in brackets), the growth through the stack rms_12 / rms_0 (rms_l =
+    diag/resid_rms/l{l}, l0 the embedding output): pre 564 [382-417], peri 10.7 [16.5-17.7],
+    pre + LNS 143 [153-160]. The corpus is the shipped one: the embedded stdlib corpus differs
+    between Python versions, and on it the pre/LNS ratio came within the bound.
     """
     out = tmp_path / "runs"
     common = {"model.n_layers": 12, "run.max_steps": 40, "optim.lr": 5e-3, "schedule.warmup_steps": 2,
-              "logging.diag_every": 40}
+              "logging.diag_every": 40, "data.source": SHAKESPEARE, "data.max_docs": 0}
     variants = {"pre": {}, "peri": {"model.norm": "peri", "model.embed_norm": "true"},
                 "lns": {"model.ln_scaling": "true"}}
     rms = {}
@@ -110,4 +104,4 @@ def test_residual_stream_grows_far_more_with_depth_under_pre_ln_than_peri_ln_or_
         assert len(rms[name]) == 13
     growth = {name: r[12] / r[0] for name, r in rms.items()}
     assert growth["pre"] > 10 * growth["peri"], growth
-    assert growth["pre"] > 1.5 * growth["lns"], growth
+    assert growth["pre"] > 2 * growth["lns"], growth

@@ -101,10 +101,9 @@ def test_rows_carry_mem_gb_progress_shows_eta_and_profile_steps_write_a_trace(tm
                                                  "logging.progress": "true"}))
     rows = [r for r in metrics(out / "obs") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this test process (GiB): torch imported
-    assert all(0.5 * own < r["mem_gb"] < 64 for r in rows), [r["mem_gb"] for r in rows]
+    # GiB of the trainer's resident memory: torch alone is above 0.1 GiB, and a unit slip (MiB or
+    # KiB read as GiB) lands outside. (This process's own peak grows with the tests run before.)
+    assert all(0.1 < r["mem_gb"] < 64 for r in rows), [r["mem_gb"] for r in rows]
     assert "eta=" in proc.stderr
     trace = json.loads((out / "obs/profile/steps_2-3_rank0.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}

@@ -48,7 +48,10 @@ def main(argv=None) -> int:
         validate(cfg, world_size=env_world_size())
         from trainer.loop import Trainer
 
-        return Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        code = trainer.fit()
+        trainer.dist.close()
+        return code
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
         return 2

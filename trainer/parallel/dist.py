@@ -56,6 +56,15 @@ class Dist:
             else:
                 tdist.barrier()
 
+    def close(self) -> None:
+        """End this rank's process groups together with its peers': a rank whose gloo group
+        was torn down at interpreter exit while a peer's last collective was still in flight
+        killed that peer with SIGABRT ("terminate called without an active exception"), so a
+        finished run could exit -6. Only on a clean finish: after a failure a peer may be gone."""
+        if tdist.is_initialized():
+            self.barrier()
+            tdist.destroy_process_group()
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
         """Reduce `t` in place over `group` (default: all ranks) and return it; op is sum|max|min.
 

@@ -49,11 +49,16 @@ prepare: setup ## Train the tokenizer and write the token shards for CONFIG with
 pretrain: setup ## Train CONFIG (default configs/tiny.yaml, on CPU); rerunning resumes
 	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (default 2, the CI machine's cores), each
+# test process on one OpenMP thread so two workers do not oversubscribe the cores; the cluster
+# tier stays on one worker (tests/conftest.py). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: setup ## Run the whole suite: tests/unit, integration, cluster and gpu (CPU, gloo, fp32)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup ## Run the unit tier tests/unit: in-process, no trainer subprocess (under a minute)
-	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests/unit $(PYTEST_ARGS)
 
 # The fakegpu tier (marker `fakegpu`, in `make test` too): step, eval, metrics and collectives
 # against the meta device on CPU, so a CPU tensor meeting a device tensor fails as on CUDA.
@@ -109,7 +114,7 @@ ABLATE_ARGS ?= --seeds 2 --lrs 1.5e-3,3e-3,6e-3 --extend-edges 1 --sources shake
 ablate: setup ## Run (or continue) the ablation protocol (hours on 2 cores)
 	$(BIN)/python -m benchmarks.ablate $(ABLATE_ARGS) $(ARGS)
 
-# The option ladder (issue 24; benchmarks/ladder/run.py): builds the corpus if missing, then
+# The option ladder (benchmarks/ladder/run.py): builds the corpus if missing, then
 # trains every pending (arm, size, LR, seed) as one one-thread run, JOBS at a time (default 2
 # here, whatever ablate's default; JOBS=... on the command line wins), and appends one row per
 # run to benchmarks/results/ladder_runs.jsonl. Resumable: rerun to continue. Refuses a dirty

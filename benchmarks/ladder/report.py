@@ -100,7 +100,9 @@ def extras(rows: list[dict], cells: dict) -> list[dict]:
             for m in EXTRA_METRICS:
                 vals = [float(r[m]) for r in here if r.get(m) is not None and math.isfinite(float(r[m]))]
                 row[m] = float(np.mean(vals)) if vals else None
-            lbp = [np.asarray(r["loss_by_position"], dtype=float) for r in here if r.get("loss_by_position")]
+            # probes.loss_by_position: {"1": ce, "2-3": ce, ...}, buckets in position order
+            lbp = [np.asarray(list(r["loss_by_position"].values()), dtype=float) for r in here
+                   if r.get("loss_by_position")]
             if lbp:
                 q = max(1, min(len(v) for v in lbp) // 4)
                 row["loss_first_quarter"] = float(np.mean([v[:q].mean() for v in lbp]))

@@ -64,7 +64,10 @@ from benchmarks.common import RESULTS, ROOT, cpu_model, repo_relative
 from benchmarks.ladder.arms import ARMS, REFERENCE, SETTINGS, Budget, budgets, model_overrides, schedule_overrides
 
 BASE = ROOT / "configs" / "ladder" / "base.yaml"
-CODE_PATHS = ("trainer", "model", "configs", "benchmarks/ladder", "benchmarks/common.py")  # what a run imports or reads
+# What a run imports or reads, and what places its cells (fit and stats pick LR centres);
+# the report is not among them, so it can be fixed while a sweep runs.
+CODE_PATHS = ("trainer", "model", "configs/ladder", "benchmarks/common.py",
+              *(f"benchmarks/ladder/{m}.py" for m in ("run", "arms", "probes", "corpus", "fit", "stats")))
 CORPUS = ROOT / "benchmarks" / "data" / "ladder"
 ROWS = RESULTS / "ladder_runs.jsonl"
 OUT = RESULTS / "ladder_runs"  # git-ignored (benchmarks/results/*_runs/)

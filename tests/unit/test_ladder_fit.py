@@ -126,7 +126,10 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
 
     rng = np.random.default_rng(5)
     rows = [{"setting": "width", "corpus": corpus, "arm": arm, "params": 100_000, "flops": 6e12, "lr": lr, "seed": s,
-             "tokens_per_param": 8.0, "val_loss": 3.0 + rng.normal(0, 0.01)}
+             "tokens_per_param": 8.0, "val_loss": 3.0 + rng.normal(0, 0.01), "ood_loss": 3.5,
+             # the probes' shape: position buckets in order; a quarter of 8 buckets is 2
+             "loss_by_position": {"1": 6.0, "2-3": 5.0, "4-7": 4.5, "8-15": 4.0, "16-31": 3.5, "32-63": 3.2,
+                                  "64-127": 3.1, "128-256": 3.0 + (arm == "peri_ln")}}
             for corpus in ("aaaa", "bbbb") for arm in ("pre_ln", "peri_ln") for lr in (1e-3, 2e-3) for s in (0, 1)]
     rows.append({**rows[0], "lr": 4e-3, "val_loss": None, "diverged": True})
     runs = tmp_path / "runs.jsonl"
@@ -139,4 +142,7 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     assert len(rep["sections"]) == 2
     assert all(c["verdict"] == "undecided" for s in rep["sections"] for c in s["comparisons"])
     assert "1 of them diverged" in md
+    extras = {(e["arm"], e["lr"]): e for e in rep["sections"][0]["extras"]}
+    assert {round(e["loss_first_quarter"], 6) for e in extras.values()} == {5.5}
+    assert sorted(round(e["loss_last_quarter"], 6) for e in extras.values()) == [3.05, 3.55]
     assert (tmp_path / "ladder_width_aaaa_tpp8_loss.png").is_file() and (tmp_path / "ladder_width_bbbb_tpp8_lr.png").is_file()

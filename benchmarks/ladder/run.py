@@ -36,8 +36,8 @@ loss went non-finite (the trainer's exit 3) gets a row with null losses and dive
 it is not retried and the LR search sees it. A run that fails otherwise gets no row; its log
 stays in the runs folder and the next invocation retries it.
 
-Exactness: the runner refuses to start when the git tree has uncommitted changes (bar the
-results file and the corpus folder), so each row's `commit` is the code that trained it; and
+Exactness: the runner refuses to start when what the runs import or read (CODE_PATHS) has
+uncommitted changes, so each row's `commit` is the code that trained it; and
 each run checks, before it trains and before its row is written, that the code it imports
 (CODE_PATHS) still equals that commit, so work can go on in the tree during a sweep (tests,
 docs) but a change to what the runs import stops the sweep instead of mislabelling rows.
@@ -261,15 +261,20 @@ class CellFailed(Exception):
     pass
 
 
+class CodeChanged(SystemExit):
+    """The code the runs import changed mid-sweep: every later row would be mislabelled, so
+    the sweep stops (a SystemExit: the one-line message, no traceback)."""
+
+
 def require_code_at(commit: str, root: Path = ROOT) -> None:
-    """CellFailed unless the tree's CODE_PATHS equal `commit`'s (module docstring: Exactness)."""
+    """CodeChanged unless the tree's CODE_PATHS equal `commit`'s (module docstring: Exactness)."""
     if commit.endswith("-dirty"):
         return
     changed = subprocess.run(["git", "diff", "--name-only", commit, "--", *CODE_PATHS], cwd=root,
                              capture_output=True, text=True).stdout.split()
     if changed:
-        raise CellFailed(f"{changed[0]} changed since the sweep started at {commit[:12]}; "
-                         f"commit, then rerun to continue")
+        raise CodeChanged(f"error: {changed[0]} changed since the sweep started at {commit[:12]}; "
+                          f"commit, then rerun to continue")
 
 
 def train_cell(cell: Cell, ctx: dict) -> dict:
@@ -363,10 +368,10 @@ def sweep(base_cfg, args, ctx: dict, run_fn=train_cell) -> int:
 # --------------------------------------------------------------------------- checks
 
 
-def dirty_paths(root: Path, ignore: list[Path]) -> list[str]:
-    """Paths `git status` reports changed or untracked under `root`, less `ignore` (and
-    git-ignored files)."""
-    proc = subprocess.run(["git", "status", "--porcelain=v1", "--untracked-files=all"], cwd=root,
+def dirty_paths(root: Path, ignore: list[Path], paths=CODE_PATHS) -> list[str]:
+    """Paths under `paths` (what the runs import: a tests or docs edit does not change a row)
+    that `git status` reports changed or untracked, less `ignore` (and git-ignored files)."""
+    proc = subprocess.run(["git", "status", "--porcelain=v1", "--untracked-files=all", "--", *paths], cwd=root,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: {root} is not a git work tree ({proc.stderr.strip()[:120]}); "

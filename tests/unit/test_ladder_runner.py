@@ -224,12 +224,13 @@ def git(repo, *cmd) -> str:
 
 def test_dirty_tree_refused(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
+    (repo / "trainer").mkdir(parents=True)
     git(repo, "init", "-q")
     git(repo, "config", "user.email", "t@t")
     git(repo, "config", "user.name", "t")
-    (repo / ".gitignore").write_text("ignored/\n")
-    (repo / "code.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("trainer/ignored/\n")
+    (repo / "trainer" / "code.py").write_text("x = 1\n")
+    (repo / "notes.md").write_text("")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "init")
     rows, corpus = repo / "results" / "rows.jsonl", repo / "data" / "ladder"
@@ -238,14 +239,15 @@ def test_dirty_tree_refused(tmp_path):
     rows.write_text("{}\n")
     corpus.mkdir(parents=True)
     (corpus / "train.jsonl").write_text("{}\n")
-    (repo / "ignored").mkdir()
-    (repo / "ignored" / "x").write_text("")
-    run.require_clean(repo, [rows, corpus])  # results, corpus and git-ignored files do not count
-    (repo / "code.py").write_text("x = 2\n")
+    (repo / "trainer" / "ignored").mkdir()
+    (repo / "trainer" / "ignored" / "x").write_text("")
+    (repo / "notes.md").write_text("an edit outside what runs import\n")
+    run.require_clean(repo, [rows, corpus])  # results, corpus, git-ignored files and non-code do not count
+    (repo / "trainer" / "code.py").write_text("x = 2\n")
     with pytest.raises(SystemExit, match="commit first"):
         run.require_clean(repo, [rows, corpus])
     git(repo, "commit", "-qam", "edit")
-    (repo / "new.py").write_text("")
+    (repo / "trainer" / "new.py").write_text("")
     with pytest.raises(SystemExit, match="1 uncommitted change"):
         run.require_clean(repo, [rows, corpus])
 
@@ -265,10 +267,10 @@ def test_a_run_refuses_code_changed_since_the_sweep_started(tmp_path):
     git(repo, "commit", "-qam", "tests")
     run.require_code_at(start, repo)
     (repo / "trainer" / "loop.py").write_text("x = 2\n")  # uncommitted, then committed: both stop it
-    with pytest.raises(run.CellFailed, match="trainer/loop.py changed since the sweep started"):
+    with pytest.raises(run.CodeChanged, match="trainer/loop.py changed since the sweep started"):
         run.require_code_at(start, repo)
     git(repo, "commit", "-qam", "loop")
-    with pytest.raises(run.CellFailed, match="trainer/loop.py changed"):
+    with pytest.raises(run.CodeChanged, match="trainer/loop.py changed"):
         run.require_code_at(start, repo)
 
 

@@ -16,18 +16,45 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"  # public domain, shipped in the repo
 
 
-def tiny_overrides(out_dir: Path, name: str = "t", **extra) -> list[str]:
-    """A model and corpus small enough for a few-second CPU run."""
+# The data cache shared by the tests of one pytest process (an xdist worker): tests/conftest.py
+# points this variable at a directory under the session's base temp. The cache is
+# content-addressed (<cache>/tokenizers/<fingerprint>/, <cache>/shards/<fingerprint>/), so runs
+# of one data config reuse one tokenizer and one set of shards, and runs of another get their own.
+SHARED_DATA_CACHE_ENV = "TESTS_SHARED_DATA_CACHE"
+
+
+def tiny_overrides(out_dir: Path, name: str = "t", fresh_data: bool = False, **extra) -> list[str]:
+    """A model and corpus small enough for a few-second CPU run.
+
+    The data cache is the one shared by this pytest process's tests, so a launch that finds its
+    tokenizer and shards already prepared skips preparing. `fresh_data=True` gives the run its own
+    empty cache, `out_dir.parent / "cache"`, for a test that depends on preparing (asserts on what
+    prepare does or leaves, kills it, or damages or counts the cache's files). Outside pytest
+    (no shared cache configured) every run gets that per-directory cache too."""
+    shared = os.environ.get(SHARED_DATA_CACHE_ENV)
+    cache = Path(shared) if shared and not fresh_data else out_dir.parent / "cache"
     base = {
         "run.out_dir": str(out_dir), "run.name": name, "run.max_steps": 6, "run.eval_every": 0,
         "run.eval_batches": 2, "checkpoint.every": 0, "logging.wandb_mode": "disabled",
         "logging.progress": "false", "logging.every": 1, "model.d_model": 64, "model.n_layers": 2,
         "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64,
-        "data.seq_len": 64, "data.max_docs": 60, "data.cache_dir": str(out_dir.parent / "cache"),
+        "data.seq_len": 64, "data.max_docs": 60, "data.cache_dir": str(cache),
         "parallel.micro_batch": 2, "schedule.warmup_steps": 2, "logging.peak_flops": 1e12,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def selected_cases(request, test_name: str, param: str) -> list:
+    """The values of `param` of the parametrized `test_name` items this session will run (after
+    -k/-m deselection), in collection order: a module fixture that computes every case of such a
+    test at once computes only these."""
+    out = []
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if getattr(item, "originalname", None) == test_name and spec and spec.params[param] not in out:
+            out.append(spec.params[param])
+    return out
 
 
 def _env(extra: dict | None = None) -> dict:

@@ -437,16 +437,18 @@ def test_mixture_and_eval_sets_in_a_real_run(tmp_path):
 
 @pytest.mark.slow
 def test_offline_job_fails_on_every_rank_with_the_prepare_command(tmp_path):
-    out = train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline"}), nproc=2, check=False,
-                timeout=300)
+    # Its own cache: the job must find nothing prepared, and the prepare below must fill it.
+    out = train(tiny_overrides(tmp_path / "runs", "noprep", fresh_data=True, **{"data.prepare": "offline"}), nproc=2,
+                check=False, timeout=300)
     assert out.returncode != 0
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "python -m trainer.prepare" in ln]
     assert lines and "configs/tiny.yaml" in lines[0] and not (tmp_path / "cache" / "shards").exists()
     prep = subprocess.run([sys.executable, "-m", "trainer.prepare", "configs/tiny.yaml",
-                           *tiny_overrides(tmp_path / "runs", "noprep"), "--workers", "2"], cwd=ROOT, env=_env(),
+                           *tiny_overrides(tmp_path / "runs", "noprep", fresh_data=True), "--workers", "2"], cwd=ROOT,
+                          env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr
-    train(tiny_overrides(tmp_path / "runs", "noprep", **{"data.prepare": "offline", "run.max_steps": 2}))
+    train(tiny_overrides(tmp_path / "runs", "noprep", fresh_data=True, **{"data.prepare": "offline", "run.max_steps": 2}))
     assert os.path.exists(tmp_path / "runs" / "noprep" / "checkpoints" / "step-2" / "COMPLETE")
 
 

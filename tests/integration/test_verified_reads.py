@@ -26,7 +26,8 @@ WEIGHTS = "mp_rank_00_model_states.pt"  # ZeRO-0 on one rank: the weights and th
 def trained(tmp_path_factory):
     """(out_dir, overrides) of a finished 2-step tiny run with checkpoints/step-2."""
     out = tmp_path_factory.mktemp("verified") / "runs"
-    over = tiny_overrides(out, "src", **{"run.max_steps": 2})
+    # Its own cache, out.parent / "cache": two tests copy it or point a rerun at it.
+    over = tiny_overrides(out, "src", fresh_data=True, **{"run.max_steps": 2})
     proc = train(over)
     assert "saved checkpoint step-2 (" in proc.stdout and " MB) in " in proc.stdout  # one line per save
     return out, over

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import metrics, spawn_gloo, tiny_overrides, train
+from tests.helpers import metrics, selected_cases, spawn_gloo, tiny_overrides, train
 from trainer.config import load_config
 from trainer.export.load import consolidated_state_dict, resolve_checkpoint
 
@@ -62,12 +62,14 @@ class _Batches:
         return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _sp_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[tuple[float, float]], dict | None]:
+def _sp_steps(rank: int, world: int, overrides: list[str], release: bool = False
+              ) -> tuple[list[tuple[float, float]], dict | None]:
     """STEPS of trainer.step.train_step on the engine the trainer builds (Ulysses core
     injected, grad_scale from build_engine): per-step (loss, grad norm), and rank 0's full
-    fp32 weights."""
+    fp32 weights. `release`: the engine is destroyed afterwards (as growth replaces one), so
+    the next case in this process builds its own on a clean slate."""
+    from trainer.parallel import ds_state
     from trainer.parallel.dist import init_distributed
-    from trainer.parallel.ds_state import fp32_weights
     from trainer.parallel.engine import build_engine, build_model
     from trainer.parallel.layout import BatchLayout
     from trainer.parallel.ulysses import attention_core
@@ -82,34 +84,70 @@ def _sp_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[tuple[f
     for step in range(1, STEPS + 1):
         r = train_step(engine, data, dist, cfg, layout, step)
         rows.append((float(r.loss), float(r.grad_norm)))
-    weights = fp32_weights(engine)  # collective under ZeRO: every rank calls it
+    weights = ds_state.fp32_weights(engine)  # collective under ZeRO: every rank calls it
+    if release:
+        ds_state.release(engine)
+        del engine, model
+        ds_state.free_memory()
     return rows, weights if rank == 0 else None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,deepspeed", [
-    (0, {}), (1, {}), (2, {}), (3, {}),  # DeepSpeed's defaults at each ZeRO stage
-    (3, {"zero_optimization.reduce_scatter": "false"}),  # contiguous all-reduce over dp: sums SP, factor 1
-    (1, {"zero_optimization.reduce_scatter": "false", "gradient_predivide_factor": 2.0}),  # averages SP: factor 2
-], ids=["z0", "z1", "z2", "z3", "z3-allreduce", "z1-predivide-world"])
-def test_sp2_step_matches_sp1_loss_grad_norm_and_weights_on_every_gradient_reduction_path(stage, deepspeed):
-    # The gradient factor is build_engine's (grad_scale), the step is train_step: two gloo
-    # ranks at SP=2 against one process at SP=1 on the same global batches, no trainer run.
+# (id, ZeRO stage, DeepSpeed overrides): every path by which DeepSpeed reduces gradients over dp.
+# ZeRO-3 last: its engines partition parameters (and leave DeepSpeed state behind), so the
+# stages before it are built in a process no ZeRO-3 engine has touched.
+REDUCTION_PATHS = [
+    ("z0", 0, {}), ("z1", 1, {}), ("z2", 2, {}),  # DeepSpeed's defaults at each ZeRO stage
+    ("z1-predivide-world", 1, {"zero_optimization.reduce_scatter": "false",
+                               "gradient_predivide_factor": 2.0}),  # averages SP: factor 2
+    ("z3", 3, {}),
+    # contiguous all-reduce over dp: sums SP, factor 1
+    ("z3-allreduce", 3, {"zero_optimization.reduce_scatter": "false"}),
+]
+
+
+def _reduction_path_overrides(stage: int, deepspeed: dict) -> list[str]:
     base = [f"{k}={v}" for k, v in {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
                                     "model.n_kv_heads": 2, "model.vocab_size": 512, "model.max_seq_len": 64,
                                     "data.seq_len": 64, "parallel.micro_batch": 2, "parallel.grad_accum": 2,
                                     "optim.lr": 1e-3, "parallel.zero_stage": stage}.items()]
-    base += [f"parallel.deepspeed.{k}={v}" for k, v in deepspeed.items()]
-    [(ref_rows, w_ref)] = spawn_gloo(_sp_steps, 1, [*base, "parallel.sp=1"])
-    (sp_rows, w_sp), _ = spawn_gloo(_sp_steps, 2, [*base, "parallel.sp=2"])
-    assert len(ref_rows) == len(sp_rows) == STEPS
+    return base + [f"parallel.deepspeed.{k}={v}" for k, v in deepspeed.items()]
+
+
+def _sp_cases(rank: int, world: int, cases: list[tuple[str, list[str]]]) -> dict:
+    """_sp_steps of every (case id, overrides) in turn in these ranks, each engine destroyed
+    before the next is built: {case id: (rows, rank 0's weights)}."""
+    return {case: _sp_steps(rank, world, overrides, release=True) for case, overrides in cases}
+
+
+@pytest.fixture(scope="module")
+def reduction_path_runs(request) -> tuple[dict, dict]:
+    """Every selected reduction path at SP=1 (one process) and at SP=2 (two gloo ranks): one
+    spawn per world size for all the cases, not two per case (each spawn pays for importing
+    torch and DeepSpeed in every rank)."""
+    wanted = selected_cases(request, "test_sp2_step_matches_sp1_loss_grad_norm_and_weights_on_every_gradient_reduction_path",
+                            "case")
+    cases = [(case, _reduction_path_overrides(stage, ds)) for case, stage, ds in REDUCTION_PATHS if case in wanted]
+    [ref] = spawn_gloo(_sp_cases, 1, [(c, [*o, "parallel.sp=1"]) for c, o in cases])
+    sp, _ = spawn_gloo(_sp_cases, 2, [(c, [*o, "parallel.sp=2"]) for c, o in cases])
+    return ref, sp
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("test_ulysses-reduction-paths")  # one worker runs the two spawns for all six
+@pytest.mark.parametrize("case", [c for c, _, _ in REDUCTION_PATHS])
+def test_sp2_step_matches_sp1_loss_grad_norm_and_weights_on_every_gradient_reduction_path(case, reduction_path_runs):
+    # The gradient factor is build_engine's (grad_scale), the step is train_step: two gloo
+    # ranks at SP=2 against one process at SP=1 on the same global batches, no trainer run.
+    ref, sp = reduction_path_runs
+    (ref_rows, w_ref), (sp_rows, w_sp) = ref[case], sp[case]
+    assert len(ref_rows) == len(sp_rows) == STEPS, case
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(sp_rows, ref_rows), 1):
-        assert loss == pytest.approx(ref_loss, rel=1e-5), step
-        assert norm == pytest.approx(ref_norm, rel=1e-5), step
-    assert w_ref.keys() == w_sp.keys()
+        assert loss == pytest.approx(ref_loss, rel=1e-5), (case, step, "loss")
+        assert norm == pytest.approx(ref_norm, rel=1e-5), (case, step, "grad norm")
+    assert w_ref.keys() == w_sp.keys(), case
     for k in w_ref:  # relative error of each tensor, as _assert_same_run
         rel = ((w_sp[k] - w_ref[k]).norm() / w_ref[k].norm()).item()
-        assert rel < 1e-5, (k, rel)
+        assert rel < 1e-5, (case, k, rel)
 
 
 @pytest.mark.slow

@@ -10,33 +10,53 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, losses, metrics, spawn_gloo, tiny_overrides, train
+from tests.helpers import ROOT, losses, metrics, selected_cases, spawn_gloo, tiny_overrides, train
 
 # ---------------------------------------------------------------- Adam moments through an engine
 
-# bf16 keeps fp32 masters and moments, and growth maps those (2 steps: bf16 is slow on CPU).
-_BF16 = [pytest.param(s, n, "bf16", marks=pytest.mark.slow, id=f"bf16-zero{s}") for s, n in ((0, 1), (1, 2), (2, 2), (3, 2))]
+# (case id, stage, nproc, precision). bf16 keeps fp32 masters and moments, and growth maps those
+# (2 steps: bf16 is slow on CPU). The ZeRO-3 cases come last in their process (see the fixture).
+MOMENT_CASES = [("0-1-fp32", 0, 1, "fp32"), ("bf16-zero0", 0, 1, "bf16"),
+                ("1-2-fp32", 1, 2, "fp32"), ("2-2-fp32", 2, 2, "fp32"), ("bf16-zero1", 1, 2, "bf16"),
+                ("bf16-zero2", 2, 2, "bf16"), ("3-2-fp32", 3, 2, "fp32"), ("bf16-zero3", 3, 2, "bf16")]
+MOMENT_TEST = "test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero"
 
 
-@pytest.mark.parametrize("stage,nproc,precision", [(0, 1, "fp32"), (1, 2, "fp32"), (2, 2, "fp32"), (3, 2, "fp32"),
-                                                   *_BF16])
+@pytest.fixture(scope="module")
+def moment_runs(request, tmp_path_factory) -> dict:
+    """The selected moment cases, one spawn per world size running its cases in turn (each
+    engine destroyed before the next is built): {case: (out dir, stage, the spawn's error)}.
+    A failing case ends its spawn, so the cases after it in that spawn have no result."""
+    from tests.workers.growth_moments import moment_cases_on_rank
+
+    wanted = selected_cases(request, MOMENT_TEST, "case")
+    runs = {}
+    for nproc in (1, 2):
+        cases = [(c, stage, str(tmp_path_factory.mktemp(f"moments-{c}")), precision)
+                 for c, stage, n, precision in MOMENT_CASES if n == nproc and c in wanted]
+        if not cases:
+            continue
+        try:
+            spawn_gloo(moment_cases_on_rank, nproc, cases)
+            err = None
+        except AssertionError as e:
+            err = str(e)
+        runs.update({c: (Path(out), stage, err) for c, stage, out, _ in cases})
+    return runs
+
+
+@pytest.mark.xdist_group("test_growth-moments")  # one worker runs the two spawns for all eight
+@pytest.mark.parametrize("case", [c for c, *_ in MOMENT_CASES])
 @pytest.mark.slow
-def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(tmp_path, stage, nproc, precision):
-    from tests.workers.growth_moments import moments_on_rank
-
-    try:
-        spawn_gloo(moments_on_rank, nproc, stage, str(tmp_path), precision)
-    except AssertionError as e:
-        if "SIGABRT" not in str(e):
-            raise
-        # Seen once in ~10 runs on a loaded 2-core machine, never reproduced since: a rank
-        # aborted inside the gloo collectives of DeepSpeed's safe_get_full_* (no Python
-        # error, SIGABRT). A second attempt tells that flake from a real failure.
-        spawn_gloo(moments_on_rank, nproc, stage, str(tmp_path), precision)
-    assert json.loads((tmp_path / f"moments-ok-{stage}").read_text())["checked"] > 20
+def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(case, moment_runs):
+    out, stage, err = moment_runs[case]
+    ok = out / f"moments-ok-{stage}"
+    assert ok.is_file(), f"{case}: no result; the spawn that ran it failed: {err}"
+    assert json.loads(ok.read_text())["checked"] > 20, case
 
 
 # ---------------------------------------------------------------- the real entry point
@@ -91,14 +111,24 @@ def test_resume_across_growth_is_bit_identical(tmp_path, stop_at):
     assert strip(metrics(out / "part")) == strip(metrics(out / "full"))
 
 
+GROW = {"run.max_steps": 6, "growth.stages": "[{at_step: 3, layers: 4, method: stack}]"}
+
+
+@pytest.fixture(scope="module")
+def growth_zero0_ref(tmp_path_factory) -> dict[int, float]:
+    """The ZeRO-0 two-rank growth reference's losses, trained once for every stage compared with it."""
+    out = tmp_path_factory.mktemp("growth_zero0_ref") / "runs"
+    train(tiny_overrides(out, "z0", **GROW, **{"parallel.zero_stage": 0}), nproc=2)
+    return losses(out / "z0")
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("test_growth-zero")  # one worker runs the reference once for both stages
 @pytest.mark.parametrize("stage", [1, 3])
-def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage):
+def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage, growth_zero0_ref):
     out = tmp_path / "runs"
-    grow = {"run.max_steps": 6, "growth.stages": "[{at_step: 3, layers: 4, method: stack}]"}
-    train(tiny_overrides(out, "z0", **grow, **{"parallel.zero_stage": 0}), nproc=2)
-    train(tiny_overrides(out, f"z{stage}", **grow, **{"parallel.zero_stage": stage}), nproc=2)
-    ref, got = losses(out / "z0"), losses(out / f"z{stage}")
+    train(tiny_overrides(out, f"z{stage}", **GROW, **{"parallel.zero_stage": stage}), nproc=2)
+    ref, got = growth_zero0_ref, losses(out / f"z{stage}")
     assert list(ref) == [1, 2, 3, 4, 5, 6]
     assert [r["n_layers"] for r in metrics(out / f"z{stage}") if "loss" in r] == [2, 2, 2, 4, 4, 4]
     for s in ref:

@@ -1,5 +1,5 @@
-"""Rank code for the Adam-moment test of growth: `spawn_gloo(moments_on_rank, nproc, STAGE,
-OUT_DIR, PRECISION)` on CPU (tests/integration/test_growth.py), or `torchrun -m
+"""Rank code for the Adam-moment test of growth: `spawn_gloo(moment_cases_on_rank, nproc,
+[(CASE, STAGE, OUT_DIR, PRECISION), ...])` on CPU (tests/integration/test_growth.py), or `torchrun -m
 tests.workers.growth_moments STAGE OUT_DIR [fp32|bf16]` on CUDA (tests/gpu/test_gpu_growth.py)."""
 from __future__ import annotations
 
@@ -87,11 +87,27 @@ def _moment_worker(stage: int, out: Path, precision: str = "fp32") -> None:
     assert math.isfinite(loss.item())
     if dist.is_main:
         (out / f"moments-ok-{stage}").write_text(json.dumps({"checked": checked}))
+    # The next case in this process builds its engine on a clean slate (as growth replaces one).
+    from trainer.parallel import ds_state
+
+    ds_state.release(engine)
+    del engine, held
+    ds_state.free_memory()
 
 
 def moments_on_rank(rank: int, world: int, stage: int, out: str, precision: str = "fp32") -> None:
     """`tests.helpers.spawn_gloo` entry point: the same check on ranks of a gloo group."""
     _moment_worker(stage, Path(out), precision)
+
+
+def moment_cases_on_rank(rank: int, world: int, cases: list[tuple[str, int, str, str]]) -> None:
+    """`spawn_gloo` entry point for several (case id, stage, out dir, precision) in turn in
+    one gloo group (one process start for all of them); a failure names its case."""
+    for case, stage, out, precision in cases:
+        try:
+            _moment_worker(stage, Path(out), precision)
+        except Exception as e:
+            raise AssertionError(f"growth moments case {case}: {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

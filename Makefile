@@ -50,10 +50,12 @@ pretrain: setup ## Train CONFIG (default configs/tiny.yaml, on CPU); rerunning r
 	$(BIN)/python -m trainer.train $(CONFIG) $(ARGS)
 
 # The suite runs on TEST_WORKERS pytest-xdist workers (default 2, the CI machine's cores), each
-# test process on one OpenMP thread so two workers do not oversubscribe the cores; the cluster
-# tier stays on one worker (tests/conftest.py). TEST_WORKERS=0 runs it in this process.
+# test process on one OpenMP thread so two workers do not oversubscribe the cores. A module runs
+# on one worker (--dist loadfile): its module fixtures (a shared reference run) run once, and
+# each SLURM test module's jobs never queue behind each other. (loadgroup would do it per mark,
+# but it stops grouping on pytest 9.2: pytest-xdist issue #1386.) TEST_WORKERS=0: in-process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup ## Run the whole suite: tests/unit, integration, cluster and gpu (CPU, gloo, fp32)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 

@@ -1,25 +1,12 @@
-"""Suite-wide collection rules.
-
-`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). The cluster tier
-shares two SLURM clusters of two CPUs a node: its tests go to one worker, one after another, so
-a job never queues behind another test's job and outlives its timeout. Most of their time is
-spent waiting on the scheduler, which the other worker fills with the integration tier."""
+"""Suite-wide fixtures. (`make test` runs the suite on two pytest-xdist workers, one module
+to a worker: the Makefile says why.)"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 SHARED_DATA_CACHE_ENV = "TESTS_SHARED_DATA_CACHE"  # tests/helpers.py reads it (not imported here: it imports torch)
-
-CLUSTER = Path(__file__).parent / "cluster"
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if CLUSTER in Path(item.path).parents:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -78,13 +78,22 @@ def test_zero0_checkpoint_at_zero2_is_refused_in_one_line(tmp_path):
     assert (out / "z0/checkpoints/step-2/COMPLETE").is_file()
 
 
+@pytest.fixture(scope="module")
+def zero3_at_cut(reference) -> Path:
+    """A 2-rank ZeRO-3 run of the reference's config stopped at CUT, trained once for both
+    targets (each resumes a copy of it)."""
+    out, _ = reference
+    train([*_over(out, "z3src", 2, 3), f"run.stop_at={CUT}"], nproc=2)
+    return out / "z3src"
+
+
 @pytest.mark.parametrize("zero", [2, 3], ids=["to_zero2", "to_zero3"])
-def test_zero3_two_rank_checkpoint_resumes_on_one_rank_like_uninterrupted(reference, zero):
+def test_zero3_two_rank_checkpoint_resumes_on_one_rank_like_uninterrupted(reference, zero3_at_cut, zero):
     # ZeRO-3 partitions the parameters themselves: DeepSpeed's converter writes its universal
     # checkpoint in a layout only the ZeRO-3 loader reads, which the checkpointer completes.
     out, ref = reference
     name = f"from_z3_to_z{zero}"
-    train([*_over(out, name, 2, 3), f"run.stop_at={CUT}"], nproc=2)
+    shutil.copytree(zero3_at_cut, out / name)
     assert losses(out / name)[CUT] == pytest.approx(losses(ref)[CUT], rel=1e-5)
     (out / name / "metrics.jsonl").unlink()
     proc = train(_over(out, name, 1, zero))

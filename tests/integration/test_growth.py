@@ -49,7 +49,6 @@ def moment_runs(request, tmp_path_factory) -> dict:
     return runs
 
 
-@pytest.mark.xdist_group("test_growth-moments")  # one worker runs the two spawns for all eight
 @pytest.mark.parametrize("case", [c for c, *_ in MOMENT_CASES])
 @pytest.mark.slow
 def test_adam_moments_of_copied_params_are_carried_and_fresh_ones_zero(case, moment_runs):
@@ -123,7 +122,6 @@ def growth_zero0_ref(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("test_growth-zero")  # one worker runs the reference once for both stages
 @pytest.mark.parametrize("stage", [1, 3])
 def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage, growth_zero0_ref):
     out = tmp_path / "runs"

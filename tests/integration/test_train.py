@@ -43,7 +43,6 @@ def zero0_ref(tmp_path_factory) -> dict[int, float]:
     return losses(out / "z0")
 
 
-@pytest.mark.xdist_group("test_train-zero")  # one worker runs the reference once for all three
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage, zero0_ref):
     out = tmp_path / "runs"

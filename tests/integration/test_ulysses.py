@@ -133,7 +133,6 @@ def reduction_path_runs(request) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("test_ulysses-reduction-paths")  # one worker runs the two spawns for all six
 @pytest.mark.parametrize("case", [c for c, _, _ in REDUCTION_PATHS])
 def test_sp2_step_matches_sp1_loss_grad_norm_and_weights_on_every_gradient_reduction_path(case, reduction_path_runs):
     # The gradient factor is build_engine's (grad_scale), the step is train_step: two gloo

@@ -23,6 +23,16 @@ SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"  # public dom
 SHARED_DATA_CACHE_ENV = "TESTS_SHARED_DATA_CACHE"
 
 
+def load_shipped_config(path: Path):
+    """A config from configs/, loaded as a user would, except that configs/ladder/ reads the
+    corpus `python -m benchmarks.ladder.corpus` generates (git-ignored, absent on a fresh
+    clone): those get stand-in sources, as the ladder runner's --dry-run does."""
+    from trainer.config import load_config
+
+    stand_in = ["data.source=embedded", "data.eval.val=embedded", "data.eval.ood=embedded"]
+    return load_config(path, stand_in if path.parent.name == "ladder" else [])
+
+
 def tiny_overrides(out_dir: Path, name: str = "t", fresh_data: bool = False, **extra) -> list[str]:
     """A model and corpus small enough for a few-second CPU run.
 

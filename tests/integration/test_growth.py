@@ -110,14 +110,14 @@ def test_resume_across_growth_is_bit_identical(tmp_path, stop_at):
     assert strip(metrics(out / "part")) == strip(metrics(out / "full"))
 
 
-GROW = {"run.max_steps": 6, "growth.stages": "[{at_step: 3, layers: 4, method: stack}]"}
+GROW_ZERO = {"run.max_steps": 6, "growth.stages": "[{at_step: 3, layers: 4, method: stack}]"}
 
 
 @pytest.fixture(scope="module")
 def growth_zero0_ref(tmp_path_factory) -> dict[int, float]:
     """The ZeRO-0 two-rank growth reference's losses, trained once for every stage compared with it."""
     out = tmp_path_factory.mktemp("growth_zero0_ref") / "runs"
-    train(tiny_overrides(out, "z0", **GROW, **{"parallel.zero_stage": 0}), nproc=2)
+    train(tiny_overrides(out, "z0", **GROW_ZERO, **{"parallel.zero_stage": 0}), nproc=2)
     return losses(out / "z0")
 
 
@@ -125,7 +125,7 @@ def growth_zero0_ref(tmp_path_factory) -> dict[int, float]:
 @pytest.mark.parametrize("stage", [1, 3])
 def test_growth_at_zero_stage_matches_zero0_on_two_ranks(tmp_path, stage, growth_zero0_ref):
     out = tmp_path / "runs"
-    train(tiny_overrides(out, f"z{stage}", **GROW, **{"parallel.zero_stage": stage}), nproc=2)
+    train(tiny_overrides(out, f"z{stage}", **GROW_ZERO, **{"parallel.zero_stage": stage}), nproc=2)
     ref, got = growth_zero0_ref, losses(out / f"z{stage}")
     assert list(ref) == [1, 2, 3, 4, 5, 6]
     assert [r["n_layers"] for r in metrics(out / f"z{stage}") if "loss" in r] == [2, 2, 2, 4, 4, 4]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ROOT, SHAKESPEARE
+from tests.helpers import ROOT, SHAKESPEARE, load_shipped_config
 from trainer.config import ConfigError, load_config, resume_diff
 from trainer.train import main
 
@@ -14,7 +14,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" n
 def test_every_shipped_config_loads_and_validates(path):
     if "ablations" in path.parts and not SHAKESPEARE.exists():
         pytest.skip(f"ablation configs read {SHAKESPEARE}, which is absent")
-    cfg = load_config(path)
+    cfg = load_shipped_config(path)
     assert cfg.run.name
 
 

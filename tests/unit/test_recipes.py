@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_shipped_config
 from trainer.checkpoint.init_from import model_diff
 from trainer.config import ConfigError, load_config
 from trainer.parallel.engine import deepspeed_config
@@ -57,7 +57,7 @@ def test_every_shipped_recipe_accumulates_and_reduces_gradients_in_fp32(path):
     """Read from the DeepSpeed config the engine is built with, not from our keys: bf16 runs
     accumulate micro-batch gradients in fp32 (ZeRO-0: autocast over fp32 parameters) and
     reduce them across ranks in fp32, Ulysses included."""
-    cfg = load_config(path)
+    cfg = load_shipped_config(path)
     ds = deepspeed_config(cfg)
     if not ds["bf16"]["enabled"] and "torch_autocast" not in ds:
         assert cfg.parallel.precision == "fp32"  # fp32 parameters, gradients and collectives

@@ -196,6 +196,16 @@ def build(args) -> dict:
 # ---------------------------------------------------------------- plots
 
 
+def _save(fig, path: Path) -> str:
+    """Write and close one figure; its file name, for the report's list."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plot(section: dict, cells: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -222,10 +232,7 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
            title=f"{section['setting']} · {short(section['corpus'])}: best-LR loss against N")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem_}_loss.png", dpi=110)
-    plt.close(fig)
-    written.append(f"{stem_}_loss.png")
+    written.append(_save(fig, out / f"{stem_}_loss.png"))
 
     if section["fit"]["pairs"]:
         fig, axes = plt.subplots(1, len(REFS), figsize=(12, 4.5), squeeze=False)
@@ -240,10 +247,7 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
                    title=f"vs {ref}")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{stem_}_m.png", dpi=110)
-        plt.close(fig)
-        written.append(f"{stem_}_m.png")
+        written.append(_save(fig, out / f"{stem_}_m.png"))
 
     arms = sorted(cells)
     ncols = min(4, len(arms))
@@ -259,10 +263,7 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(arms):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / f"{stem_}_lr.png", dpi=110)
-    plt.close(fig)
-    written.append(f"{stem_}_lr.png")
+    written.append(_save(fig, out / f"{stem_}_lr.png"))
     return written
 
 

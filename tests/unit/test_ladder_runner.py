@@ -222,12 +222,18 @@ def git(repo, *cmd) -> str:
     return subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-def test_dirty_tree_refused(tmp_path):
+def new_repo(tmp_path):
+    """An empty git repository with a trainer/ folder (a path the runs import)."""
     repo = tmp_path / "repo"
     (repo / "trainer").mkdir(parents=True)
     git(repo, "init", "-q")
     git(repo, "config", "user.email", "t@t")
     git(repo, "config", "user.name", "t")
+    return repo
+
+
+def test_dirty_tree_refused(tmp_path):
+    repo = new_repo(tmp_path)
     (repo / ".gitignore").write_text("trainer/ignored/\n")
     (repo / "trainer" / "code.py").write_text("x = 1\n")
     (repo / "notes.md").write_text("")
@@ -253,11 +259,7 @@ def test_dirty_tree_refused(tmp_path):
 
 
 def test_a_run_refuses_code_changed_since_the_sweep_started(tmp_path):
-    repo = tmp_path / "repo"
-    (repo / "trainer").mkdir(parents=True)
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "t@t")
-    git(repo, "config", "user.name", "t")
+    repo = new_repo(tmp_path)
     (repo / "trainer" / "loop.py").write_text("x = 1\n")
     (repo / "tests.py").write_text("")
     git(repo, "add", ".")

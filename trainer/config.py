@@ -25,7 +25,7 @@ from model.mod import CAUSAL_RULES
 from model.norms import NORMS
 from model.transformer import VALUE_MODULES
 from trainer.errors import ConfigError
-from trainer.schedule import SCHEDULES
+from trainer.schedule import SCHEDULES, ScheduleConfig
 
 
 @dataclass
@@ -79,14 +79,6 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
-
-
-@dataclass
-class ScheduleConfig:
-    kind: str = "cosine"  # cosine | linear | wsd | constant
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
 
 
 @dataclass

@@ -4,12 +4,20 @@ optional short re-warmup after each growth step."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from model.config import lookup
 
-if TYPE_CHECKING:  # trainer.config imports SCHEDULES from here to validate schedule.kind
-    from trainer.config import RunConfig, ScheduleConfig
+
+# Here, not in trainer.config: the config tree imports it (and SCHEDULES, to validate
+# schedule.kind), and this module imports nothing from trainer, so there is no circle.
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
 
 
 def _cosine(s: ScheduleConfig, frac: float) -> float:
@@ -37,7 +45,8 @@ SCHEDULES: dict[str, Callable[[ScheduleConfig, float], float]] = {
     "cosine": _cosine, "linear": _linear, "wsd": _wsd, "constant": _constant}
 
 
-def lr_at(cfg: RunConfig, step: int) -> float:
+def lr_at(cfg, step: int) -> float:
+    """The LR of `step` under a RunConfig `cfg` (its schedule, optim.lr, run.max_steps, growth)."""
     s, peak, total = cfg.schedule, cfg.optim.lr, cfg.run.max_steps
     if step < s.warmup_steps:
         lr = peak * (step + 1) / s.warmup_steps
@@ -47,7 +56,7 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return lr * _rewarm_factor(cfg, step)
 
 
-def _rewarm_factor(cfg: RunConfig, step: int) -> float:
+def _rewarm_factor(cfg, step: int) -> float:
     """Linear ramp from 1/n to 1 over the `rewarm_steps` after the latest growth step."""
     n = cfg.growth.rewarm_steps
     grown = [st.at_step for st in cfg.growth.stages if st.at_step <= step]

@@ -70,7 +70,7 @@ CODE_PATHS = ("trainer", "model", "configs/ladder", "benchmarks/common.py",
               *(f"benchmarks/ladder/{m}.py" for m in ("run", "arms", "probes", "corpus", "fit", "stats")))
 CORPUS = ROOT / "benchmarks" / "data" / "ladder"
 ROWS = RESULTS / "ladder_runs.jsonl"
-OUT = RESULTS / "ladder_runs"  # git-ignored (benchmarks/results/*_runs/)
+OUT = ROOT / "runs" / "ladder"  # scratch run dirs (git-ignored runs/): only the rows are results
 LR_UNIT = 1e-3  # the LR lattice is LR_UNIT · 2^k, so grids of different rungs and invocations line up
 CENTRE_LR = 4e-3  # the first rung's centre: best LRs at width 128 in benchmarks/results/ablation.md were 1.5e-3..6e-3
 KEY = ("setting", "corpus", "arm", "width", "n_layers", "tokens_per_param", "lr", "seed")

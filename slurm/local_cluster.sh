@@ -119,8 +119,9 @@ names_resolve() {
 munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 # ---- fast path: already up ---------------------------------------------------------
-if command -v sinfo >/dev/null 2>&1 && [ -f "$CONF" ] && munge_ok && names_resolve \
-        && pid_alive "$CTLD_PID" slurmctld && all_slurmd_alive && all_nodes_usable; then
+# (A config older than this script may be stale: the full path rewrites it when it differs.)
+if command -v sinfo >/dev/null 2>&1 && [ -f "$CONF" ] && [ "$CONF" -nt "${BASH_SOURCE[0]}" ] && munge_ok \
+        && names_resolve && pid_alive "$CTLD_PID" slurmctld && all_slurmd_alive && all_nodes_usable; then
     log "already up: cluster $CLUSTER, nodes ${NODE_NAMES[*]} $(node_state "${NODE_NAMES[0]}")"
     finish
 fi
@@ -218,6 +219,10 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# A requeued job becomes eligible when cred_expire has passed, which is no scheduling event:
+# the periodic passes start it (backfill every 30 s, the main loop every 60 s by default).
+# Every 2 s here, so a requeue round trip takes seconds rather than up to half a minute.
+SchedulerParameters=bf_interval=2,sched_interval=2
 SelectType=select/cons_tres
 # CR_CPU: schedule CPUs (no memory tracking), whatever the core/thread layout is.
 SelectTypeParameters=CR_CPU
@@ -239,6 +244,8 @@ if ! cmp -s "$new_conf" "$CONF"; then
     install -m 0644 "$new_conf" "$CONF"
     conf_changed=1
     log "wrote $CONF (cluster $CLUSTER, nodes ${NODE_NAMES[*]}, CPUs=$CPUS, RealMemory=$REAL_MEM MB)"
+else
+    touch "$CONF"  # checked against this script: the fast path above may be taken again
 fi
 rm -f "$new_conf"
 # An empty cgroup.conf keeps slurmd from complaining on hosts where it looks for one.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _train_steps
+from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _run_job, _train_steps
 from tests.helpers import ROOT, losses, tiny_overrides, train
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -77,18 +77,28 @@ def torchrun_ref(work) -> dict[int, float]:
     return losses(work / "runs" / "ref")
 
 
-def _sbatch(env: dict, logs: Path, name: str, overrides: list[str], wait: bool, extra_env: dict | None = None):
+def _sbatch(env: dict, logs: Path, name: str, overrides: list[str], extra_env: dict | None = None):
+    """The sbatch command line for a two-node job, and its environment."""
     logs.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--nodes=2", "--gres=none", f"--job-name={name}", "--time=00:10:00",
-           f"--output={logs}/slurm-%j.out", "--wait" if wait else "--parsable", SCRIPT, "configs/tiny.yaml",
-           *overrides]
-    full_env = {**env, "HARNESS_STOP_DIR": str(logs / "stop"), **(extra_env or {})}
-    try:
-        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=WAIT_S if wait else 60)
-    except subprocess.TimeoutExpired:
-        _cancel(name, env)
-        pytest.fail(f"sbatch did not return within {WAIT_S if wait else 60}s\n{_log(logs)[-4000:]}")
+           f"--output={logs}/slurm-%j.out", SCRIPT, "configs/tiny.yaml", *overrides]
+    return cmd, {**env, "HARNESS_STOP_DIR": str(logs / "stop"), **(extra_env or {})}
+
+
+def _submit(env: dict, logs: Path, name: str, overrides: list[str], extra_env: dict | None = None) -> str:
+    """Submit without waiting; the job id."""
+    cmd, full_env = _sbatch(env, logs, name, overrides, extra_env)
+    proc = subprocess.run([cmd[0], "--parsable", *cmd[1:]], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def _run(env: dict, logs: Path, name: str, overrides: list[str]) -> tuple[dict[str, str], str]:
+    """Submit and wait until the job has ended: its scontrol record and the log."""
+    cmd, full_env = _sbatch(env, logs, name, overrides)
+    info = _run_job(cmd, full_env, logs, name, WAIT_S)
+    return info, _log(logs)
 
 
 def _wait_for_steps(env: dict, job_id: str, run: Path, logs: Path, n: int) -> None:
@@ -127,9 +137,8 @@ def _trainer_pids_on(node: str) -> list[int]:
 
 def test_two_nodes_train_like_torchrun(slurm_env, work, torchrun_ref):
     logs, name = work / "train", f"harness-2n-{uuid.uuid4().hex[:8]}"
-    proc = _sbatch(slurm_env, logs, name, _overrides(work, "two"), wait=True)
-    log = _log(logs)
-    assert proc.returncode == 0, f"sbatch exited {proc.returncode}: {proc.stderr}\n{log[-4000:]}"
+    info, log = _run(slurm_env, logs, name, _overrides(work, "two"))
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{log[-4000:]}"
     # One torchrun per node, the first node hosting the rendezvous.
     assert "node n1: torchrun (SLURM node 0), rendezvous host=true" in log, log[-4000:]
     assert "node n2: torchrun (SLURM node 1), rendezvous host=false" in log, log[-4000:]
@@ -144,9 +153,7 @@ def test_two_nodes_usr1_checkpoint_requeue_resume(slurm_env, work, torchrun_ref)
     run = work / "runs" / "pre"
     # Slow steps (the numbers are unchanged) so the signal lands mid-run.
     overrides = _overrides(work, "pre", **{"checkpoint.every": 0})
-    proc = _sbatch(slurm_env, logs, name, overrides, wait=False, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = _submit(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 3)
         sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True,
@@ -178,9 +185,7 @@ def test_node_failure_ends_job_and_resubmit_resumes(slurm_env, work, torchrun_re
     logs, name = work / "nodefail", f"harness-2n-{uuid.uuid4().hex[:8]}"
     run = work / "runs" / "fail"
     overrides = _overrides(work, "fail")
-    proc = _sbatch(slurm_env, logs, name, overrides, wait=False, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = _submit(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 5)  # step-4 checkpoint is complete by then
         victims = _trainer_pids_on("n2")
@@ -203,9 +208,8 @@ def test_node_failure_ends_job_and_resubmit_resumes(slurm_env, work, torchrun_re
     assert done and 4 <= done[-1] < STEPS, done
 
     # Re-submitting the same command resumes from the last complete checkpoint.
-    proc = _sbatch(slurm_env, logs, name, overrides, wait=True)
-    log = _log(logs)
-    assert proc.returncode == 0, f"resubmission exited {proc.returncode}\n{log[-4000:]}"
+    info, log = _run(slurm_env, logs, name, overrides)
+    assert info.get("JobState") == "COMPLETED", f"resubmission ended {info}\n{log[-4000:]}"
     assert f"resumed from {run}/checkpoints/step-{done[-1]}" in log, log[-4000:]
     got = losses(run)
     assert set(range(1, STEPS + 1)) <= set(got), log[-3000:]
@@ -216,9 +220,8 @@ def test_two_nodes_sequence_parallel_matches_sp1(slurm_env, work):
     """SP=2 across the two nodes (the all-to-alls cross nodes) vs one process at SP=1:
     the same global batch (DP=1), so the same losses up to summation order."""
     logs, name = work / "sp", f"harness-2n-{uuid.uuid4().hex[:8]}"
-    proc = _sbatch(slurm_env, logs, name, _overrides(work, "sp2", **{"parallel.sp": 2}), wait=True)
-    log = _log(logs)
-    assert proc.returncode == 0, f"sbatch exited {proc.returncode}: {proc.stderr}\n{log[-4000:]}"
+    info, log = _run(slurm_env, logs, name, _overrides(work, "sp2", **{"parallel.sp": 2}))
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{log[-4000:]}"
     train(_overrides(work, "sp1"), nproc=1)
     got, ref = losses(work / "runs" / "sp2"), losses(work / "runs" / "sp1")
     assert sorted(got) == list(range(1, STEPS + 1)), log[-3000:]

@@ -75,14 +75,19 @@ def _cancel(name: str, env: dict | None = None) -> None:
     subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30, env=env)
 
 
+def _submit(cmd: list[str], env: dict) -> str:
+    """Submit `cmd` (an sbatch command line) without waiting; the job id."""
+    proc = subprocess.run([cmd[0], "--parsable", *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
 def _run_job(cmd: list[str], env: dict, logs: Path, name: str, bound: float = WAIT_S) -> dict[str, str]:
     """Submit `cmd` (an sbatch command line without --wait) and poll until the job has ended;
     returns its `scontrol show job` record. Not `sbatch --wait`: it polls at 2, 4, 8, then every
     10 s, which adds up to 10 s to each of these 10-second jobs."""
-    proc = subprocess.run([cmd[0], "--parsable", *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    job_id, info = proc.stdout.strip().split(";")[0], {}
+    job_id, info = _submit(cmd, env), {}
     deadline = time.monotonic() + bound
     try:
         while info.get("JobState") not in FINAL_STATES:
@@ -120,11 +125,8 @@ def test_usr1_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     # No periodic checkpoints: the only one before the end is the one the signal causes.
     overrides = tiny_overrides(out, "pre", **{"run.max_steps": max_steps, "checkpoint.every": 1000})
     run = out / "pre"
-    cmd = [*_sbatch_args(tmp_path, name), "--parsable", SCRIPT, "configs/tiny.yaml", *overrides]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path, 2), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-        job_id = proc.stdout.strip().split(";")[0]
+        job_id = _submit([*_sbatch_args(tmp_path, name), SCRIPT, "configs/tiny.yaml", *overrides], _env(tmp_path, 2))
 
         # 1. Wait for training to make progress, then signal the batch shell only, as
         #    SLURM's --signal=B:USR1@120 does before the time limit.
@@ -175,11 +177,8 @@ def test_scancel_cancels_without_requeue(slurm_cluster, tmp_path):
     out, name = tmp_path / "runs", f"harness-test-{uuid.uuid4().hex[:8]}"
     run = out / "cx"
     overrides = tiny_overrides(out, "cx", **{"run.max_steps": 5000, "checkpoint.every": 0})
-    cmd = [*_sbatch_args(tmp_path, name), "--parsable", SCRIPT, "configs/tiny.yaml", *overrides]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path, 2), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-        job_id = proc.stdout.strip().split(";")[0]
+        job_id = _submit([*_sbatch_args(tmp_path, name), SCRIPT, "configs/tiny.yaml", *overrides], _env(tmp_path, 2))
         deadline = time.monotonic() + WAIT_S
         while len(_train_steps(run)) < 2:
             assert _job(job_id).get("JobState", "") not in FINAL_STATES, _log(tmp_path)[-4000:]

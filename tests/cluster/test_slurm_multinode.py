@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _run_job, _train_steps
+from tests.cluster.test_slurm import FINAL_STATES, _cancel, _job, _log, _run_job, _submit, _train_steps
 from tests.helpers import ROOT, losses, tiny_overrides, train
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -85,13 +85,9 @@ def _sbatch(env: dict, logs: Path, name: str, overrides: list[str], extra_env: d
     return cmd, {**env, "HARNESS_STOP_DIR": str(logs / "stop"), **(extra_env or {})}
 
 
-def _submit(env: dict, logs: Path, name: str, overrides: list[str], extra_env: dict | None = None) -> str:
+def _start(env: dict, logs: Path, name: str, overrides: list[str], extra_env: dict | None = None) -> str:
     """Submit without waiting; the job id."""
-    cmd, full_env = _sbatch(env, logs, name, overrides, extra_env)
-    proc = subprocess.run([cmd[0], "--parsable", *cmd[1:]], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
-    return proc.stdout.strip().split(";")[0]
+    return _submit(*_sbatch(env, logs, name, overrides, extra_env))
 
 
 def _run(env: dict, logs: Path, name: str, overrides: list[str]) -> tuple[dict[str, str], str]:
@@ -153,7 +149,7 @@ def test_two_nodes_usr1_checkpoint_requeue_resume(slurm_env, work, torchrun_ref)
     run = work / "runs" / "pre"
     # Slow steps (the numbers are unchanged) so the signal lands mid-run.
     overrides = _overrides(work, "pre", **{"checkpoint.every": 0})
-    job_id = _submit(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
+    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 3)
         sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True,
@@ -185,7 +181,7 @@ def test_node_failure_ends_job_and_resubmit_resumes(slurm_env, work, torchrun_re
     logs, name = work / "nodefail", f"harness-2n-{uuid.uuid4().hex[:8]}"
     run = work / "runs" / "fail"
     overrides = _overrides(work, "fail")
-    job_id = _submit(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
+    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 5)  # step-4 checkpoint is complete by then
         victims = _trainer_pids_on("n2")

@@ -30,7 +30,7 @@ def evaluate(run_dir: Path, tasks: Sequence[str], limit: int | None = None, step
              log_samples: bool = False) -> dict:
     """Export the run's checkpoint to a temporary directory and run lm_eval on it."""
     run_dir = run_dir_or_error(run_dir)
-    tm = task_manager(include_path)
+    tm = task_manager(tasks, include_path)
     check_tasks(tm, tasks)
     check_datasets(tm, tasks)
     with tempfile.TemporaryDirectory(prefix="harness-eval-") as tmp:

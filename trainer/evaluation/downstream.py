@@ -35,7 +35,7 @@ class DownstreamEval:
         self.dist, self.dir = dist, run_dir / "downstream"
         self.marker = run_dir / "downstream.status"
         self.tokenizer = run_dir / "tokenizer" / "tokenizer.model"
-        self.tm = task_manager()
+        self.tm = task_manager(self.tasks)
         check_tasks(self.tm, self.tasks, "run.eval_tasks")  # before training starts, on every rank
 
     def run(self, engine, step: int) -> dict | None:

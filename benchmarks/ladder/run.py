@@ -317,18 +317,22 @@ def train_cell(cell: Cell, ctx: dict) -> dict:
 def run_cells(cells: list[Cell], jobs: int, ctx: dict, run_fn=train_cell) -> tuple[list[dict], list[Cell]]:
     """Run `cells`, `jobs` at a time: (their rows, the cells that failed)."""
     failed: list[Cell] = []
+    lock = threading.Lock()
+
+    def say(line: str) -> None:  # whole lines: print's text and newline are two writes, which threads interleave
+        with lock:
+            print(line, flush=True)
 
     def one(cell: Cell) -> dict | None:
-        print(f"{cell.name}: {cell.budget.steps} steps, {cell.budget.tokens:,} tokens: started", flush=True)
+        say(f"{cell.name}: {cell.budget.steps} steps, {cell.budget.tokens:,} tokens: started")
         try:
             row = run_fn(cell, ctx)
         except CellFailed as e:
-            print(f"{cell.name}: FAILED: {e}", flush=True)
+            say(f"{cell.name}: FAILED: {e}")
             failed.append(cell)
             return None
         loss = row["val_loss"]
-        print(f"{cell.name}: val loss {'diverged' if loss is None else f'{loss:.4f}'} in {row['wall_s']:.0f}s",
-              flush=True)
+        say(f"{cell.name}: val loss {'diverged' if loss is None else f'{loss:.4f}'} in {row['wall_s']:.0f}s")
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:

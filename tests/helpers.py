@@ -77,17 +77,64 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def train(overrides: list[str], nproc: int = 1, config: str = "configs/tiny.yaml", env: dict | None = None,
-          check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m trainer.train` (or torchrun with nproc ranks) as a user would."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "trainer.train", config, *overrides]
+          check: bool = True, timeout: int = 300, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m trainer.train` as a user would: one process, or `nproc` ranks started as
+    torchrun starts them (`launch_ranks`; `torchrun=True` runs torchrun itself)."""
+    args = ["-m", "trainer.train", config, *overrides]
+    if nproc > 1 and not torchrun:
+        proc = launch_ranks(args, nproc, _env(env), timeout)
+        cmd = [f"launch_ranks(nproc={nproc})", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "trainer.train", config, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable, *args] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+             *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def launch_ranks(args: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`python args...` as `nproc` ranks of one host, with the variables torchrun gives its
+    workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and, as
+    under torchrun, one shared stdout and stderr; when a rank fails, the others get SIGTERM and,
+    30 s later, SIGKILL, as torchrun's agent does. Its returncode is the first failing rank's.
+
+    Not torchrun itself: its agent process imports torch too, about 1.5 CPU-seconds per launch,
+    which over the suite's multi-rank launches is most of a minute of a 2-core `make test`.
+    torchrun itself runs under SLURM (tests/cluster) and in the hung-rank test."""
+    import tempfile
+
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=err,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                       "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port)})
+                 for r in range(nproc)]
+        deadline, stop_at = time.monotonic() + timeout, None
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+                if stop_at is None and any(p.returncode for p in procs):
+                    stop_at = time.monotonic() + 30
+                    for p in procs:
+                        if p.poll() is None:
+                            p.terminate()
+                if stop_at is not None and time.monotonic() > stop_at:
+                    for p in procs:
+                        p.kill()
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        out.seek(0)
+        err.seek(0)
+        rc = next((p.returncode for p in procs if p.returncode), 0)
+        return subprocess.CompletedProcess([sys.executable, *args], rc, out.read(), err.read())
 
 
 def torchrun_module(module: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

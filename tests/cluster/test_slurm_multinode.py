@@ -149,7 +149,7 @@ def test_two_nodes_usr1_checkpoint_requeue_resume(slurm_env, work, torchrun_ref)
     run = work / "runs" / "pre"
     # Slow steps (the numbers are unchanged) so the signal lands mid-run.
     overrides = _overrides(work, "pre", **{"checkpoint.every": 0})
-    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
+    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "0.5"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 3)
         sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True,
@@ -181,7 +181,7 @@ def test_node_failure_ends_job_and_resubmit_resumes(slurm_env, work, torchrun_re
     logs, name = work / "nodefail", f"harness-2n-{uuid.uuid4().hex[:8]}"
     run = work / "runs" / "fail"
     overrides = _overrides(work, "fail")
-    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "1"})
+    job_id = _start(slurm_env, logs, name, overrides, extra_env={"HARNESS_FAULT_STEP_SLEEP": "0.5"})
     try:
         _wait_for_steps(slurm_env, job_id, run, logs, 5)  # step-4 checkpoint is complete by then
         victims = _trainer_pids_on("n2")

@@ -98,7 +98,7 @@ def launch_ranks(args: list[str], nproc: int, env: dict, timeout: float) -> subp
     """`python args...` as `nproc` ranks of one host, with the variables torchrun gives its
     workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and, as
     under torchrun, one shared stdout and stderr; when a rank fails, the others get SIGTERM and,
-    30 s later, SIGKILL, as torchrun's agent does. Its returncode is the first failing rank's.
+    30 s later, SIGKILL, as torchrun's agent does. Its returncode is the rank's that failed first.
 
     Not torchrun itself: its agent process imports torch too, about 1.5 CPU-seconds per launch,
     which over the suite's multi-rank launches is most of a minute of a 2-core `make test`.
@@ -112,12 +112,13 @@ def launch_ranks(args: list[str], nproc: int, env: dict, timeout: float) -> subp
                                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
                                        "MASTER_PORT": str(port)})
                  for r in range(nproc)]
-        deadline, stop_at = time.monotonic() + timeout, None
+        deadline, stop_at, first_rc = time.monotonic() + timeout, None, None
         try:
-            while any(p.poll() is None for p in procs):
+            while [p.poll() for p in procs].count(None):  # every rank polled: `any` would stop at the first
                 if time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
                 if stop_at is None and any(p.returncode for p in procs):
+                    first_rc = next(p.returncode for p in procs if p.returncode)
                     stop_at = time.monotonic() + 30
                     for p in procs:
                         if p.poll() is None:
@@ -133,7 +134,7 @@ def launch_ranks(args: list[str], nproc: int, env: dict, timeout: float) -> subp
                     p.wait()
         out.seek(0)
         err.seek(0)
-        rc = next((p.returncode for p in procs if p.returncode), 0)
+        rc = first_rc or next((p.returncode for p in procs if p.returncode), 0)
         return subprocess.CompletedProcess([sys.executable, *args], rc, out.read(), err.read())
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import spawn_gloo
+from tests.helpers import _env, launch_ranks, spawn_gloo
 
 
 def _sum_of_ranks(rank: int, world: int, scale: float) -> tuple[int, torch.Tensor]:
@@ -35,3 +35,14 @@ def test_ranks_share_one_group_and_return_in_rank_order():
 def test_a_failing_rank_raises_with_its_traceback():
     with pytest.raises(AssertionError, match=r"(?s)_rank_1_fails.*ValueError: rank 1 was told to fail"):
         spawn_gloo(_rank_1_fails, 2)
+
+
+def test_launch_ranks_gives_torchruns_env_one_output_and_a_failed_rank_ends_the_others():
+    """tests.helpers.launch_ranks, which `train(nproc=2)` uses in place of torchrun."""
+    show = "import os; print(*(os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')))"
+    ok = launch_ranks(["-c", show], 2, _env(), timeout=60)
+    assert ok.returncode == 0 and sorted(ok.stdout.splitlines()) == ["0 0 2 2", "1 1 2 2"]
+    fail = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(600)"
+    t0 = time.monotonic()
+    bad = launch_ranks(["-c", fail], 2, _env(), timeout=120)
+    assert bad.returncode == 3 and time.monotonic() - t0 < 60  # rank 0 was stopped, not waited for

@@ -54,10 +54,12 @@ pretrain: setup ## Train CONFIG (default configs/tiny.yaml, on CPU); rerunning r
 # on one worker (--dist loadfile): its module fixtures (a shared reference run) run once, and
 # each SLURM test module's jobs never queue behind each other. (loadgroup would do it per mark,
 # but it stops grouping on pytest 9.2: pytest-xdist issue #1386.) TEST_WORKERS=0: in-process.
+# TORCHINDUCTOR_COMPILE_THREADS=1: the compile tests' ranks compile in-process, without a pool of
+# compile workers that each import torch first (on 2 cores the pool only adds that start-up).
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup ## Run the whole suite: tests/unit, integration, cluster and gpu (CPU, gloo, fp32)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup ## Run the unit tier tests/unit: in-process, no trainer subprocess (under a minute)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests/unit $(PYTEST_ARGS)

@@ -40,11 +40,21 @@ def _steps_logged(run: Path) -> int:
         return 0
 
 
+KILL9 = {"run.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 2}
+
+
+@pytest.fixture(scope="module")
+def kill9_ref(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run both kill -9 cases must reproduce (sync and async saves write the
+    same checkpoints, so one reference serves both)."""
+    out = tmp_path_factory.mktemp("kill9") / "runs"
+    train(tiny_overrides(out, "ref", **KILL9))
+    return losses(out / "ref")
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp_path, async_save):
-    out = tmp_path / "runs"
-    extra = {"run.max_steps": STEPS, "checkpoint.every": 4, "checkpoint.keep": 2}
-    train(tiny_overrides(out, "ref", **extra))
+def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp_path, async_save, kill9_ref):
+    out, extra = tmp_path / "runs", KILL9
     # async: the pause is in the background writer, so the loop runs on and the kill lands
     # while the next save waits for the unsealed one
     over = tiny_overrides(out, "crashy", **extra, **{"checkpoint.async": str(async_save).lower()})
@@ -70,7 +80,7 @@ def test_kill9_three_times_including_mid_checkpoint_then_resume_is_bit_exact(tmp
     train(over)
     rows = [r["step"] for r in metrics(run) if "loss" in r]
     assert rows == list(range(1, STEPS + 1)), "every step is logged exactly once: none skipped or repeated"
-    assert losses(run) == losses(out / "ref")
+    assert losses(run) == kill9_ref
     assert not any(run.glob("checkpoints/step-*.tmp"))
 
 

@@ -72,7 +72,7 @@ def _overrides(work: Path, name: str, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def torchrun_ref(work) -> dict[int, float]:
-    """The reference: the same config as 2 processes under plain torchrun on one host."""
+    """The reference: the same config as 2 ranks on one host (`train(nproc=2)`)."""
     train(_overrides(work, "ref"), nproc=2)
     return losses(work / "runs" / "ref")
 

@@ -125,16 +125,19 @@ def lr_grid(centre: float, n: int) -> list[float]:
     return [snap(c * 2.0 ** k) for k in range(-(n // 2), n - n // 2)]
 
 
-def centre_lr(rows: list[dict], setting: str, corpus: str, arm: str, params: int) -> float:
-    """fit.predict_lr from the rows of smaller rungs (same setting, corpus), else CENTRE_LR."""
-    smaller = [r for r in rows if r["setting"] == setting and r["corpus"] == corpus and r["params"] < params
-               and r.get("val_loss") is not None]
+def centre_lr(rows: list[dict], setting: str, corpus: str, arm: str, size: int) -> float:
+    """fit.predict_lr from the rows of smaller rungs (same setting, corpus), else CENTRE_LR.
+    A rung is its `size` (the reference's params there), not a row's own `params`: the arms of
+    one rung differ by a few hundred parameters, and a lighter arm's rows of this very rung
+    would otherwise count as a smaller rung and move the grid mid-rung."""
+    smaller = [r for r in rows if r["setting"] == setting and r["corpus"] == corpus
+               and r.get("size", r["params"]) < size and r.get("val_loss") is not None]
     if not smaller:
         return CENTRE_LR
     try:
         from benchmarks.ladder.fit import predict_lr
 
-        lr = predict_lr(smaller, arm, params, setting=setting, corpus=corpus)
+        lr = predict_lr(smaller, arm, size, setting=setting, corpus=corpus)
     except Exception as e:  # noqa: BLE001 - no fit yet (too few LRs, the module absent): the fixed centre
         print(f"{setting}/{arm}: no LR prediction ({type(e).__name__}: {str(e)[:80]}); centring on {CENTRE_LR:g}",
               flush=True)
@@ -169,12 +172,12 @@ def extension(cell_rows: list[dict], grid: list[float], seeds: int) -> float | N
 
 
 def arm_lrs(rows: list[dict], setting: str, corpus: str, arm: str, width: int, budget: Budget, tpp: float,
-            seeds: int, n_lrs: int, max_extend: int) -> list[float]:
-    """An arm's LR grid at one rung: the centred grid, the LRs already run, and one extension
-    when the finished grid's best is at an edge (module docstring)."""
+            seeds: int, n_lrs: int, max_extend: int, size: int) -> list[float]:
+    """An arm's LR grid at the rung of `size`: the centred grid, the LRs already run, and one
+    extension when the finished grid's best is at an edge (module docstring)."""
     mine = [r for r in rows if (r["setting"], r["corpus"], r["arm"], r["width"], r["n_layers"],
                                 float(r["tokens_per_param"])) == (setting, corpus, arm, width, budget.n_layers, tpp)]
-    base = lr_grid(centre_lr(rows, setting, corpus, arm, budget.params), n_lrs)
+    base = lr_grid(centre_lr(rows, setting, corpus, arm, size), n_lrs)
     grid = sorted(set(base) | {float(r["lr"]) for r in mine})
     if len(set(grid) - set(base)) < max_extend and (lr := extension(mine, grid, seeds)) is not None:
         grid = sorted({*grid, lr})
@@ -194,13 +197,13 @@ def plan_rung(base_cfg, setting: str, width: int, n_layers: int, arms: list[str]
     """Every cell of one rung, done or not, in arm, LR, seed order (the arms of `arms` that the
     setting has)."""
     found = budgets(base_cfg, width, n_layers, args.tokens_per_param, SETTINGS[setting].arms)
-    cells = []
+    size, cells = found[REFERENCE].params, []
     for arm in (a for a in arms if a in SETTINGS[setting].arms):
         n = args.control_lrs if ARMS[arm].control_for else args.lrs_per_cell
         for lr in arm_lrs(rows, setting, corpus, arm, width, found[arm], args.tokens_per_param, args.seeds, n,
-                          args.max_extend):
-            cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param,
-                           found[REFERENCE].params) for seed in range(args.seeds)]
+                          args.max_extend, size):
+            cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param, size)
+                      for seed in range(args.seeds)]
     return cells
 
 

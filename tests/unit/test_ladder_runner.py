@@ -122,10 +122,10 @@ def test_extension_at_each_edge_and_not_inside():
 def test_arm_lrs_extends_and_caps(base_cfg):
     b = arms.budgets(base_cfg, 32, 8, 8.0)["pre_ln"]
     rows = rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0})
-    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 3) == [0.002, 0.004, 0.008, 0.016]
-    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 0) == [0.002, 0.004, 0.008]
+    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 3, b.params) == [0.002, 0.004, 0.008, 0.016]
+    assert run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 0, b.params) == [0.002, 0.004, 0.008]
     # rows of another corpus or budget are not this cell's
-    assert run.arm_lrs(rows, "width", "other", "pre_ln", 32, b, 8.0, 2, 3, 3) == [0.002, 0.004, 0.008]
+    assert run.arm_lrs(rows, "width", "other", "pre_ln", 32, b, 8.0, 2, 3, 3, b.params) == [0.002, 0.004, 0.008]
 
 
 def test_centre_from_smaller_rungs(monkeypatch):
@@ -142,6 +142,10 @@ def test_centre_from_smaller_rungs(monkeypatch):
     assert run.centre_lr(rows, "width", "h", "lns", 222000) == 0.0123
     assert seen == {"n": 2, "arm": "lns", "params": 222000}  # only the smaller rung's rows
     assert run.centre_lr([], "width", "h", "lns", 222000) == run.CENTRE_LR
+    # A lighter arm's rows of this same rung (its own params a few hundred below the rung's
+    # size) are not a smaller rung: they must not move the grid mid-rung.
+    same_rung = rows_for({0.032: 3.0}, params=221_800, size=222_000)
+    assert run.centre_lr(same_rung, "width", "h", "mod", 222_000) == run.CENTRE_LR
     monkeypatch.setattr(fit, "predict_lr", lambda *a, **k: (_ for _ in ()).throw(ValueError("too few")))
     assert run.centre_lr(rows, "width", "h", "lns", 222000) == run.CENTRE_LR
 

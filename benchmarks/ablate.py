@@ -9,7 +9,7 @@ corpus, at several learning rates and seeds, `--jobs` runs at a time (default 1)
 Protocol. Each (setting, corpus, variant, LR, seed) is one run. The tables give every
 variant at the shared LR (the base config's) and at its own best LR as mean ± spread over
 seeds, and judge each variant against Pre-LN and against Pre-LN + embed_norm with the option
-ladder's statistics (benchmarks/ladder/stats.py): seed variance pooled per (setting, corpus),
+ladder's statistics (benchmarks/ladder/stats.py): seed variance pooled per arm near its best LR,
 a best-LR comparison whose 95% interval holds for any shape of the LR curves, and Holm over
 every comparison of the report; "better" / "worse" only when the Holm-adjusted p < 5% and the
 interval excludes 0, else "undecided". A best LR at the grid's edge is flagged, and
@@ -428,18 +428,18 @@ def run_all(pending: list, jobs: int, out: Path, env: dict, run_fn, rows: Path |
 
 def judge(rows: list[dict], n_boot: int = stats.N_BOOT) -> tuple[list[dict], dict, int]:
     """Every variant against each reference (REFS) at its own best LR, per (setting, corpus),
-    with benchmarks/ladder/stats.py: σ² pooled per (setting, corpus), the best-LR comparison's
+    with benchmarks/ladder/stats.py: σ² per arm (stats.seed_noise), the best-LR comparison's
     interval and p, then Holm over all the comparisons together (one report, one family).
-    Returns (comparisons, {(setting, corpus): {s2, df, arm_sigma}}, replicates per comparison)."""
+    Returns (comparisons, {(setting, corpus): {arm: {sigma, df}}}, replicates per comparison)."""
     from benchmarks.ladder.report import arm_sigmas, comparison_pairs, comparisons, replicates_for
 
     groups = stats.group(rows, size_key="size")
     n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), n_boot)
     comps, pooled = [], {}
     for key, cells in sorted(groups.items()):
-        s2, df = stats.pooled_variance(cells)
-        pooled[key] = {"s2": s2, "df": df, "arm_sigma": arm_sigmas(cells)}
-        comps += [{**c, "setting": key[0], "corpus": key[1]} for c in comparisons(cells, s2, df, n_boot, seed=len(comps))]
+        noise = stats.seed_noise(cells)
+        pooled[key] = arm_sigmas(noise)
+        comps += [{**c, "setting": key[0], "corpus": key[1]} for c in comparisons(cells, noise, n_boot, seed=len(comps))]
     return stats.judge(comps), pooled, n_boot
 
 
@@ -479,10 +479,8 @@ def report(summaries: list[dict], args) -> dict:
     for (setting, corpus), variants in ablation_stats.aggregate(summaries).items():
         here = [s for s in summaries if s["setting"] == setting and s["source"] == corpus]
         shared = here[0]["shared_lr"]
-        noise = pooled[(setting, corpus)]
         table = {"setting": setting, "source": corpus, "shared_lr": shared, "size": size_of(setting),
-                 "sigma": math.sqrt(noise["s2"]) if noise["df"] else None, "df": noise["df"],
-                 "arm_sigma": noise["arm_sigma"], "rows": [], "notes": []}
+                 "arm_sigma": pooled[(setting, corpus)], "rows": [], "notes": []}
         for variant, lrs in variants.items():
             best = ablation_stats.best_lr(lrs)
             s = next(s for s in here if s["variant"] == variant)
@@ -543,9 +541,8 @@ def markdown(rep: dict) -> str:
     refs = rep.get("references", [rep["reference"]])
     out = [f"# Ablation sweep ({rep['protocol']})", ""]
     for table in rep["tables"]:
-        per_arm = ", ".join(f"{a} {v['sigma']:.4f}" for a, v in table.get("arm_sigma", {}).items())
-        sigma = (f"seed σ pooled over the cells with ≥ 2 seeds: {table['sigma']:.4f} ({table['df']} df; per arm, "
-                 f"a diagnostic: {per_arm})" if table.get("sigma") is not None
+        per_arm = ", ".join(f"{a} {v['sigma']:.4f} ({v['df']} df)" for a, v in table.get("arm_sigma", {}).items())
+        sigma = (f"seed σ per arm, near its best LR: {per_arm}" if per_arm
                  else "no cell with 2 seeds: nothing can be judged")
         out += [f"## {table['setting']} · {table['source']}", "", f"Size {table['size']:,} non-embedding parameters "
                 f"(Pre-LN's); {sigma}.", "",
@@ -572,7 +569,7 @@ def markdown(rep: dict) -> str:
         out.append("")
     out += [f"± is half the range over seeds. Δ = variant − reference val loss, each at its own best LR (negative: "
             f"the variant is better), with its 95% interval; both come from benchmarks/ladder/stats.py: the seed "
-            f"variance pooled over every cell with ≥ 2 seeds of a (setting, corpus), and bounds on the best-LR "
+            f"variance of each arm pooled over the cells near its best LR, and bounds on the best-LR "
             f"selection that hold for any shape of the LR curves. A verdict is **better** or **worse** only when "
             f"Holm's adjusted p (over all {rep.get('comparisons', 0)} comparisons of this report, "
             f"{rep.get('boot', 0)} replicates each) is below {rep.get('alpha', stats.ALPHA)} and the interval excludes "

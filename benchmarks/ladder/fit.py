@@ -16,8 +16,8 @@ at N: E + A_r (mN)^−α_r = E + A_o N^−α_o gives
 so d log m / d log N = α_o/α_r − 1: above 0 the option's gain grows with scale, below 0 it
 shrinks. m > 1 means the option is worth more parameters.
 
-Intervals. Parametric bootstrap as in stats.py: each replicate draws σ² from its posterior
-(pooled df), every cell mean from Normal(observed mean, σ²/n), re-selects each arm's best LR
+Intervals. Parametric bootstrap as in stats.py: each replicate draws each arm's σ² from its
+posterior (stats.seed_noise), every cell mean from Normal(observed mean, σ²/n), re-selects each arm's best LR
 per size and refits (warm-started at the point fit, plus one grid start). Intervals are the
 replicates' 2.5–97.5 percentiles (transformation-respecting, so log m and m agree). The
 selection bias of the best-LR min shifts an arm's whole curve by about the same amount; the
@@ -118,12 +118,18 @@ def slope(f: dict, option: str, ref: str) -> float:
     return f["arms"][option]["alpha"] / f["arms"][ref]["alpha"] - 1
 
 
-def _replicate_cells(cells: dict, arms, s2: float, df: int, n_boot: int, rng) -> list[dict]:
-    """n_boot parametric replicates of {arm: {size: {lr: [mean]}}}: σ² from its posterior, each
-    cell mean from Normal(mean, σ²/n) (one value standing for the cell's seed mean)."""
-    sigma2 = stats.sigma2_draws(s2, df, n_boot, rng)
+def has_noise(noise: dict, arms) -> bool:
+    """Every arm of `arms` has a seed-variance estimate (a cell with 2 seeds near its best)."""
+    return all(noise[a][1] and math.isfinite(noise[a][0]) for a in arms)
+
+
+def _replicate_cells(cells: dict, arms, noise: dict, n_boot: int, rng) -> list[dict]:
+    """n_boot parametric replicates of {arm: {size: {lr: [mean]}}}: each arm's σ² from its
+    posterior (noise = stats.seed_noise), each cell mean from Normal(mean, σ²/n) (one value
+    standing for the cell's seed mean)."""
     reps = [{a: {} for a in arms} for _ in range(n_boot)]
     for a in arms:
+        sigma2 = stats.sigma2_draws(*noise[a], n_boot, rng)
         for size, lrs in cells[a].items():
             means = np.array([v.mean() for v in lrs.values()])
             n = np.array([len(v) for v in lrs.values()], dtype=float)
@@ -154,7 +160,7 @@ def boot_p(reps) -> float:
     return float(math.erfc(abs(reps.mean()) / reps.std() / math.sqrt(2)))
 
 
-def ladder_fit(cells: dict, s2: float, df: int, pairs: list[tuple[str, str]], n_boot: int = N_BOOT,
+def ladder_fit(cells: dict, noise: dict, pairs: list[tuple[str, str]], n_boot: int = N_BOOT,
                rng: np.random.Generator | int | None = 0, extrapolate: float = EXTRAPOLATE_N) -> dict:
     """Point fit, bootstrap refits and, per (option, ref) pair both fitted, m(N) at each ladder
     size and at `extrapolate`, and the slope, with percentile intervals.
@@ -169,8 +175,8 @@ def ladder_fit(cells: dict, s2: float, df: int, pairs: list[tuple[str, str]], n_
         return {**out, "fit": None, "note": f"no arm has {MIN_SIZES} sizes yet: no fit, every slope undecided"}
     point = fit({a: curves[a] for a in fitted})
     reps = []
-    if df and math.isfinite(s2):
-        for rc in _replicate_cells(cells, fitted, s2, df, n_boot, rng):
+    if has_noise(noise, fitted):
+        for rc in _replicate_cells(cells, fitted, noise, n_boot, rng):
             reps.append(fit({a: best_curve(rc[a]) for a in fitted}, warm=point, n0=point["n0"]))
     out["fit"] = point
     out["E_interval"] = percentile([r["E"] for r in reps])
@@ -205,7 +211,7 @@ def judge_slopes(pairs: list[dict], alpha: float = stats.ALPHA) -> list[dict]:
     return pairs
 
 
-def compute_multiplier(cells: dict, flops: dict, dense: str, option: str, s2: float, df: int,
+def compute_multiplier(cells: dict, flops: dict, dense: str, option: str, noise: dict,
                        n_boot: int = N_BOOT, rng: np.random.Generator | int | None = 0) -> dict | None:
     """MoD against the dense frontier: fit the dense reference's L(C) = E + A·C^−β over training
     FLOPs C (its best-LR loss per size), and at each of the option's sizes the factor by which
@@ -233,8 +239,8 @@ def compute_multiplier(cells: dict, flops: dict, dense: str, option: str, s2: fl
     l_obs = np.array([stats.best(cells[option][s])[1] for s in o_sizes])
     lm = log_mult(point, l_obs)
     reps = []
-    if df and math.isfinite(s2):
-        rcs = _replicate_cells(cells, [dense, option], s2, df, n_boot, rng)
+    if has_noise(noise, (dense, option)):
+        rcs = _replicate_cells(cells, [dense, option], noise, n_boot, rng)
         for rc in rcs:
             n_r, l_r = best_curve(rc[dense])
             f = fit({dense: (cs, l_r)}, warm=point, n0=point["n0"])

@@ -72,20 +72,14 @@ def replicates_for(m: int, n_boot: int) -> int:
     return max(n_boot, math.ceil(20 * m / stats.ALPHA))
 
 
-def comparisons(cells: dict, s2: float, df: int, n_boot: int, seed: int) -> list[dict]:
-    return [stats.compare(cells, ref, arm, size, s2, df, n_boot=n_boot, rng=seed + i)
+def comparisons(cells: dict, noise: dict, n_boot: int, seed: int) -> list[dict]:
+    return [stats.compare(cells, ref, arm, size, noise, n_boot=n_boot, rng=seed + i)
             for i, (ref, arm, size) in enumerate(comparison_pairs(cells))]
 
 
-def arm_sigmas(cells: dict) -> dict:
-    """Per arm, the seed σ pooled over its own cells (a diagnostic: one unstable arm inflates the
-    shared σ, which widens every interval of its (setting, corpus))."""
-    out = {}
-    for arm, sizes in cells.items():
-        s2, df = stats.pooled_variance({arm: sizes})
-        if df:
-            out[arm] = {"sigma": math.sqrt(s2), "df": df}
-    return out
+def arm_sigmas(noise: dict) -> dict:
+    """{arm: {sigma, df}} of stats.seed_noise, for the report (arms with no estimate left out)."""
+    return {arm: {"sigma": math.sqrt(s2), "df": df} for arm, (s2, df) in noise.items() if df}
 
 
 def extras(rows: list[dict], cells: dict) -> list[dict]:
@@ -134,18 +128,17 @@ def stem(s: dict) -> str:
 
 def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: int) -> dict:
     """Everything about one (setting, corpus); verdicts are set later, over the whole report."""
-    s2, df = stats.pooled_variance(cells)
+    noise = stats.seed_noise(cells)
     sizes = sorted({s for sizes in cells.values() for s in sizes})
     pairs = [(o, r) for r in REFS if r in cells for o in sorted(cells) if o != r and not is_mod(o)
              and not (o in REFS and REFS.index(o) < REFS.index(r))]
-    fits = fit.ladder_fit(cells, s2, df, pairs, n_boot=args.fit_boot, rng=seed)
+    fits = fit.ladder_fit(cells, noise, pairs, n_boot=args.fit_boot, rng=seed)
     flops = flops_by_size(rows)
     mod = [m for r in REFS for o in sorted(cells) if is_mod(o) and o in flops and r in flops
-           for m in [fit.compute_multiplier(cells, flops, r, o, s2, df, n_boot=args.fit_boot, rng=seed)] if m]
+           for m in [fit.compute_multiplier(cells, flops, r, o, noise, n_boot=args.fit_boot, rng=seed)] if m]
     return {"setting": key[0], "corpus": key[1], "tokens_per_param": key[2] if len(key) > 2 else None,
             "key": list(key), "runs": len(rows), "sizes": sizes, "arms": sorted(cells),
-            "s2": s2, "sigma": math.sqrt(s2) if df else None, "df": df,
-            "arm_sigma": arm_sigmas(cells), "comparisons": comparisons(cells, s2, df, n_boot, seed),
+            "arm_sigma": arm_sigmas(noise), "comparisons": comparisons(cells, noise, n_boot, seed),
             "fit": fits, "mod": mod, "lr_fit": {a: fit.lr_fit(sz) for a, sz in sorted(cells.items())},
             "extras": extras(rows, cells)}
 
@@ -163,9 +156,9 @@ def rejudge_ablation(path: Path, n_boot: int) -> dict | None:
     comps, pooled, groups = [], {}, stats.group(rows)
     n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), n_boot)
     for key, cells in sorted(groups.items()):
-        s2, df = stats.pooled_variance(cells)
-        pooled[f"{key[0]} · {key[1]}"] = {"s2": s2, "df": df, "arm_sigma": arm_sigmas(cells)}
-        for c in comparisons(cells, s2, df, n_boot, seed=len(comps)):
+        noise = stats.seed_noise(cells)
+        pooled[f"{key[0]} · {key[1]}"] = arm_sigmas(noise)
+        for c in comparisons(cells, noise, n_boot, seed=len(comps)):
             lrs_a, lrs_r = old[key][c["arm"]], old[key][c["ref"]]
             c["old_verdict"] = ablation_stats.verdict(lrs_a[ablation_stats.best_lr(lrs_a)],
                                                       lrs_r[ablation_stats.best_lr(lrs_r)])
@@ -287,7 +280,7 @@ def _comparison_table(comps: list[dict], with_old: bool = False) -> list[str]:
 
 
 def _sigmas(arm_sigma: dict) -> str:
-    return ", ".join(f"{a} {v['sigma']:.4f}" for a, v in arm_sigma.items()) or "-"
+    return ", ".join(f"{a} {v['sigma']:.3f} ({v['df']} df)" for a, v in arm_sigma.items()) or "-"
 
 
 def markdown(rep: dict, plots: dict) -> str:
@@ -303,7 +296,7 @@ def markdown(rep: dict, plots: dict) -> str:
         out += ["", "No runs yet: every comparison and slope is undecided."]
     out += ["", "Method (benchmarks/ladder/stats.py, fit.py): each arm at its own best LR per size; Δ = arm − ref "
             "val loss (negative: the arm is better). Intervals bound the best-LR selection for any shape of the LR "
-            "curves (σ² pooled over all cells with ≥ 2 seeds, drawn from its posterior); verdicts need Holm's "
+            "curves (each arm's seed σ² pooled over the cells near its best LR at every size, drawn from its posterior; why per arm: stats.py); verdicts need Holm's "
             f"adjusted p < {rep['alpha']} over all {sum(len(s['comparisons']) for s in secs)} comparisons of this "
             "report **and** an interval that excludes 0, else *undecided*. **edge**: the best LR is at the end of "
             "its grid (its optimum may lie beyond).", ""]
@@ -311,8 +304,7 @@ def markdown(rep: dict, plots: dict) -> str:
         tpp = f" · {s['tokens_per_param']:g} tokens/param" if s.get("tokens_per_param") is not None else ""
         out += [f"## {s['setting']} · corpus {short(s['corpus'])}{tpp}", "",
                 f"**{len(s['sizes'])} size(s) so far**: N = {', '.join(f'{n:.3g}' for n in s['sizes'])}; arms: "
-                f"{', '.join(s['arms'])}; {s['runs']} runs. Seed σ = {_fmt(s['sigma'])} (pooled, {s['df']} df; per arm: "
-                f"{_sigmas(s['arm_sigma'])}).", ""]
+                f"{', '.join(s['arms'])}; {s['runs']} runs. Seed σ per arm, near its best LRs: {_sigmas(s['arm_sigma'])}.", ""]
         for name in plots.get(tuple(s["key"]), []):
             out.append(f"![{name}]({name})")
         out += ["", "### Comparisons at each size", ""]
@@ -363,11 +355,10 @@ def markdown(rep: dict, plots: dict) -> str:
         out.append("")
     abl = rep.get("ablation")
     if abl:
-        pooled = "; ".join(f"{k}: σ = {math.sqrt(v['s2']):.4f} ({v['df']} df; per arm: {_sigmas(v['arm_sigma'])})"
-                           for k, v in abl["pooled"].items())
+        pooled = "; ".join(f"{k}: {_sigmas(v)}" for k, v in abl["pooled"].items())
         out += ["## The old ablation re-judged", "",
                 f"The {abl['runs']} runs of `{abl['path']}` (one size per setting) through the same comparison, Holm "
-                f"over these {len(abl['comparisons'])} comparisons (their own family). Pooled seed σ: {pooled}. "
+                f"over these {len(abl['comparisons'])} comparisons (their own family). Seed σ per arm: {pooled}. "
                 "\"old rule\": the ablation's verdict (beyond the larger seed range of 2 seeds, each at its best LR).",
                 ""]
         for key in dict.fromkeys((c["setting"], c["corpus"]) for c in abl["comparisons"]):

@@ -12,36 +12,42 @@ non-embedding parameter count N; a cell's seeds are its replicates. Rows of diff
 (setting, corpus) are never pooled: a corpus is named by its content hash, and a loss on one
 corpus says nothing about the noise on another.
 
-Seed variance. One σ² per (setting, corpus): the within-cell variance pooled over every cell
-with at least 2 seeds, s² = Σ SS / Σ (n − 1), with df = Σ (n − 1). With 2 seeds a cell alone
-has 1 df, so its own variance is useless; pooled over a ladder (arms × sizes × LRs) it has
-tens. It assumes the seed noise is the same in every cell, which a near-divergent LR can
-break, and then only upwards (more variance, wider intervals).
+Seed variance. One σ² per arm of a (setting, corpus), pooled over the cells that can be that
+arm's best (below): s² = Σ SS / Σ (n − 1), with df = Σ (n − 1), over its sizes. With 2 seeds a
+cell alone has 1 df, so its own variance is useless; pooled over an arm's sizes it has a few
+(3 per size with a bracketed best). Why per arm and not one σ per (setting, corpus), as first
+built: the seed noise is not one number. Measured on the width rung at 32 (2 seeds per cell),
+the σ near each arm's best LR runs from 0.03 (Peri-LN) to 0.34 (Pre-LN) and 0.73 (MoD at
+capacity 1): arms without an embedding scale spike at their best LRs and the others do not.
+One shared σ then made every interval as wide as the noisiest arm's (σ 0.21: nothing could be
+decided) and, for the noisiest arm, too narrow. Why near the best: far below an arm's best LR
+its seeds agree to 0.01; at and above it they can differ by 1 nat; pooling every LR mixes both.
+The assumption left is that one arm's noise near its optimum is the same at every size.
 
-Pairing. The seeds share the data order across arms, so arm and reference at the same seed
-are positively correlated and a per-seed difference would have variance 2σ²(1 − ρ). We do not
-use it: ρ is not estimable from 2 seeds per cell, differs by cell, and a pairing that gives
-no reduction (ρ ≈ 0) would then be wrongly narrow. Treating the arms as independent draws
-(variance 2σ²/n for a difference of means) is conservative whenever ρ ≥ 0, which a shared
-data order makes the expected case.
+Contenders. At one size, the cells that can be an arm's best: its best LR, that LR's grid
+neighbours, and any other cell whose mean lies within 3 standard errors of the best's (3σ·√(1/n
++ 1/n_best), σ from the neighbourhood). A cell further off cannot be the min of the true
+curve except with probability < 0.2%, so it is left out of both the variance and the
+comparison's bounds (below), where it would only widen the interval by adding draws that can
+never win.
 
 Comparison. Δ = min over LRs of arm's cell means − min over LRs of ref's (each arm at its own
 best LR, as practice compares them). The min is a biased estimator of the true optimum (the
 luckiest of k noisy means), and the bias depends on how flat each LR curve is, so it does not
-cancel in general. Each replicate draws σ² from its posterior (scaled inverse χ²,
+cancel in general. Each replicate draws each arm's σ² from its posterior (scaled inverse χ²,
 σ² = df·s²/χ²_df, so the interval carries the uncertainty of a small-df variance like a t).
 
 The bootstrap the issue first asked for re-selects around the observed means (cell means
 from Normal(observed mean, σ²/n), each arm's min re-taken); it is kept as compare(...,
-interval="percentile"/"basic"). Measured on synthetic nulls (2 seeds, 3 LRs, df 6; see the
-test): with identical LR curves its percentile interval holds (2–5%), but when the true curves
-differ in shape with the same optimum (ref flat, arm peaked: an option that changes LR
-sensitivity, which is what these options do), the percentile interval rejects ~10% and the
-basic (pivotal) one 6–9%: re-selecting around the observed means mis-estimates a selection
-bias that depends on the unknown curve shape. Neither meets 5%.
+interval="percentile"/"basic"). Measured on synthetic nulls (2 seeds, 3 LRs, 3 sizes: each
+arm's σ on 9 df; see the test): with identical LR curves its percentile interval holds (1%),
+but when the true curves differ in shape with the same optimum (ref flat, arm peaked: an
+option that changes LR sensitivity, which is what these options do), the percentile interval
+rejects ~12% and the basic (pivotal) one 6–7%: re-selecting around the observed means
+mis-estimates a selection bias that depends on the unknown curve shape. Neither meets 5%.
 
 So the verdicts use bounds that hold for every curve shape ("lf", least favourable). With
-X_i = μ_i + e_i, e_i ~ Normal(0, σ²/n_i), and gaps g_i = μ_i − min μ ≥ 0, an arm's error is
+X_i = μ_i + e_i over an arm's contenders, e_i ~ Normal(0, σ_arm²/n_i), and gaps g_i = μ_i − min μ ≥ 0, an arm's error is
 W = min X − min μ = min_i (g_i + e_i), which grows with every g_i: it is stochastically at
 least min_i e_i (all gaps 0, a flat curve) and at most e_j* (one LR far better than the rest,
 a peaked curve). Hence Δ̂ − Δ = W_arm − W_ref lies (stochastically) between
@@ -102,8 +108,8 @@ def group(rows: list[dict], metric: str = METRIC, size_key: str = "size", fields
 
 
 def pooled_variance(cells: dict) -> tuple[float, int]:
-    """(s², df) pooled over every cell with ≥ 2 seeds of one (setting, corpus); (nan, 0) if none.
-    A cell with a diverged seed has no finite spread and is left out."""
+    """(s², df) pooled over every cell with ≥ 2 seeds of {arm: {size: {lr: seeds}}}; (nan, 0) if
+    none. A cell with a diverged seed has no finite spread and is left out."""
     ss, df = 0.0, 0
     for sizes in cells.values():
         for lrs in sizes.values():
@@ -130,6 +136,33 @@ def at_edge(lrs: dict, lr: float) -> bool:
     return len(lrs) < 2 or lr in (min(lrs), max(lrs))
 
 
+def neighbourhood(lrs: dict[float, np.ndarray]) -> dict[float, np.ndarray]:
+    """The best LR's cell and its grid neighbours (lrs sorted by LR, as `group` gives them)."""
+    grid = list(lrs)
+    i = grid.index(best(lrs)[0])
+    return {lr: lrs[lr] for lr in grid[max(0, i - 1):i + 2]}
+
+
+def contenders(lrs: dict[float, np.ndarray], s2: float) -> dict[float, np.ndarray]:
+    """The cells that can be the arm's best (module docstring, "Contenders"): the neighbourhood,
+    and any cell within 3 standard errors of the best (with s² the arm's seed variance)."""
+    near = neighbourhood(lrs)
+    if not math.isfinite(s2):
+        return dict(lrs)
+    lr_b, m_b = best(lrs)
+    n_b = len(lrs[lr_b])
+    return {lr: v for lr, v in lrs.items()
+            if lr in near or v.mean() - m_b <= 3 * math.sqrt(s2 * (1 / len(v) + 1 / n_b))}
+
+
+def seed_noise(cells: dict) -> dict[str, tuple[float, int]]:
+    """{arm: (s², df)}: each arm's seed variance pooled over its neighbourhood cells at every size
+    of one (setting, corpus) (module docstring, "Seed variance"); (nan, 0) for an arm with no
+    such cell with 2 seeds."""
+    return {arm: pooled_variance({arm: {size: neighbourhood(lrs) for size, lrs in sizes.items()}})
+            for arm, sizes in cells.items()}
+
+
 def best_replicates(lrs: dict[float, np.ndarray], sigma2: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per replicate (one per σ² draw), each cell mean drawn from Normal(observed mean, σ²/n)
     and the min over the LRs: the best-LR loss re-selected inside the replicate."""
@@ -152,25 +185,27 @@ def pivot_p(obs: float, reps: np.ndarray) -> float:
     return float(min(1.0, 2 * (tail + 1) / (len(d) + 1)))
 
 
-def least_favourable_replicates(a: dict, r: dict, sigma2: np.ndarray, rng: np.random.Generator):
+def least_favourable_replicates(a: dict, r: dict, sigma2_a: np.ndarray, sigma2_r: np.ndarray,
+                                rng: np.random.Generator):
     """Draws of the two bounding laws of Δ̂ − Δ (module docstring, "Comparison"): U = Z_a − min_i e_r,i
-    bounds it above and L = min_i e_a,i − Z_r below, whatever the true LR curves. e_i ~ Normal(0, σ²/n_i)
-    per cell; Z ~ Normal(0, σ²/n) with the arm's fewest seeds (the largest variance its unknown best
-    cell can have)."""
-    def noise(lrs):
+    bounds it above and L = min_i e_a,i − Z_r below, whatever the true LR curves. `a`, `r`: each
+    arm's contender cells; e_i ~ Normal(0, σ²/n_i) per cell with that arm's σ²; Z ~ Normal(0, σ²/n)
+    with the arm's fewest seeds (the largest variance its unknown best cell can have)."""
+    def noise(lrs, sigma2):
         n = np.array([len(v) for v in lrs.values()], dtype=float)
         return np.sqrt(sigma2[:, None] / n) * rng.standard_normal((len(sigma2), len(n))), n.min()
 
-    e_a, n_a = noise(a)
-    e_r, n_r = noise(r)
-    z_a = np.sqrt(sigma2 / n_a) * rng.standard_normal(len(sigma2))
-    z_r = np.sqrt(sigma2 / n_r) * rng.standard_normal(len(sigma2))
+    e_a, n_a = noise(a, sigma2_a)
+    e_r, n_r = noise(r, sigma2_r)
+    z_a = np.sqrt(sigma2_a / n_a) * rng.standard_normal(len(sigma2_a))
+    z_r = np.sqrt(sigma2_r / n_r) * rng.standard_normal(len(sigma2_r))
     return z_a - e_r.min(axis=1), e_a.min(axis=1) - z_r
 
 
-def compare(cells: dict, ref: str, arm: str, size: int, s2: float, df: int, n_boot: int = N_BOOT,
+def compare(cells: dict, ref: str, arm: str, size: int, noise: dict[str, tuple[float, int]], n_boot: int = N_BOOT,
             rng: np.random.Generator | int | None = 0, interval: str = "lf") -> dict:
-    """Arm vs ref at one size, each at its own best LR (see the module docstring).
+    """Arm vs ref at one size, each at its own best LR (see the module docstring); `noise` is
+    seed_noise(cells): {arm: (s², df)}.
 
     `interval`: "lf" (the default, used for verdicts: bounds valid for every shape of the true
     LR curves), or the re-selecting bootstrap's "percentile" and "basic" intervals, kept so the
@@ -178,25 +213,28 @@ def compare(cells: dict, ref: str, arm: str, size: int, s2: float, df: int, n_bo
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     a, r = cells[arm][size], cells[ref][size]
     (lr_a, m_a), (lr_r, m_r) = best(a), best(r)
+    (s2_a, df_a), (s2_r, df_r) = noise[arm], noise[ref]
     delta = m_a - m_r
     out = {"ref": ref, "arm": arm, "size": size, "delta": delta, "arm_loss": m_a, "ref_loss": m_r,
            "arm_lr": lr_a, "ref_lr": lr_r, "arm_edge": at_edge(a, lr_a), "ref_edge": at_edge(r, lr_r),
            "arm_lrs": len(a), "ref_lrs": len(r), "arm_seeds": int(len(a[lr_a])), "ref_seeds": int(len(r[lr_r])),
-           "s2": s2, "df": df}
-    if not df or not math.isfinite(s2):  # no cell with two seeds: no noise estimate, no test
-        return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "no cell with 2 seeds"}
+           "arm_sigma": math.sqrt(s2_a) if df_a else None, "arm_df": df_a,
+           "ref_sigma": math.sqrt(s2_r) if df_r else None, "ref_df": df_r}
+    if not (df_a and df_r and math.isfinite(s2_a) and math.isfinite(s2_r)):  # no noise estimate, no test
+        return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "an arm has no cell with 2 seeds"}
     if not math.isfinite(delta):  # every LR of an arm diverged: nothing to compare
         return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "every LR diverged"}
-    sigma2 = sigma2_draws(s2, df, n_boot, rng)  # one σ² per replicate, shared by both arms
+    # one σ² per replicate and arm: the two arms' variances are estimated from different cells
+    sigma2_a, sigma2_r = sigma2_draws(s2_a, df_a, n_boot, rng), sigma2_draws(s2_r, df_r, n_boot, rng)
     if interval == "lf":
-        upper, lower = least_favourable_replicates(a, r, sigma2, rng)
+        upper, lower = least_favourable_replicates(contenders(a, s2_a), contenders(r, s2_r), sigma2_a, sigma2_r, rng)
         lo, hi = delta - float(np.quantile(upper, 1 - ALPHA / 2)), delta - float(np.quantile(lower, ALPHA / 2))
         # reject Δ = 0 when Δ̂ lies beyond what the bounding law allows under it, on either side
         tail = min(np.count_nonzero(upper >= delta), np.count_nonzero(lower <= delta))
         p = float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))
         return {**out, "lo": lo, "hi": hi, "p": p}
     # The re-selecting bootstrap: cell means drawn around the observed ones, each arm's min re-taken.
-    reps = best_replicates(a, sigma2, rng) - best_replicates(r, sigma2, rng)
+    reps = best_replicates(a, sigma2_a, rng) - best_replicates(r, sigma2_r, rng)
     if interval == "percentile":
         lo, hi = (float(q) for q in np.quantile(reps, [ALPHA / 2, 1 - ALPHA / 2]))
         p = float(min(1.0, 2 * (min(np.count_nonzero(reps >= 0), np.count_nonzero(reps <= 0)) + 1) / (n_boot + 1)))

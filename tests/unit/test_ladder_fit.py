@@ -40,8 +40,7 @@ def true_log_m(a_o, alpha_o, n):
 
 def run(arms, seed):
     cells = ladder(np.random.default_rng(seed), arms)
-    s2, df = stats.pooled_variance(cells)
-    out = fit.ladder_fit(cells, s2, df, [("opt", "ref")], n_boot=100, rng=seed)
+    out = fit.ladder_fit(cells, stats.seed_noise(cells), [("opt", "ref")], n_boot=100, rng=seed)
     fit.judge_slopes(out["pairs"])
     return out
 
@@ -83,8 +82,7 @@ def test_fit_is_exact_on_noiseless_data():
 def test_too_few_sizes_means_no_fit_and_no_verdict():
     cells = ladder(np.random.default_rng(2), {"ref": (A_REF, ALPHA_REF), "opt": (30.0, 0.3)})
     cells = {a: dict(list(sizes.items())[:2]) for a, sizes in cells.items()}
-    s2, df = stats.pooled_variance(cells)
-    out = fit.ladder_fit(cells, s2, df, [("opt", "ref")], n_boot=10)
+    out = fit.ladder_fit(cells, stats.seed_noise(cells), [("opt", "ref")], n_boot=10)
     assert out["fit"] is None and out["pairs"] == [] and "no arm" in out["note"]
 
 
@@ -94,8 +92,7 @@ def test_mod_compute_multiplier_against_the_dense_frontier():
     rng = np.random.default_rng(3)
     cells = ladder(rng, {"dense": (A_REF, ALPHA_REF), "mod": (A_REF, ALPHA_REF)})
     flops = {"dense": {int(n): 6 * n * 1e7 for n in SIZES}, "mod": {int(n): 3 * n * 1e7 for n in SIZES}}
-    s2, df = stats.pooled_variance(cells)
-    out = fit.compute_multiplier(cells, flops, "dense", "mod", s2, df, n_boot=60, rng=3)
+    out = fit.compute_multiplier(cells, flops, "dense", "mod", stats.seed_noise(cells), n_boot=60, rng=3)
     assert abs(out["frontier"]["beta"] - ALPHA_REF) < 0.08
     inside = [r["lo"] <= 2.0 <= r["hi"] for r in out["at"]]
     assert sum(inside) >= 4, out["at"]

@@ -1,11 +1,13 @@
-"""The ladder's comparison holds at 5% on synthetic runs, including best-LR re-selection, and
-Holm and the edge flag do what they say (benchmarks/ladder/stats.py).
+"""The ladder's comparison holds at 5% on synthetic runs, including best-LR re-selection and
+seed noise that differs between arms and LRs, and Holm and the edge flag do what they say
+(benchmarks/ladder/stats.py).
 
-Each simulated experiment: two arms × 3 LRs × 2 seeds at one size, Gaussian seed noise σ = 1,
-σ² pooled over the 6 cells (df 6), each arm judged at its own best LR. Monte-Carlo slack: with
-n experiments the rate's standard error at 5% is √(0.05·0.95/n), so a procedure whose true
-rate is 5% passes `rate ≤ 0.05 + 2·SE` about 98% of the time (the seeds are fixed, so the
-test is deterministic; the bound says how much of a measured rate is simulation noise).
+Each simulated experiment: two arms × 3 LRs × 2 seeds at one size, Gaussian seed noise (σ = 1
+unless a case says otherwise), each arm's σ² pooled over its own cells near its best LR (df 3
+here), each arm judged at its own best LR. Monte-Carlo slack: with n experiments the rate's
+standard error at 5% is √(0.05·0.95/n), so a procedure whose true rate is 5% passes
+`rate ≤ 0.05 + 2·SE` about 98% of the time (the seeds are fixed, so the test is
+deterministic; the bound says how much of a measured rate is simulation noise).
 """
 from __future__ import annotations
 
@@ -17,20 +19,24 @@ from benchmarks.ladder import stats
 
 LRS = (1e-3, 2e-3, 4e-3)
 FLAT, PEAKED = (0.0, 0.0, 0.0), (3.0, 0.0, 3.0)  # true loss per LR, in units of σ
+STEADY = (1.0, 1.0, 1.0)  # seed σ per LR
+SPIKY = (0.3, 1.0, 4.0)  # what the width rung shows: seeds agree below the best LR, split above it
 
 
-def _experiment(rng, ref_curve, arm_curve, effect=0.0, seeds=2):
-    return {arm: {1: {lr: curve[i] + shift + rng.standard_normal(seeds) for i, lr in enumerate(LRS)}}
-            for arm, curve, shift in (("ref", ref_curve, 0.0), ("arm", arm_curve, effect))}
+def _experiment(rng, ref_curve, arm_curve, effect=0.0, seeds=2, ref_sd=STEADY, arm_sd=STEADY, sizes=1):
+    """{arm: {size: {lr: seed losses}}}; sizes > 1 repeat the same curves at more sizes, which
+    only adds degrees of freedom to each arm's σ (the comparison is at size 1)."""
+    return {arm: {size: {lr: curve[i] + shift + sd[i] * rng.standard_normal(seeds) for i, lr in enumerate(LRS)}
+                  for size in range(1, sizes + 1)}
+            for arm, curve, shift, sd in (("ref", ref_curve, 0.0, ref_sd), ("arm", arm_curve, effect, arm_sd))}
 
 
-def rejection_rate(n, ref_curve, arm_curve, effect=0.0, interval="lf", seed=0, n_boot=1000):
+def rejection_rate(n, ref_curve, arm_curve, effect=0.0, interval="lf", seed=0, n_boot=1000, **sd):
     rng, hits = np.random.default_rng(seed), 0
     for e in range(n):
-        cells = _experiment(rng, ref_curve, arm_curve, effect)
-        s2, df = stats.pooled_variance(cells)
-        c = stats.judge([stats.compare(cells, "ref", "arm", 1, s2, df, n_boot=n_boot, rng=seed * 100_000 + e,
-                                       interval=interval)])[0]
+        cells = _experiment(rng, ref_curve, arm_curve, effect, **sd)
+        c = stats.judge([stats.compare(cells, "ref", "arm", 1, stats.seed_noise(cells), n_boot=n_boot,
+                                       rng=seed * 100_000 + e, interval=interval)])[0]
         hits += c["verdict"] != "undecided"
     return hits / n
 
@@ -47,34 +53,54 @@ def test_false_positive_rate_with_best_lr_reselection_is_at_most_5_percent():
     assert all(r <= bound(n) for r in rates.values()), rates
 
 
+def test_false_positive_rate_holds_when_the_seed_noise_differs_between_arms_and_lrs():
+    """The noise the width rung shows: one arm 5× noisier than the other, and the noise growing
+    with LR (seeds split above the best). A shared σ would be too narrow for the noisy arm."""
+    n = 300
+    noisy = tuple(5 * x for x in STEADY)
+    cases = {"noisy ref": dict(ref_sd=noisy), "noisy arm": dict(arm_sd=noisy),
+             "spiky, peaked": dict(ref_sd=SPIKY, arm_sd=SPIKY, shapes=(PEAKED, PEAKED)),
+             "spiky ref, flat vs peaked": dict(ref_sd=SPIKY, shapes=(FLAT, PEAKED))}
+    rates = {}
+    for i, (name, case) in enumerate(cases.items()):
+        shapes = case.pop("shapes", (FLAT, FLAT))
+        rates[name] = rejection_rate(n, *shapes, seed=20 + i, **case)
+    print("false-positive rates, unequal noise:", rates)
+    assert all(r <= bound(n) for r in rates.values()), rates
+
+
 def test_the_reselecting_percentile_bootstrap_over_rejects_when_curve_shapes_differ():
     """Why the verdicts do not use it: same optimum, ref flat and arm peaked, so the ref's
-    best-LR loss is the luckier min of three and the arm looks worse than it is."""
+    best-LR loss is the luckier min of three and the arm looks worse than it is. Measured 0.12
+    (600 experiments, 3 sizes: each arm's σ on 9 df; at one size, df 3, the heavy posterior
+    of σ hides it: 0.05)."""
     n = 300
-    rate = rejection_rate(n, FLAT, PEAKED, interval="percentile", seed=7)
+    rate = rejection_rate(n, FLAT, PEAKED, interval="percentile", seed=7, sizes=3)
     print("percentile bootstrap, flat vs peaked null:", rate)
     assert rate > 0.05
 
 
 def test_power_at_a_2_sigma_effect():
-    """An arm 2σ better at every LR. Measured ~0.20 (identical flat curves, 1,000 experiments);
-    the floor sits 3 SE below that. With 2 seeds a 2σ gap is a z of 2 before any selection;
-    bounds that hold for every curve shape cost power, which more seeds buy back (3σ: ~0.5)."""
+    """An arm 2σ better at every LR, on a ladder of 3 sizes (each arm's σ on 9 df, as on the
+    issue's three rungs). Measured 0.18 (identical flat curves, 600 experiments); the floor sits
+    3 SE below that. With 2 seeds a 2σ gap is a z of 2 before any selection; bounds that hold
+    for every curve shape cost power, which more seeds buy back (3σ: 0.60; 3 seeds at 2σ: 0.46).
+    At one size (df 3 per arm) the power at 2σ is 0.05: a single rung decides little."""
     n = 200
-    power2 = rejection_rate(n, FLAT, FLAT, effect=-2.0, seed=11)
-    power3 = rejection_rate(n, FLAT, FLAT, effect=-3.0, seed=12)
+    power2 = rejection_rate(n, FLAT, FLAT, effect=-2.0, seed=11, sizes=3)
+    power3 = rejection_rate(n, FLAT, FLAT, effect=-3.0, seed=12, sizes=3)
     print(f"power at 2σ: {power2:.3f}, at 3σ: {power3:.3f}")
-    assert power2 >= 0.12
-    assert power3 >= 0.35
+    assert power2 >= 0.10
+    assert power3 >= 0.49
 
 
 def test_verdict_direction_and_interval():
     rng = np.random.default_rng(3)
     cells = _experiment(rng, PEAKED, PEAKED, effect=-10.0)
-    s2, df = stats.pooled_variance(cells)
-    c = stats.judge([stats.compare(cells, "ref", "arm", 1, s2, df)])[0]
+    noise = stats.seed_noise(cells)
+    c = stats.judge([stats.compare(cells, "ref", "arm", 1, noise)])[0]
     assert c["verdict"] == "better" and c["hi"] < 0 and c["lo"] < c["delta"] < c["hi"]
-    c = stats.judge([stats.compare(cells, "arm", "ref", 1, s2, df)])[0]
+    c = stats.judge([stats.compare(cells, "arm", "ref", 1, noise)])[0]
     assert c["verdict"] == "worse" and c["lo"] > 0
 
 
@@ -95,17 +121,16 @@ def test_pooled_variance_uses_only_cells_with_two_seeds():
 def test_edge_of_grid_is_flagged():
     cells = {"ref": {1: {1e-3: np.array([3.0, 3.1]), 2e-3: np.array([2.0, 2.1]), 4e-3: np.array([3.0, 3.2])}},
              "arm": {1: {1e-3: np.array([3.0, 3.1]), 2e-3: np.array([2.5, 2.6]), 4e-3: np.array([2.0, 2.2])}}}
-    s2, df = stats.pooled_variance(cells)
-    c = stats.compare(cells, "ref", "arm", 1, s2, df, n_boot=200)
+    c = stats.compare(cells, "ref", "arm", 1, stats.seed_noise(cells), n_boot=200)
     assert c["arm_edge"] and not c["ref_edge"] and c["arm_lr"] == 4e-3
     assert stats.at_edge({1e-3: None}, 1e-3)  # a grid of one LR brackets nothing
 
 
 def test_no_two_seed_cell_means_undecided():
     cells = {"ref": {1: {1e-3: np.array([3.0])}}, "arm": {1: {1e-3: np.array([1.0])}}}
-    s2, df = stats.pooled_variance(cells)
-    c = stats.judge([stats.compare(cells, "ref", "arm", 1, s2, df)])[0]
-    assert df == 0 and c["verdict"] == "undecided"
+    noise = stats.seed_noise(cells)
+    c = stats.judge([stats.compare(cells, "ref", "arm", 1, noise)])[0]
+    assert noise["arm"][1] == 0 and c["verdict"] == "undecided"
 
 
 def test_rows_group_per_setting_and_corpus_and_diverged_runs_count_as_inf():
@@ -133,3 +158,18 @@ def test_arms_of_one_rung_pair_by_its_size_not_their_own_param_counts():
     assert set(cells["pre_ln"]) == set(cells["peri_ln"]) == {107040}
     old = [{k: v for k, v in r.items() if k != "size"} for r in rows]
     assert set(stats.group(old)[("width", "h")]["peri_ln"]) == {107584}
+
+
+def test_seed_noise_is_per_arm_and_pooled_near_the_best_lr():
+    # arm a: best at 2e-3; its neighbours 1e-3 and 4e-3 pool (SS 2 + 0.005 + 0.5, df 3); 8e-3, a
+    # factor 4 off, split by 4 nats, is no contender and does not inflate σ. Arm b is its own.
+    a = {1: {1e-3: np.array([3.0, 3.1]), 2e-3: np.array([1.0, 3.0]), 4e-3: np.array([3.0, 4.0]),
+             8e-3: np.array([5.0, 9.0])}}
+    b = {1: {1e-3: np.array([2.0, 2.2])}, 2: {1e-3: np.array([1.0, 1.2, 1.4])}}
+    noise = stats.seed_noise({"a": a, "b": b})
+    assert noise["a"][1] == 3 and math.isclose(noise["a"][0], (2.0 + 0.005 + 0.5) / 3)
+    assert noise["b"][1] == 3 and math.isclose(noise["b"][0], (0.02 + 0.08) / 3)
+    s2 = noise["a"][0]
+    assert set(stats.contenders(a[1], s2)) == {1e-3, 2e-3, 4e-3}
+    # a cell two grid steps away but within 3 standard errors of the best is still a contender
+    assert 8e-3 in stats.contenders({**a[1], 8e-3: np.array([2.0, 2.4])}, s2)

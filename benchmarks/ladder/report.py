@@ -345,7 +345,10 @@ def markdown(rep: dict, plots: dict) -> str:
                 "|---|---:|---|---:|"]
         for a, lf in s["lr_fit"].items():
             pts = "; ".join(f"{p['N']:.3g}: {p['lr']:.3g}{'' if p['bracketed'] else ' (edge)'}" for p in lf["points"])
-            out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g} |")
+            # an edge LR bounds the optimum, it does not place it: no extrapolation through one
+            at_1b = (f"{math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g}" if all(p["bracketed"] for p in lf["points"])
+                     else "- (an edge)")
+            out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {at_1b} |")
         if s["extras"]:
             out += ["", "### Beside val loss (at each arm's best val-loss LR, mean over seeds)", "",
                     "| arm | N | OOD loss | induction | loss, first ¼ of positions | loss, last ¼ |",

@@ -139,6 +139,7 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     assert len(rep["sections"]) == 2
     assert all(c["verdict"] == "undecided" for s in rep["sections"] for c in s["comparisons"])
     assert "1 of them diverged" in md
+    assert "| - (an edge) |" in md  # a two-LR grid brackets nothing: no best-LR extrapolation to 1e9
     extras = {(e["arm"], e["lr"]): e for e in rep["sections"][0]["extras"]}
     assert {round(e["loss_first_quarter"], 6) for e in extras.values()} == {5.5}
     assert sorted(round(e["loss_last_quarter"], 6) for e in extras.values()) == [3.05, 3.55]

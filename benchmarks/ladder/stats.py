@@ -24,6 +24,16 @@ decided) and, for the noisiest arm, too narrow. Why near the best: far below an 
 its seeds agree to 0.01; at and above it they can differ by 1 nat; pooling every LR mixes both.
 The assumption left is that one arm's noise near its optimum is the same at every size.
 
+Seeds shared by the LRs. A seed fixes the init and the data order at every LR of an arm and
+size, and in the width rungs one seed is often better at nearly every LR of an arm (Pre-LN at
+width 48: seed 1 by 0.56, 0.41 and 0.20 at its three LRs). So an arm's cells at one size are
+correlated, and their within-cell SS are worth fewer than their nominal df. The df are still
+counted per cell: the comparison below draws the cells independently, and a correlated set's
+min strays less than independent draws do, which more than makes up for it. Measured on
+synthetic nulls with a shared seed offset 3× the rest of the noise, the rate stays at 1.7–3.6%
+(tests/unit/test_ladder_stats.py); Satterthwaite's df for the seed × LR table, tried instead,
+brought it to 0% and the power at 2σ from 0.18 to 0.04.
+
 Contenders. At one size, the cells that can be an arm's best: its best LR, that LR's grid
 neighbours, and any other cell whose mean lies within 3 standard errors of the best's (3σ·√(1/n
 + 1/n_best), σ from the neighbourhood). A cell further off cannot be the min of the true

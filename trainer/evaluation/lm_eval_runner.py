@@ -15,15 +15,16 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 def task_manager(tasks: Sequence[str] = (), include_path: Sequence[str | Path] = ()):
     """lm_eval's TaskManager over the local tasks and `include_path`, and over lm_eval's own
-    ~15,000 task configs only when `tasks` needs one of them: indexing those takes seconds in
-    every process that evaluates, which runs on local tasks alone never need. An unknown name
-    gets the full index, so check_tasks can say so."""
+    ~15,000 task configs only when `tasks` may need one of them: indexing those takes seconds in
+    every process that evaluates, which runs on local tasks alone never need. Only plain tasks
+    (YAML or Python) found locally skip it: a local group or tag may name lm_eval's own tasks,
+    and an unknown name gets the full index, so check_tasks can say so."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR), *map(str, include_path)]
     if tasks:
         local = TaskManager(include_path=paths, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        if all(t in local.all_subtasks for t in tasks):
             return local
     return TaskManager(include_path=paths)
 

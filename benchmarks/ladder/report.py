@@ -345,9 +345,11 @@ def markdown(rep: dict, plots: dict) -> str:
                 "|---|---:|---|---:|"]
         for a, lf in s["lr_fit"].items():
             pts = "; ".join(f"{p['N']:.3g}: {p['lr']:.3g}{'' if p['bracketed'] else ' (edge)'}" for p in lf["points"])
-            # an edge LR bounds the optimum, it does not place it: no extrapolation through one
-            at_1b = (f"{math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g}" if all(p["bracketed"] for p in lf["points"])
-                     else "- (an edge)")
+            # an edge LR bounds the optimum, it does not place it; and a line through fewer than
+            # fit.MIN_SIZES sizes is no law to carry four decades on
+            at_1b = ("- (an edge)" if not all(p["bracketed"] for p in lf["points"]) else
+                     f"- ({len(lf['points'])} size{'s' if len(lf['points']) > 1 else ''})"
+                     if len(lf["points"]) < fit.MIN_SIZES else f"{math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g}")
             out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {at_1b} |")
         if s["extras"]:
             out += ["", "### Beside val loss (at each arm's best val-loss LR, mean over seeds)", "",

@@ -239,7 +239,10 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel="effective-size multiplier m(N)",
                    title=f"vs {ref}")
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no option fitted against it yet", transform=ax.transAxes, ha="center")
         written.append(_save(fig, out / f"{stem_}_m.png"))
 
     arms = sorted(cells)

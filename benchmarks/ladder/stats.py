@@ -20,8 +20,9 @@ built: the seed noise is not one number. Measured on the width rung at 32 (2 see
 the σ near each arm's best LR runs from 0.03 (Peri-LN) to 0.34 (Pre-LN) and 0.73 (MoD at
 capacity 1): arms without an embedding scale spike at their best LRs and the others do not.
 One shared σ then made every interval as wide as the noisiest arm's (σ 0.21: nothing could be
-decided) and, for the noisiest arm, too narrow. Why near the best: far below an arm's best LR
-its seeds agree to 0.01; at and above it they can differ by 1 nat; pooling every LR mixes both.
+decided) and, for the noisiest arm, too narrow. Why near the best: well below an arm's best LR
+its seeds mostly agree to a few hundredths; near and above it they can differ by 1 nat;
+pooling every LR mixes both.
 The assumption left is that one arm's noise near its optimum is the same at every size.
 
 Seeds shared by the LRs. A seed fixes the init and the data order at every LR of an arm and
@@ -34,12 +35,18 @@ synthetic nulls with a shared seed offset 3× the rest of the noise, the rate st
 (tests/unit/test_ladder_stats.py); Satterthwaite's df for the seed × LR table, tried instead,
 brought it to 0% and the power at 2σ from 0.18 to 0.04.
 
+Pairing. The seeds share the data order across arms, so arm and reference at the same seed
+are positively correlated and a per-seed difference would have variance 2σ²(1 − ρ). We do not
+use it: ρ is not estimable from 2 seeds per cell, differs by cell, and a pairing that gives
+no reduction (ρ ≈ 0) would then be wrongly narrow. Treating the arms as independent draws
+(variance σ_a²/n_a + σ_r²/n_r for a difference of means) is conservative whenever ρ ≥ 0, which
+a shared data order makes the expected case.
+
 Contenders. At one size, the cells that can be an arm's best: its best LR, that LR's grid
 neighbours, and any other cell whose mean lies within 3 standard errors of the best's (3σ·√(1/n
 + 1/n_best), σ from the neighbourhood). A cell further off cannot be the min of the true
-curve except with probability < 0.2%, so it is left out of both the variance and the
-comparison's bounds (below), where it would only widen the interval by adding draws that can
-never win.
+curve except with probability < 0.2%, so it is left out of the comparison's bounds (below),
+where it would only widen the interval by adding draws that can never win.
 
 Comparison. Δ = min over LRs of arm's cell means − min over LRs of ref's (each arm at its own
 best LR, as practice compares them). The min is a biased estimator of the true optimum (the
@@ -57,10 +64,10 @@ rejects ~12% and the basic (pivotal) one 6–7%: re-selecting around the observe
 mis-estimates a selection bias that depends on the unknown curve shape. Neither meets 5%.
 
 So the verdicts use bounds that hold for every curve shape ("lf", least favourable). With
-X_i = μ_i + e_i over an arm's contenders, e_i ~ Normal(0, σ_arm²/n_i), and gaps g_i = μ_i − min μ ≥ 0, an arm's error is
-W = min X − min μ = min_i (g_i + e_i), which grows with every g_i: it is stochastically at
-least min_i e_i (all gaps 0, a flat curve) and at most e_j* (one LR far better than the rest,
-a peaked curve). Hence Δ̂ − Δ = W_arm − W_ref lies (stochastically) between
+X_i = μ_i + e_i over an arm's contenders, e_i ~ Normal(0, σ_arm²/n_i), and gaps
+g_i = μ_i − min μ ≥ 0, an arm's error is W = min X − min μ = min_i (g_i + e_i), which grows
+with every g_i: it is stochastically at least min_i e_i (all gaps 0, a flat curve) and at most
+e_j* (one LR far better than the rest, a peaked curve). Hence Δ̂ − Δ = W_arm − W_ref lies (stochastically) between
 L = min_i e_arm,i − Z_ref and U = Z_arm − min_i e_ref,i (Z a single cell's error), laws that
 do not depend on the μ's. The 95% interval is [Δ̂ − q97.5(U), Δ̂ − q2.5(L)] and the two-sided
 p-value 2·min(P(U ≥ Δ̂), P(L ≤ Δ̂)) (with the +1 of a Monte-Carlo p-value); the interval

@@ -17,8 +17,8 @@ so d log m / d log N = α_o/α_r − 1: above 0 the option's gain grows with sca
 shrinks. m > 1 means the option is worth more parameters.
 
 Intervals. Parametric bootstrap as in stats.py: each replicate draws each arm's σ² from its
-posterior (stats.seed_noise), every cell mean from Normal(observed mean, σ²/n), re-selects each arm's best LR
-per size and refits (warm-started at the point fit, plus one grid start). Intervals are the
+posterior (stats.seed_noise), every cell mean from Normal(observed mean, σ²/n), re-selects
+each arm's best LR per size and refits (warm-started at the point fit, plus one grid start). Intervals are the
 replicates' 2.5–97.5 percentiles (transformation-respecting, so log m and m agree). The
 selection bias of the best-LR min shifts an arm's whole curve by about the same amount; the
 slope, a ratio of exponents, is first-order insensitive to it. A slope verdict ("grows" /
@@ -118,11 +118,6 @@ def slope(f: dict, option: str, ref: str) -> float:
     return f["arms"][option]["alpha"] / f["arms"][ref]["alpha"] - 1
 
 
-def has_noise(noise: dict, arms) -> bool:
-    """Every arm of `arms` has a seed-variance estimate (a cell with 2 seeds near its best)."""
-    return all(noise[a][1] and math.isfinite(noise[a][0]) for a in arms)
-
-
 def _replicate_cells(cells: dict, arms, noise: dict, n_boot: int, rng) -> list[dict]:
     """n_boot parametric replicates of {arm: {size: {lr: [mean]}}}: each arm's σ² from its
     posterior (noise = stats.seed_noise), each cell mean from Normal(mean, σ²/n) (one value
@@ -175,7 +170,7 @@ def ladder_fit(cells: dict, noise: dict, pairs: list[tuple[str, str]], n_boot: i
         return {**out, "fit": None, "note": f"no arm has {MIN_SIZES} sizes yet: no fit, every slope undecided"}
     point = fit({a: curves[a] for a in fitted})
     reps = []
-    if has_noise(noise, fitted):
+    if stats.has_noise(noise, fitted):
         for rc in _replicate_cells(cells, fitted, noise, n_boot, rng):
             reps.append(fit({a: best_curve(rc[a]) for a in fitted}, warm=point, n0=point["n0"]))
     out["fit"] = point
@@ -239,7 +234,7 @@ def compute_multiplier(cells: dict, flops: dict, dense: str, option: str, noise:
     l_obs = np.array([stats.best(cells[option][s])[1] for s in o_sizes])
     lm = log_mult(point, l_obs)
     reps = []
-    if has_noise(noise, (dense, option)):
+    if stats.has_noise(noise, (dense, option)):
         rcs = _replicate_cells(cells, [dense, option], noise, n_boot, rng)
         for rc in rcs:
             n_r, l_r = best_curve(rc[dense])

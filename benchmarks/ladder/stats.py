@@ -180,6 +180,12 @@ def seed_noise(cells: dict) -> dict[str, tuple[float, int]]:
             for arm, sizes in cells.items()}
 
 
+def has_noise(noise: dict, arms) -> bool:
+    """Every arm of `arms` has a seed-variance estimate in seed_noise's `noise` (a cell with 2
+    seeds near its best): without one there is no test."""
+    return all(noise[a][1] and math.isfinite(noise[a][0]) for a in arms)
+
+
 def best_replicates(lrs: dict[float, np.ndarray], sigma2: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per replicate (one per σ² draw), each cell mean drawn from Normal(observed mean, σ²/n)
     and the min over the LRs: the best-LR loss re-selected inside the replicate."""
@@ -237,7 +243,7 @@ def compare(cells: dict, ref: str, arm: str, size: int, noise: dict[str, tuple[f
            "arm_lrs": len(a), "ref_lrs": len(r), "arm_seeds": int(len(a[lr_a])), "ref_seeds": int(len(r[lr_r])),
            "arm_sigma": math.sqrt(s2_a) if df_a else None, "arm_df": df_a,
            "ref_sigma": math.sqrt(s2_r) if df_r else None, "ref_df": df_r}
-    if not (df_a and df_r and math.isfinite(s2_a) and math.isfinite(s2_r)):  # no noise estimate, no test
+    if not has_noise(noise, (arm, ref)):
         return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "an arm has no cell with 2 seeds"}
     if not math.isfinite(delta):  # every LR of an arm diverged: nothing to compare
         return {**out, "lo": math.nan, "hi": math.nan, "p": 1.0, "note": "every LR diverged"}

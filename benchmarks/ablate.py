@@ -489,8 +489,11 @@ def report(summaries: list[dict], args) -> dict:
                    "budget": f"{s['budget']}, {s['steps']} steps" if s.get("budget") == "iso-FLOP" else None,
                    "shared": {"lr": shared, **lrs[shared]} if shared in lrs else None,
                    "best": {"lr": best, "at_edge": ablation_stats.at_edge(lrs, best), **lrs[best]},
-                   "vs": {c["ref"]: {k: c[k] for k in ("delta", "lo", "hi", "p", "p_holm", "verdict", "ref_lr",
-                                                       "ref_edge")}
+                   "vs": {c["ref"]: {**{k: c[k] for k in ("delta", "lo", "hi", "p", "p_holm", "verdict", "ref_lr",
+                                                          "ref_edge")},
+                                     # what the old rule said (beyond the larger seed range), beside the new verdict
+                                     "old_verdict": ablation_stats.verdict(
+                                         lrs[best], variants[c["ref"]][ablation_stats.best_lr(variants[c["ref"]])])}
                           for c in comps if (c["setting"], c["corpus"], c["arm"]) == (setting, corpus, variant)}}
             table["rows"].append(row)
         if any(s.get(m) is not None for s in here for m in DEPTH_METRICS):
@@ -519,7 +522,8 @@ def _judged(v: dict | None) -> list[str]:
         return ["-", "-"]
     lo, hi = (f"{x:+.4f}" if x is not None and math.isfinite(x) else "-" for x in (v["lo"], v["hi"]))
     word = v["verdict"] if v["verdict"] == "undecided" else f"**{v['verdict']}**"
-    return [f"{v['delta']:+.4f} [{lo}, {hi}]", f"{word} ({v['p_holm']:.3f})"]
+    was = f"; old rule: {v['old_verdict']}" if v.get("old_verdict") else ""
+    return [f"{v['delta']:+.4f} [{lo}, {hi}]", f"{word} ({v['p_holm']:.3f}{was})"]
 
 
 def _depth_markdown(rows: list[dict]) -> list[str]:
@@ -574,7 +578,9 @@ def markdown(rep: dict) -> str:
             f"Holm's adjusted p (over all {rep.get('comparisons', 0)} comparisons of this report, "
             f"{rep.get('boot', 0)} replicates each) is below {rep.get('alpha', stats.ALPHA)} and the interval excludes "
             f"0, else undecided. **edge**: the best LR is the grid's smallest or largest, so that variant's optimum "
-            f"may lie beyond it and its loss is an upper bound on its tuned loss. References: "
+            f"may lie beyond it and its loss is an upper bound on its tuned loss. \"old rule\": this sweep's verdict "
+            f"before these statistics (beyond the larger seed range of 2 seeds, each arm at its best LR; noise: "
+            f"within it), kept to show which claims changed. References: "
             f"{', '.join(f'`{r}`' for r in refs)}.", ""]
     return "\n".join(out)
 

@@ -1,9 +1,9 @@
 """The option ladder's report: per-size comparisons with Holm verdicts, scaling fits, m(N)
-and its slope, MoD against the dense FLOPs frontier, the best-LR law, and the old ablation's
-claims re-judged by the same statistics.
+and its slope, MoD against the dense FLOPs frontier and the best-LR law. (The old ablation is
+re-judged by the same statistics in its own report, benchmarks/ablate.py's ablation.md.)
 
     python -m benchmarks.ladder.report [--runs benchmarks/results/ladder_runs.jsonl] [--out benchmarks/results]
-                                       [--ablation benchmarks/results/ablation] [--boot 4000] [--fit-boot 200]
+                                       [--boot 4000] [--fit-boot 200]
 
 Writes <out>/ladder.md, <out>/ladder.json and PNGs (<out>/ladder_<setting>_<corpus>_{loss,m,lr}.png).
 Rows of different (setting, corpus) are never pooled: each gets its own section, and the report
@@ -143,30 +143,6 @@ def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: 
             "extras": extras(rows, cells)}
 
 
-def rejudge_ablation(path: Path, n_boot: int) -> dict | None:
-    """The old ablation's summaries through the new comparison and Holm (its own family), beside
-    the old rule's verdict (beyond the larger seed range, benchmarks/ablation_stats.py)."""
-    from benchmarks import ablation_stats
-
-    rows = stats.rows_from_ablation_summaries(path)
-    if not rows:
-        return None
-    summaries = [json.loads(p.read_text()) for p in sorted(path.glob("*/*/*/lr*-seed*.json"))]
-    old = ablation_stats.aggregate(summaries)
-    comps, pooled, groups = [], {}, stats.group(rows)
-    n_boot = replicates_for(sum(len(comparison_pairs(c)) for c in groups.values()), n_boot)
-    for key, cells in sorted(groups.items()):
-        noise = stats.seed_noise(cells)
-        pooled[f"{key[0]} · {key[1]}"] = arm_sigmas(noise)
-        for c in comparisons(cells, noise, n_boot, seed=len(comps)):
-            lrs_a, lrs_r = old[key][c["arm"]], old[key][c["ref"]]
-            c["old_verdict"] = ablation_stats.verdict(lrs_a[ablation_stats.best_lr(lrs_a)],
-                                                      lrs_r[ablation_stats.best_lr(lrs_r)])
-            comps.append({**c, "setting": key[0], "corpus": key[1]})
-    stats.judge(comps)
-    return {"path": rel(path), "runs": len(rows), "pooled": pooled, "comparisons": comps}
-
-
 def build(args) -> dict:
     rows = load_rows(args.runs)
     fields = fields_of(rows)
@@ -181,8 +157,6 @@ def build(args) -> dict:
     report = {"runs_file": rel(args.runs), "runs": len(rows), "corpora": sorted({k[1] for k in groups}),
               "diverged": sum(bool(r.get("diverged")) for r in rows),
               "sections": sections, "alpha": stats.ALPHA, "boot": n_boot, "fit_boot": args.fit_boot}
-    if args.ablation:
-        report["ablation"] = rejudge_ablation(args.ablation, args.boot)
     return report
 
 
@@ -266,19 +240,15 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
 # ---------------------------------------------------------------- markdown
 
 
-def _comparison_table(comps: list[dict], with_old: bool = False) -> list[str]:
-    head = "| arm | vs | N | best LR arm (ref) | Δ val loss | 95% interval | p | p (Holm) | verdict |"
-    rule = "|---|---|---:|---|---:|---|---:|---:|---|"
-    if with_old:
-        head, rule = head + " old rule |", rule + "---|"
-    out = [head, rule]
+def _comparison_table(comps: list[dict]) -> list[str]:
+    out = ["| arm | vs | N | best LR arm (ref) | Δ val loss | 95% interval | p | p (Holm) | verdict |",
+           "|---|---|---:|---|---:|---|---:|---:|---|"]
     for c in comps:
         edge = lambda lr, e: f"{lr:g}{' **edge**' if e else ''}"  # noqa: E731
         v = c["verdict"] if c["verdict"] == "undecided" else f"**{c['verdict']}**"
-        line = (f"| {c['arm']} | {c['ref']} | {c['size']:.3g} | {edge(c['arm_lr'], c['arm_edge'])} "
+        out.append(f"| {c['arm']} | {c['ref']} | {c['size']:.3g} | {edge(c['arm_lr'], c['arm_edge'])} "
                 f"({edge(c['ref_lr'], c['ref_edge'])}) | {c['delta']:+.4f} | [{_fmt(c['lo'], '+.4f')}, "
                 f"{_fmt(c['hi'], '+.4f')}] | {c['p']:.3f} | {c['p_holm']:.3f} | {v} |")
-        out.append(line + (f" {c['old_verdict']} |" if with_old else ""))
     return out
 
 
@@ -361,17 +331,9 @@ def markdown(rep: dict, plots: dict) -> str:
             out += [f"| {r['arm']} | {r['size']:.3g} | {_fmt(r.get('ood_loss'))} | {_fmt(r.get('induction'))} | "
                     f"{_fmt(r.get('loss_first_quarter'))} | {_fmt(r.get('loss_last_quarter'))} |" for r in s["extras"]]
         out.append("")
-    abl = rep.get("ablation")
-    if abl:
-        pooled = "; ".join(f"{k}: {_sigmas(v)}" for k, v in abl["pooled"].items())
-        out += ["## The old ablation re-judged", "",
-                f"The {abl['runs']} runs of `{abl['path']}` (one size per setting) through the same comparison, Holm "
-                f"over these {len(abl['comparisons'])} comparisons (their own family). Seed σ per arm: {pooled}. "
-                "\"old rule\": the ablation's verdict (beyond the larger seed range of 2 seeds, each at its best LR).",
-                ""]
-        for key in dict.fromkeys((c["setting"], c["corpus"]) for c in abl["comparisons"]):
-            out += [f"### {key[0]} · {key[1]}", "",
-                    *_comparison_table([c for c in abl["comparisons"] if (c["setting"], c["corpus"]) == key], True), ""]
+    out += ["The old ablation (one size per setting) is re-judged by the same statistics in "
+            "[ablation.md](ablation.md), beside its old rule's verdicts (`python -m benchmarks.ablate --report-only`).",
+            ""]
     return "\n".join(out) + "\n"
 
 
@@ -391,13 +353,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=RESULTS / "ladder_runs.jsonl", help="the runner's rows (JSON lines)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where ladder.md, ladder.json and the PNGs go")
-    ap.add_argument("--ablation", type=Path, default=RESULTS / "ablation",
-                    help="the old ablation's summaries to re-judge ('' to skip)")
     ap.add_argument("--boot", type=int, default=stats.N_BOOT, help="replicates per comparison")
     ap.add_argument("--fit-boot", type=int, default=fit.N_BOOT, help="bootstrap refits per scaling fit")
     args = ap.parse_args(argv)
-    if args.ablation is not None and (str(args.ablation) in ("", ".") or not args.ablation.is_dir()):
-        args.ablation = None
     rep = build(args)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(args.runs)

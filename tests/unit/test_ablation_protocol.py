@@ -59,7 +59,7 @@ def test_a_clearly_better_arm_is_better_a_null_pair_undecided_and_the_table_says
     assert rows["good"]["best"]["lr"] == 3e-3 and rows["good"]["best"]["at_edge"] is False
     md = ablate.markdown(rep)
     line = next(x for x in md.splitlines() if x.startswith("| good |"))
-    assert "| 3.7010 ± 0.0110 (n=2) | -0.3000 [" in line and "| **better** (" in line
+    assert "| 3.7010 ± 0.0110 (n=2) | -0.3000 [" in line and "| **better** (" in line and "old rule: better)" in line
     assert "| undecided (" in next(x for x in md.splitlines() if x.startswith("| same |"))
     assert "Holm's adjusted p (over all 3 comparisons" in md
 
@@ -84,6 +84,7 @@ def test_holm_runs_over_every_comparison_of_the_report_and_an_undecided_needs_no
     c = next(r for r in crowd["tables"][0]["rows"] if r["variant"] == "a")["vs"]["pre_ln"]
     assert c["p"] == pytest.approx(alone["p"]) and c["hi"] < 0 and c["p_holm"] == pytest.approx(3 * c["p"])
     assert c["verdict"] == "undecided"
+    assert c["old_verdict"] == "better"  # the old rule (beyond the seed ranges) called it; the table shows both
 
 
 def test_both_references_are_judged_and_the_second_against_the_first():

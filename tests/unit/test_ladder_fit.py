@@ -131,7 +131,7 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     rows.append({**rows[0], "lr": 4e-3, "val_loss": None, "diverged": True})
     runs = tmp_path / "runs.jsonl"
     runs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert report.main(["--runs", str(runs), "--out", str(tmp_path), "--ablation", "", "--boot", "500",
+    assert report.main(["--runs", str(runs), "--out", str(tmp_path), "--boot", "500",
                         "--fit-boot", "10"]) == 0
     md = (tmp_path / "ladder.md").read_text()
     rep = json.loads((tmp_path / "ladder.json").read_text())

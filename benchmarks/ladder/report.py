@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.ladder import fit, stats
+from benchmarks.ladder.arms import ARMS
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,18 +52,22 @@ def _fmt(x, spec=".4f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def comparison_pairs(cells: dict) -> list[tuple[str, str, int]]:
-    """(ref, arm, size): every option vs each reference at each size both have (the second
-    reference against the first too)."""
-    out = []
-    for ref in REFS:
-        if ref not in cells:
-            continue
-        for arm in sorted(cells):
-            if arm == ref or (arm in REFS and REFS.index(arm) < REFS.index(ref)):
-                continue
-            out += [(ref, arm, size) for size in sorted(set(cells[arm]) & set(cells[ref]))]
+def reference_pairs(arms) -> list[tuple[str, str]]:
+    """(ref, arm): every arm against each reference (the second reference against the first
+    too), then each option against its own control (arms.py's control_for: LNS against Pre-LN
+    with LNS's init, grow against the shallow model at its FLOPs, MoD against MoD at capacity 1):
+    the controls exist to isolate the option, so the option must be compared with them."""
+    out = [(ref, arm) for ref in REFS if ref in arms for arm in sorted(arms)
+           if arm != ref and not (arm in REFS and REFS.index(arm) < REFS.index(ref))]
+    out += [(c, ARMS[c].control_for) for c in sorted(arms)
+            if c in ARMS and ARMS[c].control_for in arms and (c, ARMS[c].control_for) not in out]
     return out
+
+
+def comparison_pairs(cells: dict) -> list[tuple[str, str, int]]:
+    """(ref, arm, size): each pair of `reference_pairs` at each size both arms have."""
+    return [(ref, arm, size) for ref, arm in reference_pairs(cells)
+            for size in sorted(set(cells[arm]) & set(cells[ref]))]
 
 
 def replicates_for(m: int, n_boot: int) -> int:
@@ -130,8 +135,7 @@ def section(key: tuple, rows: list[dict], cells: dict, args, seed: int, n_boot: 
     """Everything about one (setting, corpus); verdicts are set later, over the whole report."""
     noise = stats.seed_noise(cells)
     sizes = sorted({s for sizes in cells.values() for s in sizes})
-    pairs = [(o, r) for r in REFS if r in cells for o in sorted(cells) if o != r and not is_mod(o)
-             and not (o in REFS and REFS.index(o) < REFS.index(r))]
+    pairs = [(o, r) for r, o in reference_pairs(cells) if not is_mod(o)]  # MoD: against the FLOPs frontier
     fits = fit.ladder_fit(cells, noise, pairs, n_boot=args.fit_boot, rng=seed)
     flops = flops_by_size(rows)
     mod = [m for r in REFS for o in sorted(cells) if is_mod(o) and o in flops and r in flops
@@ -202,16 +206,19 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
     written.append(_save(fig, out / f"{stem_}_loss.png"))
 
     if section["fit"]["pairs"]:
-        fig, axes = plt.subplots(1, len(REFS), figsize=(12, 4.5), squeeze=False)
-        for ax, ref in zip(axes[0], REFS):
-            for p in (p for p in section["fit"]["pairs"] if p["ref"] == ref):
+        # one panel per reference, and one for the options against their own controls
+        panels = [*REFS, *(["control"] if any(p["ref"] not in REFS for p in section["fit"]["pairs"]) else [])]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, ref in zip(axes[0], panels):
+            for p in (p for p in section["fit"]["pairs"] if p["ref"] == ref or (ref == "control" and p["ref"] not in REFS)):
                 ms = [m for m in p["m"] if not m["extrapolation"]]
                 x = [m["N"] for m in ms]
-                line = ax.plot(x, [m["m"] for m in ms], marker="o", label=f"{p['option']} ({p['verdict']})")[0]
+                name = p["option"] if ref != "control" else f"{p['option']} vs {p['ref']}"
+                line = ax.plot(x, [m["m"] for m in ms], marker="o", label=f"{name} ({p['verdict']})")[0]
                 ax.fill_between(x, [m["lo"] for m in ms], [m["hi"] for m in ms], color=line.get_color(), alpha=0.2)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel="effective-size multiplier m(N)",
-                   title=f"vs {ref}")
+                   title="options vs their controls" if ref == "control" else f"vs {ref}")
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
@@ -267,8 +274,10 @@ def markdown(rep: dict, plots: dict) -> str:
                 "different corpora are never pooled; each (setting, corpus) has its own section."]
     if not secs:
         out += ["", "No runs yet: every comparison and slope is undecided."]
-    out += ["", "Method (benchmarks/ladder/stats.py, fit.py): each arm at its own best LR per size; Δ = arm − ref "
-            "val loss (negative: the arm is better). Intervals bound the best-LR selection for any shape of the LR "
+    out += ["", "Method (benchmarks/ladder/stats.py, fit.py): each arm at its own best LR per size against each "
+            f"reference ({', '.join(REFS)}), and each option against its control (arms.py: "
+            f"{', '.join(f'{a.control_for} vs {c}' for c, a in ARMS.items() if a.control_for and c not in REFS)}); "
+            "Δ = arm − ref val loss (negative: the arm is better). Intervals bound the best-LR selection for any shape of the LR "
             "curves (each arm's seed σ² pooled over the cells near its best LR at every size, drawn from its posterior; why per arm: stats.py); verdicts need Holm's "
             f"adjusted p < {rep['alpha']} over all {sum(len(s['comparisons']) for s in secs)} comparisons of this "
             "report **and** an interval that excludes 0, else *undecided*. **edge**: the best LR is at the end of "

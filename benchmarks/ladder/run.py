@@ -1,7 +1,7 @@
 """The option ladder (issue 24): does each option's gain grow or shrink with model size?
 
     python -m benchmarks.ladder.run [--sizes 32,48,80] [--depths 6,12,24] [--arms a,b] [--settings width,depth]
-                                    [--seeds 2] [--lrs-per-cell 3] [--control-lrs N] [--jobs N]
+                                    [--seeds 2] [--ref-seeds 3] [--lrs-per-cell 3] [--control-lrs N] [--jobs N]
                                     [--tokens-per-param 8] [--max-runs K] [--dry-run]
     make ladder [JOBS=2] [ARGS='...']
 
@@ -28,6 +28,16 @@ rung's LR grid can lean on the finished smaller ones:
   seq_len) with the same micro batch, so seed s feeds every arm the same windows in the same
   order; arms that train more steps (mod, shallow) see the same sequence and then more of it.
   The init draws differ between arms only where their parameters differ.
+- Extra seeds: the reference (Pre-LN) gets seeds up to --ref-seeds (3) at every LR of its grid
+  that did not diverge, once the grid is finished and bracketed. Every comparison of the report
+  but the controls' is against a reference, and Pre-LN is by far the noisier of the two (seed σ
+  near its best LR 0.28 at widths 32-48, Pre-LN + embed_norm's 0.04), so its seeds buy the
+  most interval for the fewest runs (3-6 per rung, about 10% more). The whole grid, not just
+  the best LR and its neighbours: Pre-LN's curve is flat and noisy, so nearly every LR is a
+  contender for its best (stats.contenders), and the comparison's bound takes the fewest seeds
+  among the contenders. The rule is fixed and looks at no comparison's Δ: a third seed "where a
+  verdict hinges", chosen by the verdict, would be optional stopping. The grid and its
+  extensions are placed by seeds 0..--seeds-1 alone, so the extra seeds never re-plan it.
 
 Resumable: a cell whose (setting, corpus, arm, width, n_layers, tokens_per_param, lr, seed)
 has a row is skipped; a run killed mid-way has no row, and the next invocation trains it again
@@ -154,29 +164,50 @@ def mean_losses(cell_rows: list[dict]) -> dict[float, float]:
     return {lr: sum(v) / len(v) for lr, v in by_lr.items()}
 
 
-def extension(cell_rows: list[dict], grid: list[float], seeds: int) -> float | None:
-    """The next LR beyond the grid's edge when the best LR sits there, once every (LR, seed)
-    of the grid has a row; else None (bracketed, unfinished, or every LR diverged)."""
+def grid_best(cell_rows: list[dict], grid: list[float], seeds: int) -> float | None:
+    """The grid's best LR (lowest mean val loss over seeds 0..seeds-1; a diverged run is +inf)
+    once every (LR, seed) of it has a row; else None (unfinished, or every LR diverged). Seeds
+    beyond `seeds` (the reference's third) never move it, so they cannot re-plan the grid."""
     done = {(float(r["lr"]), r["seed"]) for r in cell_rows}
     if any((lr, s) not in done for lr in grid for s in range(seeds)):
         return None
     means = mean_losses([r for r in cell_rows if float(r["lr"]) in grid and r["seed"] < seeds])
     best = min(means, key=means.get)
-    if not math.isfinite(means[best]):
-        return None
-    if best == min(grid):
+    return best if math.isfinite(means[best]) else None
+
+
+def extension(cell_rows: list[dict], grid: list[float], seeds: int) -> float | None:
+    """The next LR beyond the grid's edge when the finished grid's best LR sits there; else
+    None (bracketed, unfinished, or every LR diverged)."""
+    best = grid_best(cell_rows, grid, seeds)
+    if best is not None and best == min(grid):
         return snap(best / 2)
-    if best == max(grid):
+    if best is not None and best == max(grid):
         return snap(best * 2)
     return None
+
+
+def extra_seed_lrs(cell_rows: list[dict], grid: list[float], seeds: int) -> list[float]:
+    """The LRs that get the reference's extra seeds: every LR of its settled grid that did not
+    diverge (module docstring: Seeds); none while the grid is unfinished or still to be extended."""
+    if grid_best(cell_rows, grid, seeds) is None:
+        return []
+    means = mean_losses([r for r in cell_rows if r["seed"] < seeds])
+    return [lr for lr in grid if math.isfinite(means[lr])]
+
+
+def rung_rows(rows: list[dict], setting: str, corpus: str, arm: str, width: int, n_layers: int,
+              tpp: float) -> list[dict]:
+    """An arm's rows at one rung (n_layers: the arm's own, budget.n_layers)."""
+    return [r for r in rows if (r["setting"], r["corpus"], r["arm"], r["width"], r["n_layers"],
+                                float(r["tokens_per_param"])) == (setting, corpus, arm, width, n_layers, tpp)]
 
 
 def arm_lrs(rows: list[dict], setting: str, corpus: str, arm: str, width: int, budget: Budget, tpp: float,
             seeds: int, n_lrs: int, max_extend: int, size: int) -> list[float]:
     """An arm's LR grid at the rung of `size`: the centred grid, the LRs already run, and one
     extension when the finished grid's best is at an edge (module docstring)."""
-    mine = [r for r in rows if (r["setting"], r["corpus"], r["arm"], r["width"], r["n_layers"],
-                                float(r["tokens_per_param"])) == (setting, corpus, arm, width, budget.n_layers, tpp)]
+    mine = rung_rows(rows, setting, corpus, arm, width, budget.n_layers, tpp)
     base = lr_grid(centre_lr(rows, setting, corpus, arm, size), n_lrs)
     grid = sorted(set(base) | {float(r["lr"]) for r in mine})
     if len(set(grid) - set(base)) < max_extend and (lr := extension(mine, grid, seeds)) is not None:
@@ -200,10 +231,14 @@ def plan_rung(base_cfg, setting: str, width: int, n_layers: int, arms: list[str]
     size, cells = found[REFERENCE].params, []
     for arm in (a for a in arms if a in SETTINGS[setting].arms):
         n = args.control_lrs if ARMS[arm].control_for else args.lrs_per_cell
-        for lr in arm_lrs(rows, setting, corpus, arm, width, found[arm], args.tokens_per_param, args.seeds, n,
-                          args.max_extend, size):
+        grid = arm_lrs(rows, setting, corpus, arm, width, found[arm], args.tokens_per_param, args.seeds, n,
+                       args.max_extend, size)
+        cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param, size)
+                  for lr in grid for seed in range(args.seeds)]
+        if arm == REFERENCE and args.ref_seeds > args.seeds:
+            mine = rung_rows(rows, setting, corpus, arm, width, found[arm].n_layers, args.tokens_per_param)
             cells += [Cell(setting, arm, width, n_layers, lr, seed, found[arm], args.tokens_per_param, size)
-                      for seed in range(args.seeds)]
+                      for lr in extra_seed_lrs(mine, grid, args.seeds) for seed in range(args.seeds, args.ref_seeds)]
     return cells
 
 
@@ -548,6 +583,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--arms", type=lambda v: v.split(","), default=list(ARMS),
                     help="comma-separated arms, run in this order (default: all)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per (arm, rung, LR) (default 2)")
+    ap.add_argument("--ref-seeds", type=int, default=3,
+                    help=f"seeds for the reference ({REFERENCE}) at every LR of its settled grid "
+                         f"(default 3; --seeds or less: none extra)")
     ap.add_argument("--lrs-per-cell", type=int, default=3, help="LRs per (arm, rung), ×2 apart (default 3)")
     ap.add_argument("--control-lrs", type=int, default=None, help="LRs for the control arms (default: --lrs-per-cell)")
     ap.add_argument("--max-extend", type=int, default=3,

@@ -296,26 +296,3 @@ def judge(comparisons: list[dict], alpha: float = ALPHA) -> list[dict]:
         c["p_holm"] = float(adj)
         c["verdict"] = verdict(c, alpha)
     return comparisons
-
-
-def rows_from_ablation_summaries(path) -> list[dict]:
-    """Rows from the old ablation's stored summaries (benchmarks/ablate.py), so the same
-    compare/Holm machinery re-judges its claims: path/<setting>/<corpus>/<variant>/lr<lr>-seed<seed>.json.
-
-    The old sweep had one model size per setting, so every row of a setting gets the same size:
-    ≈ the reference's (pre_ln's) training FLOPs per token / 6 (6N per token, attention
-    included, so a label rather than an exact N). MoD there is iso-FLOP (more steps at the same
-    FLOPs), so a same-size comparison is its iso-FLOP one. The loss is the summary's
-    final_val_loss (for MoD, the causal rule's)."""
-    import json
-    from pathlib import Path
-
-    summaries = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*/*/*/lr*-seed*.json"))]
-    size: dict = {}
-    for s in sorted(summaries, key=lambda s: s["variant"] != "pre_ln"):  # pre_ln's first, then any
-        if s.get("flops_per_token") and s["setting"] not in size:
-            size[s["setting"]] = int(round(s["flops_per_token"] / 6))
-    return [{"setting": s["setting"], "corpus": s["source"], "arm": s["variant"], "params": size.get(s["setting"], 0),
-             "lr": float(s["lr"]), "seed": int(s["seed"]), "val_loss": s["final_val_loss"],
-             "flops": s.get("total_flops"), "tokens": s.get("tokens"), "commit": s.get("git_commit"),
-             "device": s.get("device")} for s in summaries]

@@ -144,3 +144,20 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     assert {round(e["loss_first_quarter"], 6) for e in extras.values()} == {5.5}
     assert sorted(round(e["loss_last_quarter"], 6) for e in extras.values()) == [3.05, 3.55]
     assert (tmp_path / "ladder_width_aaaa_tpp8_loss.png").is_file() and (tmp_path / "ladder_width_bbbb_tpp8_lr.png").is_file()
+
+
+def test_each_option_is_compared_with_its_own_control_as_well_as_the_references():
+    """The controls isolate part of an option (arms.py control_for), so the report compares the
+    option with its control, not only both with Pre-LN; the depth ladder's only option, LNS, is
+    judged against Pre-LN with LNS's init."""
+    from benchmarks.ladder import report
+
+    width = report.reference_pairs(["pre_ln", "pre_ln_embed_norm", "peri_ln", "lns", "pre_ln_lns_init", "mod",
+                                    "mod_c1", "grow", "shallow"])
+    assert {("pre_ln_lns_init", "lns"), ("shallow", "grow"), ("mod_c1", "mod")} <= set(width)
+    assert ("pre_ln", "pre_ln_embed_norm") in width and ("pre_ln_embed_norm", "pre_ln") not in width
+    assert width.count(("pre_ln_embed_norm", "peri_ln")) == 1  # embed_norm's control pair is already a reference pair
+    assert len(width) == len(set(width))
+    depth = report.reference_pairs(["pre_ln", "lns", "pre_ln_lns_init"])
+    assert depth == [("pre_ln", "lns"), ("pre_ln", "pre_ln_lns_init"), ("pre_ln_lns_init", "lns")]
+    assert report.reference_pairs(["pre_ln", "lns"]) == [("pre_ln", "lns")]  # no control yet: nothing invented

@@ -128,6 +128,27 @@ def test_arm_lrs_extends_and_caps(base_cfg):
     assert run.arm_lrs(rows, "width", "other", "pre_ln", 32, b, 8.0, 2, 3, 3, b.params) == [0.002, 0.004, 0.008]
 
 
+def test_the_reference_gets_a_third_seed_near_its_best_once_its_grid_is_settled(base_cfg):
+    """--ref-seeds: seed 2 for Pre-LN at every LR of its grid that did not diverge, once the grid
+    (placed by seeds 0 and 1 only) is finished and bracketed; no other arm."""
+    a = args_for(["--sizes", "32", "--arms", "pre_ln,lns"])
+
+    def third(rows):
+        cells = run.plan_rung(base_cfg, "width", 32, 8, a.arms, a, rows, "h")
+        return sorted((c.arm, c.lr) for c in cells if c.seed >= a.seeds)
+
+    curve = {0.002: 3.3, 0.004: 3.2, 0.008: 3.0, 0.016: 3.1, 0.032: None}  # best 0.008, inside; 0.032 diverged
+    rows = rows_for(curve) + rows_for(curve, arm="lns")
+    assert third(rows) == [("pre_ln", 0.002), ("pre_ln", 0.004), ("pre_ln", 0.008), ("pre_ln", 0.016)]
+    assert third(rows[1:]) == []  # one (LR, seed) missing: the best is not known yet
+    assert third(rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0})) == []  # best at the edge: 0.016 comes first
+    # A third seed that makes another LR best on the mean does not re-plan the grid.
+    worse = rows + [{**rows[0], "lr": lr, "seed": 2, "val_loss": 9.0} for lr in (0.004, 0.008, 0.016)]
+    assert third(worse) == third(rows)
+    none = args_for(["--sizes", "32", "--arms", "pre_ln", "--ref-seeds", "2"])
+    assert all(c.seed < 2 for c in run.plan_rung(base_cfg, "width", 32, 8, none.arms, none, rows, "h"))
+
+
 def test_centre_from_smaller_rungs(monkeypatch):
     seen = {}
 
@@ -169,7 +190,7 @@ def ctx_for(tmp_path) -> dict:
 
 
 def test_sweep_brackets_then_resumes(base_cfg, tmp_path):
-    a = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "1"])
+    a = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "1", "--ref-seeds", "1"])
     ctx = ctx_for(tmp_path)
     losses = fake_run(lambda lr: 3.0 + math.log2(lr / 0.016) ** 2)  # best at 0.016: two extensions up
     assert run.sweep(base_cfg, a, ctx, losses) == 5
@@ -177,7 +198,7 @@ def test_sweep_brackets_then_resumes(base_cfg, tmp_path):
     assert sorted(r["lr"] for r in rows) == [0.002, 0.004, 0.008, 0.016, 0.032]
     assert run.sweep(base_cfg, a, ctx, losses) == 0  # every cell has its row: nothing reruns
     before = ctx["rows_path"].read_text()
-    more = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "2", "--max-runs", "2"])
+    more = args_for(["--sizes", "32", "--arms", "pre_ln", "--seeds", "2", "--ref-seeds", "2", "--max-runs", "2"])
     assert run.sweep(base_cfg, more, ctx, losses) == 2
     assert ctx["rows_path"].read_text().startswith(before)  # appended, never rewritten
 

@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from benchmarks.ladder import stats
 
@@ -88,11 +89,15 @@ def fit(curves: dict[str, tuple[np.ndarray, np.ndarray]], warm: dict | None = No
         starts = [np.array([min(warm["E"], bounds[0][1]), *[warm["arms"][a]["logB"] for a in arms],
                             *[warm["arms"][a]["alpha"] for a in arms]]), start(0.5 * lmin, 0.3)]
     best = None
-    for s in starts:
-        res = minimize(_objective, s, args=(x, y, idx, k), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-10})
-        if best is None or res.fun < best.fun:
-            best = res
+    # One BLAS thread: L-BFGS-B's BLAS calls on a dozen parameters gain nothing from threads,
+    # and with every core busy (the ladder's own runs) OpenBLAS's thread hand-offs made each
+    # iteration ~100x slower: the report took 7.6 min with default threads, 9 s with one.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for s in starts:
+            res = minimize(_objective, s, args=(x, y, idx, k), jac=True, method="L-BFGS-B", bounds=bounds,
+                           options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-10})
+            if best is None or res.fun < best.fun:
+                best = res
     th = best.x
     return {"E": float(th[0]), "n0": n0, "loss": float(best.fun),
             "arms": {a: {"logB": float(th[1 + i]), "alpha": float(th[1 + k + i]),

@@ -297,8 +297,12 @@ def markdown(rep: dict, plots: dict) -> str:
             out += [f"{f['note']}."]
         else:
             lo, hi = f["E_interval"]
-            out += [f"E = {f['fit']['E']:.4f} [{_fmt(lo)}, {_fmt(hi)}]; arms fitted: {', '.join(f['arms_fitted'])}.",
-                    "", "| arm | α | 95% interval | A |", "|---|---:|---|---:|"]
+            out += [f"E = {f['fit']['E']:.4f} [{_fmt(lo)}, {_fmt(hi)}]; arms fitted: {', '.join(f['arms_fitted'])}."]
+            if f["fit"]["E"] < 1e-6:
+                out[-1] += (" E sits at its lower bound 0: these sizes cannot separate an irreducible loss from the "
+                            "power law, so each α is the log-log slope of the loss itself (a positive E would make "
+                            "every α larger), and α and m(N) will move when larger rungs pin E down.")
+            out += ["", "| arm | α | 95% interval | A |", "|---|---:|---|---:|"]
             out += [f"| {a} | {v['value']:.3f} | [{_fmt(v['lo'], '.3f')}, {_fmt(v['hi'], '.3f')}] | {v['A']:.4g} |"
                     for a, v in f["alpha"].items()]
             out += ["", "### Effective-size multiplier m(N) (the reference's size factor that matches the option)", "",

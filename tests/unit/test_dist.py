@@ -298,3 +298,25 @@ def test_deepspeed_is_told_the_gpu_index_not_the_launchers_local_rank(monkeypatc
     d = dist_module.init_distributed("nccl")
     assert d.device == torch.device("cuda", 0) == chosen[0] and d.local_rank == 3
     assert os.environ["LOCAL_RANK"] == "0"
+
+
+def test_an_unactivated_venv_still_finds_its_ninja_for_deepspeeds_op_build(tmp_path, monkeypatch):
+    """`.venv/bin/python -m trainer.train` without activating the venv: ninja (pip's, in the
+    venv's bin) is put on PATH before DeepSpeed JIT-builds its comm op, and the build folder
+    defaults to the venv's (as make sets it); an explicit TORCH_EXTENSIONS_DIR is kept."""
+    scripts = tmp_path / "bin"
+    scripts.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\necho 1.11\n")
+    (scripts / "ninja").chmod(0o755)
+    monkeypatch.setattr(dist_module.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setattr(dist_module.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(dist_module.sys, "base_prefix", "/usr")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    dist_module.venv_build_tools()
+    assert dist_module.shutil.which("ninja") == str(scripts / "ninja")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
+    path = os.environ["PATH"]
+    dist_module.venv_build_tools()  # ninja found now: PATH untouched; the user's folder kept
+    assert os.environ["PATH"] == path and os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"

@@ -5,8 +5,11 @@ own collectives (gradient reduction, Ulysses' all-to-all) stay inside DeepSpeed.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -165,6 +168,20 @@ def compute_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def venv_build_tools() -> None:
+    """Let DeepSpeed's op build find the venv's tools when the venv is not activated. On a CPU
+    machine deepspeed.init_distributed JIT-builds its shared-memory comm op, and torch's
+    cpp_extension finds ninja only on PATH: pip's ninja sits in the venv's bin, which is on PATH
+    when the venv is activated (make, the slurm scripts) but not for a bare
+    `.venv/bin/python -m trainer.train`, which would then fail on a machine without a system
+    ninja. The build folder defaults to the venv's, as make sets it, so both share one build."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and os.path.isfile(os.path.join(scripts, "ninja")):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    if sys.prefix != sys.base_prefix:  # a venv
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float = 30.0) -> Dist:
     """Join (or create) the process group. `timeout_minutes` bounds every collective: a
     rank whose peer died or hangs raises instead of waiting forever."""
@@ -180,6 +197,7 @@ def init_distributed(backend: str = "auto", sp: int = 1, timeout_minutes: float 
         # DeepSpeed takes LOCAL_RANK as the GPU index (engine set_device, init_process_group's
         # device_id); with one visible GPU per task, LOCAL_RANK 3 would name a missing cuda:3.
         os.environ["LOCAL_RANK"] = str(device.index)
+    venv_build_tools()
     import deepspeed
 
     timeout = timedelta(minutes=timeout_minutes)

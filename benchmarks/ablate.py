@@ -578,7 +578,8 @@ def markdown(rep: dict) -> str:
             f"Holm's adjusted p (over all {rep.get('comparisons', 0)} comparisons of this report, "
             f"{rep.get('boot', 0)} replicates each) is below {rep.get('alpha', stats.ALPHA)} and the interval excludes "
             f"0, else undecided. **edge**: the best LR is the grid's smallest or largest, so that variant's optimum "
-            f"may lie beyond it and its loss is an upper bound on its tuned loss. \"old rule\": this sweep's verdict "
+            f"may lie beyond it and its loss is an upper bound on its tuned loss: a variant at its edge is never "
+            f"called worse, nor a variant better than a reference at its edge. \"old rule\": this sweep's verdict "
             f"before these statistics (beyond the larger seed range of 2 seeds, each arm at its best LR; noise: "
             f"within it), kept to show which claims changed. References: "
             f"{', '.join(f'`{r}`' for r in refs)}.", ""]

@@ -23,7 +23,9 @@ replicates' 2.5–97.5 percentiles (transformation-respecting, so log m and m ag
 selection bias of the best-LR min shifts an arm's whole curve by about the same amount; the
 slope, a ratio of exponents, is first-order insensitive to it. A slope verdict ("grows" /
 "shrinks") needs its interval to exclude 0 and its bootstrap p-value to pass Holm over the
-report's slopes; else "undecided". The value at N = 1e9 is an extrapolation and marked so.
+report's slopes, and every size's best LR bracketed for both arms (an edge point bounds the
+tuned loss, it does not give it); else "undecided". The value at N = 1e9 is an extrapolation
+and marked so.
 """
 from __future__ import annotations
 
@@ -195,18 +197,23 @@ def ladder_fit(cells: dict, noise: dict, pairs: list[tuple[str, str]], n_boot: i
                "hi": float(np.exp(percentile(lm_reps[:, j])[1])), "extrapolation": bool(n > sizes.max())}
               for j, (n, v) in enumerate(zip(grid, lm))]
         lo, hi = percentile(sl_reps)
+        # sizes where either arm's best LR is at its grid's edge: a point that is only a bound
+        edges = sorted(int(n) for n in sizes for a in (option, ref)
+                       if int(n) in cells[a] and stats.at_edge(cells[a][int(n)], stats.best(cells[a][int(n)])[0]))
         out["pairs"].append({"option": option, "ref": ref, "m": at, "slope": slope(point, option, ref),
                              "slope_lo": lo, "slope_hi": hi, "p": boot_p(sl_reps) if reps else 1.0,
-                             "n_boot": len(reps)})
+                             "n_boot": len(reps), "edges": sorted(set(edges))})
     return out
 
 
 def judge_slopes(pairs: list[dict], alpha: float = stats.ALPHA) -> list[dict]:
-    """Holm over the report's slopes; "grows" / "shrinks" only when the adjusted p < alpha and
-    the interval excludes 0, else "undecided"."""
+    """Holm over the report's slopes; "grows" / "shrinks" only when the adjusted p < alpha, the
+    interval excludes 0 and every size's best LR is bracketed for both arms (an edge point is
+    a bound on the tuned loss, not the loss, and can tilt the slope either way); else
+    "undecided". Edge pairs stay in the Holm family: dropping them would relax the others."""
     for p, adj in zip(pairs, stats.holm([p["p"] for p in pairs])):
         p["p_holm"] = float(adj)
-        ok = adj < alpha and math.isfinite(p["slope_lo"])
+        ok = adj < alpha and math.isfinite(p["slope_lo"]) and not p.get("edges")
         p["verdict"] = "grows" if ok and p["slope_lo"] > 0 else "shrinks" if ok and p["slope_hi"] < 0 else "undecided"
     return pairs
 

@@ -281,7 +281,8 @@ def markdown(rep: dict, plots: dict) -> str:
             "curves (each arm's seed σ² pooled over the cells near its best LR at every size, drawn from its posterior; why per arm: stats.py); verdicts need Holm's "
             f"adjusted p < {rep['alpha']} over all {sum(len(s['comparisons']) for s in secs)} comparisons of this "
             "report **and** an interval that excludes 0, else *undecided*. **edge**: the best LR is at the end of "
-            "its grid (its optimum may lie beyond).", ""]
+            "its grid (its optimum may lie beyond, so its loss only bounds the tuned one): an arm at its edge is "
+            "never called worse, nor an arm better than a reference at its edge.", ""]
     for s in secs:
         tpp = f" · {s['tokens_per_param']:g} tokens/param" if s.get("tokens_per_param") is not None else ""
         out += [f"## {s['setting']} · corpus {short(s['corpus'])}{tpp}", "",
@@ -313,11 +314,13 @@ def markdown(rep: dict, plots: dict) -> str:
                                for m in p["m"] if not m["extrapolation"])
                 x = p["m"][-1]
                 v = p["verdict"] if p["verdict"] == "undecided" else f"**{p['verdict']}**"
+                if p.get("edges"):
+                    v += f" (best LR at an edge at N = {', '.join(f'{n:.3g}' for n in p['edges'])})"
                 out.append(f"| {p['option']} | {p['ref']} | {ms} | {x['m']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}] | "
                            f"{p['slope']:+.3f} [{_fmt(p['slope_lo'], '+.3f')}, {_fmt(p['slope_hi'], '+.3f')}] | "
                            f"{p['p_holm']:.3f} | {v} |")
             out += ["", "slope > 0: the option's gain grows with scale; < 0: it shrinks (a verdict needs the interval "
-                    "to exclude 0 and Holm over the report's slopes)."]
+                    "to exclude 0, Holm over the report's slopes, and every size's best LR bracketed for both arms)."]
         if s["mod"]:
             out += ["", "### Mixture-of-Depths against the dense loss-vs-FLOPs frontier", "",
                     "| option | dense | N | FLOPs C | loss | dense compute needed / C [95%] |", "|---|---|---:|---:|---:|---|"]

@@ -78,7 +78,11 @@ price is power (measured in the test), which more seeds per cell buy back.
 Verdict. Holm's step-down correction over every comparison of one report (family-wise 5%);
 "better" / "worse" only when the Holm-adjusted p < 5% and the 95% interval excludes 0, else
 "undecided". A best LR at the edge of its grid (or a grid of one LR) is flagged: the optimum
-may lie beyond it, so that arm's loss is an upper bound on its tuned loss.
+may lie beyond it, so that arm's loss is an upper bound on its tuned loss. An edge can only
+hide a better loss, so it withholds the verdict it could reverse: an arm at its edge can be
+called better (tuned, it would be better still) but not worse, and a reference at its edge
+makes no arm better. (The ablation once assumed the margin was a lower bound whatever sat at
+the edge; with the reference there it is not.)
 """
 from __future__ import annotations
 
@@ -280,12 +284,13 @@ def holm(pvalues) -> np.ndarray:
 
 
 def verdict(c: dict, alpha: float = ALPHA) -> str:
-    """"better" (lower loss) / "worse" only when the Holm-adjusted test rejects and the interval
-    excludes 0; else "undecided"."""
+    """"better" (lower loss) / "worse" only when the Holm-adjusted test rejects, the interval
+    excludes 0 and no best LR at an edge could reverse it (module docstring: Verdict); else
+    "undecided"."""
     if c.get("p_holm", 1.0) < alpha and math.isfinite(c["lo"]):
-        if c["hi"] < 0:
+        if c["hi"] < 0 and not c.get("ref_edge"):
             return "better"
-        if c["lo"] > 0:
+        if c["lo"] > 0 and not c.get("arm_edge"):
             return "worse"
     return "undecided"
 

@@ -161,3 +161,20 @@ def test_each_option_is_compared_with_its_own_control_as_well_as_the_references(
     depth = report.reference_pairs(["pre_ln", "lns", "pre_ln_lns_init"])
     assert depth == [("pre_ln", "lns"), ("pre_ln", "pre_ln_lns_init"), ("pre_ln_lns_init", "lns")]
     assert report.reference_pairs(["pre_ln", "lns"]) == [("pre_ln", "lns")]  # no control yet: nothing invented
+
+
+def test_a_slope_through_an_unbracketed_best_lr_gets_no_verdict():
+    """The growing gain above, with the option's largest LR at one size dropped so that its
+    best LR sits at the grid's edge there: the slope is still fitted and reported, but its
+    verdict waits for the bracket (the edge point only bounds the tuned loss)."""
+    alpha_o = 0.36
+    a_o = A_REF * 1e6 ** (alpha_o - ALPHA_REF) * 0.9
+    cells = ladder(np.random.default_rng(0), {"ref": (A_REF, ALPHA_REF), "opt": (a_o, alpha_o)})
+    n = int(SIZES[2])
+    lrs = cells["opt"][n]
+    best = stats.best(lrs)[0]
+    cells["opt"][n] = {lr: v for lr, v in lrs.items() if lr <= best}  # best is now the largest LR
+    out = fit.ladder_fit(cells, stats.seed_noise(cells), [("opt", "ref")], n_boot=100, rng=0)
+    pair = fit.judge_slopes(out["pairs"])[0]
+    assert pair["edges"] == [n] and pair["verdict"] == "undecided"
+    assert pair["slope_lo"] > 0 and pair["p_holm"] < 0.05  # it would have been "grows"

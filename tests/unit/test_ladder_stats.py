@@ -36,12 +36,18 @@ def _experiment(rng, ref_curve, arm_curve, effect=0.0, seeds=2, ref_sd=STEADY, a
 
 
 def rejection_rate(n, ref_curve, arm_curve, effect=0.0, interval="lf", seed=0, n_boot=1000, **sd):
+    """The share of experiments with a verdict, judged as if each best LR were bracketed, as
+    the runner leaves every grid (it extends an edge best until it is not). The 3 fixed LRs
+    here put a flat curve's best at an edge 2 times in 3, and an edge withholds a verdict
+    (test_an_edge_withholds_only_the_verdict_it_could_reverse): left in, that guard would
+    hide the rates of the comparison itself, which are what these tests measure."""
     rng, hits = np.random.default_rng(seed), 0
     for e in range(n):
         cells = _experiment(rng, ref_curve, arm_curve, effect, **sd)
-        c = stats.judge([stats.compare(cells, "ref", "arm", 1, stats.seed_noise(cells), n_boot=n_boot,
-                                       rng=seed * 100_000 + e, interval=interval)])[0]
-        hits += c["verdict"] != "undecided"
+        c = stats.compare(cells, "ref", "arm", 1, stats.seed_noise(cells), n_boot=n_boot, rng=seed * 100_000 + e,
+                          interval=interval)
+        c.update(arm_edge=False, ref_edge=False)
+        hits += stats.judge([c])[0]["verdict"] != "undecided"
     return hits / n
 
 
@@ -134,6 +140,18 @@ def test_edge_of_grid_is_flagged():
     c = stats.compare(cells, "ref", "arm", 1, stats.seed_noise(cells), n_boot=200)
     assert c["arm_edge"] and not c["ref_edge"] and c["arm_lr"] == 4e-3
     assert stats.at_edge({1e-3: None}, 1e-3)  # a grid of one LR brackets nothing
+
+
+def test_an_edge_withholds_only_the_verdict_it_could_reverse():
+    """An edge best LR bounds the tuned loss from above: an arm at its edge may still be called
+    better but not worse, and nothing is better than a reference at its edge."""
+    clear = {"p": 0.001, "p_holm": 0.001}
+    better, worse = {**clear, "lo": -2.0, "hi": -1.0}, {**clear, "lo": 1.0, "hi": 2.0}
+    assert stats.verdict({**better, "arm_edge": True, "ref_edge": False}) == "better"
+    assert stats.verdict({**better, "arm_edge": False, "ref_edge": True}) == "undecided"
+    assert stats.verdict({**worse, "arm_edge": True, "ref_edge": False}) == "undecided"
+    assert stats.verdict({**worse, "arm_edge": False, "ref_edge": True}) == "worse"
+    assert stats.verdict({**worse, "arm_edge": False, "ref_edge": False}) == "worse"
 
 
 def test_no_two_seed_cell_means_undecided():

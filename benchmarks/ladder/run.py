@@ -36,8 +36,9 @@ rung's LR grid can lean on the finished smaller ones:
   the best LR and its neighbours: Pre-LN's curve is flat and noisy, so nearly every LR is a
   contender for its best (stats.contenders), and the comparison's bound takes the fewest seeds
   among the contenders. The rule is fixed and looks at no comparison's Δ: a third seed "where a
-  verdict hinges", chosen by the verdict, would be optional stopping. The grid and its
-  extensions are placed by seeds 0..--seeds-1 alone, so the extra seeds never re-plan it.
+  verdict hinges", chosen by the verdict, would be optional stopping. The bracketing uses
+  every seed, as the report does: when the extra seeds move Pre-LN's best to an edge, the grid
+  is extended there (2 seeds, then the extra ones) until the report's best is bracketed.
 
 Resumable: a cell whose (setting, corpus, arm, width, n_layers, tokens_per_param, lr, seed)
 has a row is skipped; a run killed mid-way has no row, and the next invocation trains it again
@@ -165,13 +166,13 @@ def mean_losses(cell_rows: list[dict]) -> dict[float, float]:
 
 
 def grid_best(cell_rows: list[dict], grid: list[float], seeds: int) -> float | None:
-    """The grid's best LR (lowest mean val loss over seeds 0..seeds-1; a diverged run is +inf)
-    once every (LR, seed) of it has a row; else None (unfinished, or every LR diverged). Seeds
-    beyond `seeds` (the reference's third) never move it, so they cannot re-plan the grid."""
+    """The grid's best LR (lowest mean val loss over all its seeds, the reference's extra ones
+    included, as the report selects it; a diverged run is +inf) once every (LR, seed < seeds)
+    of it has a row; else None (unfinished, or every LR diverged)."""
     done = {(float(r["lr"]), r["seed"]) for r in cell_rows}
     if any((lr, s) not in done for lr in grid for s in range(seeds)):
         return None
-    means = mean_losses([r for r in cell_rows if float(r["lr"]) in grid and r["seed"] < seeds])
+    means = mean_losses([r for r in cell_rows if float(r["lr"]) in grid])
     best = min(means, key=means.get)
     return best if math.isfinite(means[best]) else None
 

@@ -130,7 +130,7 @@ def test_arm_lrs_extends_and_caps(base_cfg):
 
 def test_the_reference_gets_a_third_seed_near_its_best_once_its_grid_is_settled(base_cfg):
     """--ref-seeds: seed 2 for Pre-LN at every LR of its grid that did not diverge, once the grid
-    (placed by seeds 0 and 1 only) is finished and bracketed; no other arm."""
+    is finished and bracketed; no other arm."""
     a = args_for(["--sizes", "32", "--arms", "pre_ln,lns"])
 
     def third(rows):
@@ -142,9 +142,12 @@ def test_the_reference_gets_a_third_seed_near_its_best_once_its_grid_is_settled(
     assert third(rows) == [("pre_ln", 0.002), ("pre_ln", 0.004), ("pre_ln", 0.008), ("pre_ln", 0.016)]
     assert third(rows[1:]) == []  # one (LR, seed) missing: the best is not known yet
     assert third(rows_for({0.002: 3.2, 0.004: 3.1, 0.008: 3.0})) == []  # best at the edge: 0.016 comes first
-    # A third seed that makes another LR best on the mean does not re-plan the grid.
-    worse = rows + [{**rows[0], "lr": lr, "seed": 2, "val_loss": 9.0} for lr in (0.004, 0.008, 0.016)]
-    assert third(worse) == third(rows)
+    # Third seeds that move the best (on every seed's mean, as the report takes it) to the
+    # grid's edge re-open the bracket: 0.001 is planned, and its extra seed waits for its first two.
+    edge = rows + [{**rows[0], "lr": lr, "seed": 2, "val_loss": v} for lr, v in ((0.002, 0.0), (0.008, 9.0))]
+    cells = run.plan_rung(base_cfg, "width", 32, 8, a.arms, a, edge, "h")
+    assert sorted(c.seed for c in cells if c.arm == "pre_ln" and c.lr == 0.001) == [0, 1]
+    assert third(edge) == []
     none = args_for(["--sizes", "32", "--arms", "pre_ln", "--ref-seeds", "2"])
     assert all(c.seed < 2 for c in run.plan_rung(base_cfg, "width", 32, 8, none.arms, none, rows, "h"))
 

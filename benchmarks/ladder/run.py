@@ -16,8 +16,10 @@ Rungs run smallest first, one rung's cells (and their LR extensions) before the 
 rung's LR grid can lean on the finished smaller ones:
 - LRs: --lrs-per-cell (3) LRs ×2 apart, on the lattice 1e-3·2^k, centred on
   benchmarks.ladder.fit.predict_lr(rows of the smaller rungs, arm, params) snapped to the
-  lattice, or on CENTRE_LR when no smaller rung has rows (or fit cannot say); LRs a cell
-  already ran stay in its grid. --control-lrs gives the controls fewer LRs (a cut).
+  lattice, or on CENTRE_LR when no smaller rung has rows (or fit cannot say); the fit sees
+  the rows written before the arm's first row at the rung, so rows a smaller rung gains later
+  do not move a started grid. LRs a cell already ran stay in its grid. --control-lrs gives
+  the controls fewer LRs (a cut).
 - Bracketing: when every (LR, seed) of an arm's grid has a row and its best LR (lowest mean
   val loss over seeds; a diverged run counts as +inf) is the grid's smallest or largest, the
   next lattice LR beyond it is added, round after round, until bracketed or --max-extend
@@ -207,9 +209,13 @@ def rung_rows(rows: list[dict], setting: str, corpus: str, arm: str, width: int,
 def arm_lrs(rows: list[dict], setting: str, corpus: str, arm: str, width: int, budget: Budget, tpp: float,
             seeds: int, n_lrs: int, max_extend: int, size: int) -> list[float]:
     """An arm's LR grid at the rung of `size`: the centred grid, the LRs already run, and one
-    extension when the finished grid's best is at an edge (module docstring)."""
+    extension when the finished grid's best is at an edge (module docstring). The centre comes
+    from the rows as they stood when the arm's first row here was written (`rows` is in file
+    order, and the file is append-only), so rows a smaller rung gains later (its third seeds,
+    an extension) cannot start a second grid beside one that is already running or done."""
     mine = rung_rows(rows, setting, corpus, arm, width, budget.n_layers, tpp)
-    base = lr_grid(centre_lr(rows, setting, corpus, arm, size), n_lrs)
+    first = next((i for i, r in enumerate(rows) if mine and r is mine[0]), len(rows))
+    base = lr_grid(centre_lr(rows[:first], setting, corpus, arm, size), n_lrs)
     grid = sorted(set(base) | {float(r["lr"]) for r in mine})
     if len(set(grid) - set(base)) < max_extend and (lr := extension(mine, grid, seeds)) is not None:
         grid = sorted({*grid, lr})

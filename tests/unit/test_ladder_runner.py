@@ -152,6 +152,28 @@ def test_the_reference_gets_a_third_seed_near_its_best_once_its_grid_is_settled(
     assert all(c.seed < 2 for c in run.plan_rung(base_cfg, "width", 32, 8, none.arms, none, rows, "h"))
 
 
+def test_a_started_grid_stays_where_it_is_when_a_smaller_rung_moves(base_cfg, monkeypatch):
+    """The smaller rungs' fit places an arm's grid from the rows written before its first row
+    at the rung: a smaller rung gaining rows later (Pre-LN's third seeds moved width 48's best
+    and the fit's centre for width 80 from 0.008 to 0.0005) must not add a second grid beside
+    one that is running or done."""
+    import benchmarks.ladder.fit as fit
+
+    early = rows_for({0.004: 3.0}, params=10, size=10, width=16)
+    late = rows_for({0.002: 2.0}, seeds=1, params=10, size=10, width=16)
+    monkeypatch.setattr(fit, "predict_lr", lambda rows, *a, **k: 0.008 if len(rows) == len(early) else 0.0005)
+    b = arms.budgets(base_cfg, 32, 8, 8.0)["pre_ln"]
+
+    def grid(rows):
+        return run.arm_lrs(rows, "width", "h", "pre_ln", 32, b, 8.0, 2, 3, 3, b.params)
+
+    assert grid(early) == [0.004, 0.008, 0.016]
+    assert grid(early + rows_for({0.008: 3.0}) + late) == [0.004, 0.008, 0.016]  # started: stays
+    done = rows_for({0.004: 3.2, 0.008: 3.0, 0.016: 3.1})
+    assert grid(early + done + late) == [0.004, 0.008, 0.016]  # finished: nothing new
+    assert grid(early + late) == [0.00025, 0.0005, 0.001]  # not started: the fit as it is now
+
+
 def test_centre_from_smaller_rungs(monkeypatch):
     seen = {}
 

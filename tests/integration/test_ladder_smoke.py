@@ -38,7 +38,7 @@ def test_one_tiny_run_writes_a_finite_row(tmp_path):
     rows = tmp_path / "rows.jsonl"
     cmd = [sys.executable, "-m", "benchmarks.ladder.run", "--allow-dirty", "--corpus", str(tmp_path / "corpus"),
            "--rows", str(rows), "--out", str(tmp_path / "runs"), "--sizes", "16", "--arms", "pre_ln", "--seeds", "1",
-           "--lrs-per-cell", "1", "--max-extend", "0", "--tokens-per-param", "0.3"]
+           "--ref-seeds", "1", "--lrs-per-cell", "1", "--max-extend", "0", "--tokens-per-param", "0.3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = [json.loads(x) for x in rows.read_text().splitlines()]

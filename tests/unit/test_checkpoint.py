@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import xxhash
@@ -58,3 +60,49 @@ def test_verify_names_the_truncated_or_flipped_file(tmp_path):
     assert Checkpointer.verify(tmp_path) == f"y.pt fails its {HASH} check"
     (tmp_path / "x.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:100])
     assert Checkpointer.verify(tmp_path) == f"x.pt has 100 bytes, expected {files['x.pt']['size']}"
+
+
+def test_the_rename_is_the_commit_so_a_crash_never_leaves_a_step_dir_without_complete(tmp_path, monkeypatch):
+    """kill -9 between the rename and the marker used to leave `step-4/` with no COMPLETE, and
+    the restart then refused to overwrite it (seen in CI: test_faults' async kill -9)."""
+    from types import SimpleNamespace
+
+    import trainer.checkpoint.checkpointer as ck
+    from trainer.checkpoint.manifest import verified
+    from trainer.checkpoint.state import TrainState
+
+    root = tmp_path / "checkpoints"
+    tmp = root / "step-4.tmp"
+
+    def written_by_every_rank():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        name = "mp_rank_00_model_states.pt"
+        (tmp / ck.PART.format(0)).write_text(json.dumps({"files": {name: save_hashed({"w": torch.randn(8)},
+                                                                                         str(tmp / name))}}))
+
+    written_by_every_rank()
+    seen = []
+
+    real_replace = ck.os.replace
+
+    def crash_at_rename(src, dst):
+        if not Path(src).is_dir():  # fsync_write's own file renames
+            return real_replace(src, dst)
+        seen.append((Path(src) / "COMPLETE").is_file())
+        raise KeyboardInterrupt  # the process dies here: the directory rename never happens
+
+    monkeypatch.setattr(ck.os, "replace", crash_at_rename)
+    saver = Checkpointer(root, keep=2, dist=SimpleNamespace(world=1, rank=0, is_main=True))
+    state = TrainState(n_layers=2)
+    state.step = 4
+    try:
+        saver._seal(tmp, root / "step-4", state, {}, 0.0)
+    except KeyboardInterrupt:
+        pass
+    assert seen == [True], "COMPLETE is down before the rename"
+    assert not (root / "step-4").exists(), "a crash before the rename leaves only step-4.tmp, which a restart ignores"
+    monkeypatch.undo()
+    written_by_every_rank()  # the restart's save of the same step
+    saver._seal(tmp, root / "step-4", state, {}, 0.0)
+    assert verified(root / "step-4") == root / "step-4" and not tmp.exists()

@@ -290,13 +290,15 @@ class Checkpointer:
         manifest = {"step": state.step, "n_layers": state.n_layers, "layout": layout, "hash": HASH,
                     "files": dict(sorted(files.items()))}
         fsync_write(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
+        # COMPLETE goes in before the rename, so the rename is the commit: a crash at any point
+        # leaves either step-N.tmp (ignored, cleared later) or a complete step-N, never a
+        # step-N without its marker (which a restart would have to refuse to overwrite).
+        fsync_write(tmp / "COMPLETE", f"{state.step}\n")
         fsync_dir(tmp)
         if final.exists():  # re-saving a complete step: replaced only now that the new bytes are down
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        fsync_write(final / "COMPLETE", f"{state.step}\n")
-        fsync_dir(final)
         self.last_size = sum(f["size"] for f in files.values())
         print0(f"saved checkpoint {final.name} ({_mb(self.last_size)}) in {time.perf_counter() - t0:.2f} s")
         self._retain()

@@ -15,8 +15,8 @@ Saving. Every rank writes and hashes its own files at the same time. DeepSpeed h
 state dict to its checkpoint engine; ours (`RankWriter`) streams torch.save's bytes through
 xxh3 into the file and fsyncs it, so the hash costs no second read. Files go to
 `step-N.tmp/`; rank 0 merges the parts, writes `COMPLETE`, then renames the directory to
-`step-N/`: the rename commits, so a `step-N/` without `COMPLETE` is never left by a crash. DeepSpeed's own `latest` file is never written or trusted (it is updated
-before DeepSpeed's barrier).
+`step-N/`: the rename commits, so no crash leaves a `step-N/` without `COMPLETE`. DeepSpeed's
+own `latest` file is never written or trusted (it is updated before DeepSpeed's barrier).
 
 Async (`checkpoint.async: true`). The engine copies each state dict to host memory and a
 background thread per rank writes it; the loop waits only for the copy. Rank 0's thread

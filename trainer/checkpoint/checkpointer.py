@@ -200,7 +200,7 @@ class Checkpointer:
                 self._seal(tmp, final, state, layout, t0)
             except OSError as e:
                 error = e
-                self._abandon(name, tmp, e, final)
+                self._abandon(name, tmp, e)
         self.dist.barrier()
         return None if error else final
 
@@ -218,14 +218,11 @@ class Checkpointer:
                        f"{_mb(free)} free; training continues (free space, or lower checkpoint.keep)", file=sys.stderr)
         return self.dist.broadcast_object(fits)
 
-    def _abandon(self, name: str, tmp: Path, error: Optional[BaseException], final: Optional[Path] = None) -> None:
+    def _abandon(self, name: str, tmp: Path, error: Optional[BaseException]) -> None:
         """A failed save: remove what it wrote (rank 0) and say so in one line per rank that
-        met the error. `final` is removed too when the rename happened but COMPLETE was not
-        written (it is then not a checkpoint)."""
+        met the error. Only `tmp` can hold it: the rename to step-N is the seal's last act."""
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            if final is not None and final.exists() and not (final / "COMPLETE").is_file():
-                shutil.rmtree(final, ignore_errors=True)
         why = str(error) if error is not None else "a write failed on another rank"
         if error is not None or self.dist.is_main:
             prefix = "" if self.dist.is_main else f"rank {self.dist.rank}: "
@@ -241,7 +238,7 @@ class Checkpointer:
         pending.thread.join()
         if pending.error is not None:
             name = f"step-{pending.step}"
-            self._abandon(name, self.root / f"{name}.tmp", pending.error, self.root / name)
+            self._abandon(name, self.root / f"{name}.tmp", pending.error)
 
     def _background(self, pending: _Pending, writer, tmp: Path, final: Path, state, layout, t0: float) -> None:
         try:

@@ -7,13 +7,17 @@ import json
 import shutil
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 import xxhash
 
+import trainer.checkpoint.checkpointer as ck
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.io import RankWriter, save_hashed
-from trainer.checkpoint.manifest import HASH
+from trainer.checkpoint.manifest import HASH, verified
+from trainer.checkpoint.state import TrainState
 
 
 def _state() -> dict:
@@ -65,12 +69,6 @@ def test_verify_names_the_truncated_or_flipped_file(tmp_path):
 def test_the_rename_is_the_commit_so_a_crash_never_leaves_a_step_dir_without_complete(tmp_path, monkeypatch):
     """kill -9 between the rename and the marker used to leave `step-4/` with no COMPLETE, and
     the restart then refused to overwrite it (seen in CI: test_faults' async kill -9)."""
-    from types import SimpleNamespace
-
-    import trainer.checkpoint.checkpointer as ck
-    from trainer.checkpoint.manifest import verified
-    from trainer.checkpoint.state import TrainState
-
     root = tmp_path / "checkpoints"
     tmp = root / "step-4.tmp"
 
@@ -83,7 +81,6 @@ def test_the_rename_is_the_commit_so_a_crash_never_leaves_a_step_dir_without_com
 
     written_by_every_rank()
     seen = []
-
     real_replace = ck.os.replace
 
     def crash_at_rename(src, dst):
@@ -96,10 +93,8 @@ def test_the_rename_is_the_commit_so_a_crash_never_leaves_a_step_dir_without_com
     saver = Checkpointer(root, keep=2, dist=SimpleNamespace(world=1, rank=0, is_main=True))
     state = TrainState(n_layers=2)
     state.step = 4
-    try:
+    with pytest.raises(KeyboardInterrupt):
         saver._seal(tmp, root / "step-4", state, {}, 0.0)
-    except KeyboardInterrupt:
-        pass
     assert seen == [True], "COMPLETE is down before the rename"
     assert not (root / "step-4").exists(), "a crash before the rename leaves only step-4.tmp, which a restart ignores"
     monkeypatch.undo()

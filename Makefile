@@ -123,8 +123,14 @@ ablate: setup ## Run (or continue) the ablation protocol (hours on 2 cores)
 # here, whatever ablate's default; JOBS=... on the command line wins), and appends one row per
 # run to benchmarks/results/ladder_runs.jsonl. Resumable: rerun to continue. Refuses a dirty
 # git tree. ARGS adds flags, e.g. ARGS='--dry-run' or ARGS='--settings width,depth'.
+# The corpus is defined by the packages and versions in benchmarks/results/ladder_corpus.json,
+# and a fresh `make setup` may resolve newer versions of unpinned transitive dependencies
+# (idna, regex...): those the record names at another version are installed at its version
+# first, or the build would differ and every row would be keyed to a new corpus.
 LADDER_JOBS := $(if $(filter command line environment,$(origin JOBS)),$(JOBS),2)
 ladder: setup ## Run (or continue) the option ladder (hours; ARGS='--dry-run' prints the plan)
+	@pins=$$($(BIN)/python -m benchmarks.ladder.corpus --pins) && { [ -z "$$pins" ] || \
+	    { echo "installing the ladder corpus's recorded package versions: $$pins"; $(BIN)/pip install -q --no-deps $$pins; }; }
 	$(BIN)/python -m benchmarks.ladder.run --jobs $(LADDER_JOBS) $(ARGS)
 
 # A real SLURM cluster on this machine (Debian slurm-wlm + munge), idempotent. NODES=2 brings

@@ -51,7 +51,14 @@ excluded, held-out packages, rules, drop counts, files and bytes per split, and 
 sha256 over the sorted (split, source, sha256(text)) triples. Every ladder run row records
 that hash and rows with different hashes are never pooled. The same JSON (it holds no
 absolute path) is written to benchmarks/results/ladder_corpus.json, the definition on record.
-`--check` recomputes the hash of an existing build and compares it with its corpus.json.
+Once that record exists it defines the corpus: a build takes exactly the distributions it names,
+each at its recorded version, and must reproduce its hash, else a one-line error and nothing is
+written. The venv alone cannot: `make setup` pins the project's direct dependencies, and a fresh
+resolve moves unpinned transitive ones (idna, regex), and a dev tool added later (pytest-xdist)
+would join the corpus. `--pins` prints the name==version list to install (make ladder installs
+it); `--redefine` builds from everything installed and replaces the record (a new hash: old rows
+never pool with new). `--check` recomputes the hash of an existing build and compares it with
+its corpus.json.
 
 Measured on the project's venv (122 packages; see the record for the hash): train 12,373 files,
 205.5 MB; val 320 files, 3.14 MB; ood 522 files, 8.01 MB. A 2048-piece BPE trained on 6 MB of
@@ -304,10 +311,42 @@ def write(out: Path, selection: dict) -> dict:
     return info
 
 
+def off_record(dists: list[Dist], record: dict) -> dict[str, str]:
+    """{name: recorded version} of each distribution the record names that `dists` lacks or holds
+    at another version: what to install (`pip install --no-deps name==version`) to rebuild it."""
+    have = {d.name: d.version for d in dists}
+    want = {**record["packages"], **record["ood_packages"]}
+    return {n: v for n, v in sorted(want.items()) if have.get(n) != v}
+
+
+def on_record(dists: list[Dist], record: dict) -> list[Dist]:
+    """The distributions the record names, at its versions. Installed extras (a dev tool added to
+    the venv after the record was made) are left out, so they cannot move the corpus."""
+    wrong = off_record(dists, record)
+    if wrong:
+        have = {d.name: d.version for d in dists}
+        shown_wrong = ", ".join(f"{n}=={v} (installed: {have.get(n, 'none')})" for n, v in list(wrong.items())[:4])
+        raise UserError(f"the corpus on record ({RECORD.name}, hash {record['hash'][:12]}) needs {len(wrong)} "
+                        f"package version(s) this venv lacks: {shown_wrong}{' ...' if len(wrong) > 4 else ''}; "
+                        f"install them with `.venv/bin/pip install --no-deps $({REBUILD} --pins)` (make ladder "
+                        f"does), or define a new corpus with --redefine (its rows never pool with the old ones)")
+    named = {*record["packages"], *record["ood_packages"], *(canonical(n) for n in EXCLUDED_DISTS)}
+    return [d for d in dists if d.name in named]
+
+
 def build(out: Path, root: Path | None = None, dists: list[Dist] | None = None,
-          ood: tuple[str, ...] = OOD_DISTS) -> dict:
+          ood: tuple[str, ...] = OOD_DISTS, record: dict | None = None) -> dict:
+    """Build into `out`. With `record` (a corpus.json), the corpus it defines: exactly its
+    packages at its versions, and its hash, else a one-line UserError and nothing is written."""
     root = root or site_packages()
-    return write(out, select(root, distributions(root) if dists is None else dists, ood))
+    dists = distributions(root) if dists is None else dists
+    selection = select(root, on_record(dists, record) if record else dists, ood)
+    if record and selection["info"]["hash"] != record["hash"]:
+        raise UserError(f"the build's hash {selection['info']['hash'][:12]} is not the record's {record['hash'][:12]} "
+                        f"although every recorded package is installed at its version: a file under "
+                        f"{shown(root)} was edited, or the rules in {Path(__file__).name} changed "
+                        f"(then define a new corpus with --redefine)")
+    return write(out, selection)
 
 
 def check(out: Path) -> dict:
@@ -349,23 +388,33 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=REBUILD, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--check", action="store_true", help="verify an existing build against its corpus.json")
+    ap.add_argument("--pins", action="store_true",
+                    help="print name==version for each package the record needs that this venv lacks, and exit")
+    ap.add_argument("--redefine", action="store_true",
+                    help="build from every installed package and make that the record (a new hash: the "
+                         "ladder's rows of the old corpus never pool with the new one's)")
     args = ap.parse_args(argv)
+    record = None if args.redefine or not RECORD.is_file() else json.loads(RECORD.read_text())
     try:
         if args.check:
             info = check(args.out)
-            note = ""
-            if RECORD.is_file() and json.loads(RECORD.read_text()).get("hash") != info["hash"]:
-                note = f" (not the definition on record in {RECORD.relative_to(ROOT)})"
+            note = "" if record is None or record["hash"] == info["hash"] else \
+                f" (not the definition on record in {RECORD.relative_to(ROOT)})"
             print(f"ok: {shown(args.out)} matches its corpus.json, hash {info['hash'][:12]}{note}")
             return
+        if args.pins:
+            wrong = off_record(distributions(site_packages()), record) if record else {}
+            print(" ".join(f"{n}=={v}" for n, v in wrong.items()))
+            return
         start = time.perf_counter()
-        info = build(args.out)
-        RECORD.write_text(json.dumps(info, indent=1) + "\n")
+        info = build(args.out, record=record)
+        if record is None:
+            RECORD.write_text(json.dumps(info, indent=1) + "\n")
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{shown(args.out)}: hash {info['hash'][:12]}, files {info['files']}, bytes {info['bytes']}, "
-          f"{len(info['packages'])} packages, ood {sorted(info['ood_packages'])}, "
-          f"{time.perf_counter() - start:.1f} s")
+    print(f"{shown(args.out)}: hash {info['hash'][:12]}{' (the record)' if record else ' (new record)'}, "
+          f"files {info['files']}, bytes {info['bytes']}, {len(info['packages'])} packages, "
+          f"ood {sorted(info['ood_packages'])}, {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

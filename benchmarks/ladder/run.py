@@ -447,8 +447,15 @@ def ensure_corpus(corpus_dir: Path, env: dict) -> str:
     its corpus.json (benchmarks.ladder.corpus.check)."""
     from benchmarks.ladder import corpus as corpus_mod
 
-    if not (corpus_dir / "corpus.json").is_file():
-        if corpus_dir.resolve() != CORPUS.resolve():
+    stamp = corpus_dir / "corpus.json"
+    default = corpus_dir.resolve() == CORPUS.resolve()
+    if default and stamp.is_file() and corpus_mod.RECORD.is_file() and \
+            json.loads(stamp.read_text())["hash"] != json.loads(corpus_mod.RECORD.read_text())["hash"]:
+        # A build from before the record changed (a pull that brought a new record): the rows are
+        # keyed by the record's hash, and training on another corpus would silently start a new ladder.
+        stamp.unlink()
+    if not stamp.is_file():
+        if not default:
             raise SystemExit(f"error: {corpus_dir} has no corpus.json; build it with "
                              f"python -m benchmarks.ladder.corpus --out {corpus_dir}")
         print(f"building the ladder corpus into {repo_relative(corpus_dir)} (python -m benchmarks.ladder.corpus)",

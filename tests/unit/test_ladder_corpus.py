@@ -158,3 +158,27 @@ def test_check_names_what_differs_in_one_line(site, tmp_path):
 def test_a_missing_held_out_package_is_a_one_line_error(site, tmp_path):
     with pytest.raises(corpus.UserError, match="not installed"):
         corpus.build(tmp_path / "out", root=site, ood=("networkx",))
+
+
+def test_the_record_defines_the_corpus_extras_are_ignored_and_a_version_off_record_is_named(site, tmp_path):
+    record, _ = build(site, tmp_path / "a")
+    # A dev tool installed after the record was made: not in the record, so it cannot move the corpus.
+    install(site, "gamma", {f"gamma/m{word(i)}.py": module(f"gamma{word(i)}") for i in range(40)})
+    assert corpus.build(tmp_path / "b", root=site, ood=("heldout",))["hash"] != record["hash"]
+    again = corpus.build(tmp_path / "c", root=site, ood=("heldout",), record=record)
+    assert again["hash"] == record["hash"] and "gamma" not in again["packages"]
+
+    # beta upgraded by a fresh resolve: a one-line error naming the pin, and --pins' list.
+    dists = [corpus.Dist(d.name, "2.1" if d.name == "beta" else d.version, d.files)
+             for d in corpus.distributions(site)]
+    assert corpus.off_record(dists, record) == {"beta": "2.0"}
+    with pytest.raises(corpus.UserError, match=r"beta==2\.0 \(installed: 2\.1\)") as e:
+        corpus.build(tmp_path / "d", root=site, dists=dists, ood=("heldout",), record=record)
+    assert "\n" not in str(e.value) and not (tmp_path / "d").exists()
+
+    # Same versions, an edited file: the hash check refuses to write a corpus that is not the record.
+    path = site / "beta" / "mbc.py"
+    path.write_text(path.read_text() + "\n# edited in place\n")
+    with pytest.raises(corpus.UserError, match="not the record's"):
+        corpus.build(tmp_path / "e", root=site, ood=("heldout",), record=record)
+    assert not (tmp_path / "e").exists()

@@ -308,6 +308,36 @@ def test_dirty_tree_refused(tmp_path):
         run.require_clean(repo, [rows, corpus])
 
 
+def test_a_default_build_of_another_corpus_is_rebuilt_to_the_record(tmp_path, monkeypatch):
+    """A corpus left in benchmarks/data/ladder from before the record changed would key every
+    row to a new corpus (a whole new ladder, silently): the runner rebuilds it from the record."""
+    from benchmarks.ladder import corpus as corpus_mod
+
+    folder, record = tmp_path / "ladder", tmp_path / "ladder_corpus.json"
+    monkeypatch.setattr(run, "CORPUS", folder)
+    monkeypatch.setattr(corpus_mod, "RECORD", record)
+
+    def write_build(digest):
+        folder.mkdir(exist_ok=True)
+        triples = []
+        for name in corpus_mod.SPLITS:
+            (folder / f"{name}.jsonl").write_text(json.dumps({"text": digest + name, "source": name}) + "\n")
+            triples.append((name, name, corpus_mod.hashlib.sha256((digest + name).encode()).hexdigest()))
+        info = {"hash": corpus_mod.corpus_hash(triples), "files": dict.fromkeys(corpus_mod.SPLITS, 1),
+                "bytes": {n: len(digest + n) for n in corpus_mod.SPLITS}}
+        (folder / "corpus.json").write_text(json.dumps(info))
+        return info["hash"]
+
+    wanted = write_build("record")
+    record.write_text(json.dumps({"hash": wanted}))
+    stale = write_build("stale")
+    builds = []
+    monkeypatch.setattr(run.subprocess, "run",
+                        lambda *a, **k: builds.append(write_build("record")) or subprocess.CompletedProcess(a, 0))
+    assert run.ensure_corpus(folder, {}) == wanted != stale and len(builds) == 1
+    assert run.ensure_corpus(folder, {}) == wanted and len(builds) == 1  # the record's build is kept
+
+
 def test_a_run_refuses_code_changed_since_the_sweep_started(tmp_path):
     repo = new_repo(tmp_path)
     (repo / "trainer" / "loop.py").write_text("x = 1\n")

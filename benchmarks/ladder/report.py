@@ -14,6 +14,7 @@ Methods: benchmarks/ladder/stats.py (comparisons) and benchmarks/ladder/fit.py (
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -161,6 +162,9 @@ def build(args) -> dict:
     fit.judge_slopes([p for s in sections if s["fit"].get("fit") for p in s["fit"]["pairs"]])
     report = {"runs_file": rel(args.runs), "runs": len(rows), "corpora": sorted({k[1] for k in groups}),
               "diverged": sum(bool(r.get("diverged")) for r in rows),
+              "commits": len({r.get("commit") for r in rows}),
+              "dirty": sum(str(r.get("commit")).endswith("-dirty") for r in rows),
+              "devices": dict(collections.Counter(r.get("device", "?") for r in rows).most_common()),
               "sections": sections, "alpha": stats.ALPHA, "boot": n_boot, "fit_boot": args.fit_boot}
     return report
 
@@ -270,6 +274,11 @@ def markdown(rep: dict, plots: dict) -> str:
     out += [f"{rep['runs']} run(s) from `{rep['runs_file']}`" + (f", {rep['diverged']} of them diverged (their LR "
                                                                  "counts as +inf: never best, still in the grid)."
                                                                  if rep.get("diverged") else ".")]
+    if rep.get("devices"):
+        out += ["", f"Provenance: {rep['commits']} commit(s), {rep['dirty']} row(s) from a dirty tree; devices: "
+                f"{', '.join(f'{d} ({n})' for d, n in rep['devices'].items())}."
+                + (" Rows of different CPUs are pooled: the same run differs between them by far less than seed "
+                   "noise (benchmarks/README.md, Option ladder)." if len(rep["devices"]) > 1 else "")]
     if len(rep["corpora"]) > 1:
         out += [f"**{len(rep['corpora'])} corpora** ({', '.join(short(c) for c in rep['corpora'])}): rows of "
                 "different corpora are never pooled; each (setting, corpus) has its own section."]

@@ -128,6 +128,8 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
              "loss_by_position": {"1": 6.0, "2-3": 5.0, "4-7": 4.5, "8-15": 4.0, "16-31": 3.5, "32-63": 3.2,
                                   "64-127": 3.1, "128-256": 3.0 + (arm == "peri_ln")}}
             for corpus in ("aaaa", "bbbb") for arm in ("pre_ln", "peri_ln") for lr in (1e-3, 2e-3) for s in (0, 1)]
+    for i, r in enumerate(rows):
+        r |= {"commit": "c1" if i % 3 else "c2-dirty", "device": "cpu: B x1 thread" if i < 4 else "cpu: A x1 thread"}
     rows.append({**rows[0], "lr": 4e-3, "val_loss": None, "diverged": True})
     runs = tmp_path / "runs.jsonl"
     runs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -139,6 +141,8 @@ def test_report_with_first_rungs_and_missing_arms_says_undecided(tmp_path):
     assert len(rep["sections"]) == 2
     assert all(c["verdict"] == "undecided" for s in rep["sections"] for c in s["comparisons"])
     assert "1 of them diverged" in md
+    assert "2 commit(s), 7 row(s) from a dirty tree; devices: cpu: A x1 thread (12), cpu: B x1 thread (5)." in md
+    assert "Rows of different CPUs are pooled" in md
     assert "| - (an edge) |" in md  # a two-LR grid brackets nothing: no best-LR extrapolation to 1e9
     extras = {(e["arm"], e["lr"]): e for e in rep["sections"][0]["extras"]}
     assert {round(e["loss_first_quarter"], 6) for e in extras.values()} == {5.5}

@@ -5,7 +5,7 @@ so its largest rung needs ~20M training tokens a run, more than tinyshakespeare 
 stdlib corpus hold. This module builds a Python-code corpus from files inside the repository
 only: the `.py` files of the project's installed dependencies in `.venv/lib/python*/site-packages`,
 found through `importlib.metadata` (each distribution's RECORD), so the source of every file is a
-named `dist==version` and a clone with the same lock file rebuilds the same corpus.
+named `dist==version` and a clone rebuilds the same corpus from the record (below).
 
 Rules (all recorded under "rules" in corpus.json):
 - Excluded distributions: the project itself (`harness`: it is what is being studied, and an
@@ -326,7 +326,7 @@ def on_record(dists: list[Dist], record: dict) -> list[Dist]:
     if wrong:
         have = {d.name: d.version for d in dists}
         shown_wrong = ", ".join(f"{n}=={v} (installed: {have.get(n, 'none')})" for n, v in list(wrong.items())[:4])
-        raise UserError(f"the corpus on record ({RECORD.name}, hash {record['hash'][:12]}) needs {len(wrong)} "
+        raise UserError(f"the corpus on record ({shown(RECORD)}, hash {record['hash'][:12]}) needs {len(wrong)} "
                         f"package version(s) this venv lacks: {shown_wrong}{' ...' if len(wrong) > 4 else ''}; "
                         f"install them with `.venv/bin/pip install --no-deps $({REBUILD} --pins)` (make ladder "
                         f"does), or define a new corpus with --redefine (its rows never pool with the old ones)")

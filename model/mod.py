@@ -34,6 +34,9 @@ class Routing:
     collect_stats: fill `stats` with python floats (costs a device sync per routed block).
     aux: token-summed BCE losses fitting the causal rule, one per routed block, unweighted
          (the trainer multiplies by mod.aux_weight and divides by the token count).
+         `Transformer.forward` appends them from the blocks' outputs: a block compiled by
+         `parallel.compile` must not append to it itself, since dynamo specialises on the
+         list's length and so compiles the block again for every routed block before it.
     """
 
     causal: bool = False
@@ -127,24 +130,25 @@ class RoutedBlock(Block):
                     for name, child in self.named_children()), Flops())
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                v1: Optional[torch.Tensor], routing: Routing) -> tuple[torch.Tensor, None]:
-        """x [B, T, D] -> (y [B, T, D], None): a routed block is never block 1, so V1 is not
-        its output."""
+                v1: Optional[torch.Tensor], routing: Routing) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x [B, T, D] -> (y [B, T, D], aux): a routed block is never block 1, so V1 is not
+        its output; aux is the token-summed BCE fitting the causal rule under top-k, None
+        under the causal rule (the caller collects it: Routing.aux)."""
         r = self.router(x).squeeze(-1)  # [B, T] raw router logits
         rule_logit = self.causal_rule(x, r)
         if routing.causal:
             return self._causal_forward(x, r, rule_logit, rope, v1, routing), None
-        return self._top_k_forward(x, r, rule_logit, rope, v1, routing), None
+        return self._top_k_forward(x, r, rule_logit, rope, v1, routing)
 
-    def _top_k_forward(self, x, r, rule_logit, rope, v1, routing: Routing) -> torch.Tensor:
+    def _top_k_forward(self, x, r, rule_logit, rope, v1, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rule: gather the top-k tokens, run the block on [B, K, D], scatter back.
         Causal attention over the gathered tokens is exact because their order is kept and
-        RoPE uses their original positions."""
+        RoPE uses their original positions. Also returns the causal rule's BCE against the
+        top-k selection."""
         B = x.shape[0]
         idx = self.select(r)
         selected = torch.zeros_like(r, dtype=torch.bool).scatter(1, idx, True)
-        routing.aux.append(F.binary_cross_entropy_with_logits(
-            rule_logit.float(), selected.float(), reduction="sum"))
+        aux = F.binary_cross_entropy_with_logits(rule_logit.float(), selected.float(), reduction="sum")
         x_sel = gather_tokens(x, idx)
         rope_sel = tuple(gather_tokens(t.expand(B, -1, -1), idx) for t in rope)
         v1_sel = None if v1 is None else gather_tokens(v1, idx)
@@ -153,7 +157,7 @@ class RoutedBlock(Block):
         out_sel = x_sel + r_sel * (y_sel - x_sel)  # MoD eq. 1: x + r·f, not r·(x + f)
         if routing.collect_stats:
             self._record_stats(routing, selected, rule_logit, selected)
-        return x.scatter(1, idx.unsqueeze(-1).expand_as(x_sel), out_sel)
+        return x.scatter(1, idx.unsqueeze(-1).expand_as(x_sel), out_sel), aux
 
     def _causal_forward(self, x, r, rule_logit, rope, v1, routing: Routing) -> torch.Tensor:
         """Eval rule: tokens with σ(logit) > 0.5 are processed; they attend only to each

@@ -119,7 +119,9 @@ class Transformer(nn.Module):
         x = self.embed_norm(self.embed_tokens(input_ids))
         x, v1 = self.blocks[0](x, rope, None, routing)  # block 1 is dense; its values are V1
         for block in self.blocks[1:]:
-            x, _ = block(x, rope, v1, routing)
+            x, out = block(x, rope, v1, routing)  # out: a dense block's values, a routed one's aux
+            if isinstance(block, RoutedBlock) and out is not None:
+                routing.aux.append(out)
         return self.lm_head(self.norm(x)).float()
 
     def num_params(self, non_embedding: bool = False) -> int:

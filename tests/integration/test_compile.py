@@ -51,3 +51,31 @@ def test_ulysses_blocks_compile_with_graph_breaks_allowed(compiled_with):
     cfg = load_config("configs/tiny.yaml", [*TINY, "parallel.sp=2"])
     build_model(cfg, cfg.model.n_layers)
     assert compiled_with == [{"fullgraph": False}] * 3
+
+
+def test_routed_blocks_share_their_graphs_at_any_depth_and_keep_the_eager_aux_loss(compiled_with):
+    """Dynamo specialises on what a block reads. A routed block that appended its aux loss to
+    the caller's list compiled once per routed block before it (the list's length), past the
+    recompile limit at 18+ routed blocks; it returns the loss instead (model.mod.Routing)."""
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    graphs, aux = {}, {}
+    for n_layers in (4, 8):  # routed blocks 2, 4 and 2, 4, 6, 8
+        over = [*TINY, f"model.n_layers={n_layers}", "model.mod.capacity=0.5"]
+        torch.manual_seed(0)
+        eager = build_model(load_config("configs/tiny.yaml", [*over, "parallel.compile=false"]), n_layers)
+        torch.manual_seed(0)
+        model = build_model(load_config("configs/tiny.yaml", over), n_layers)
+        torch._dynamo.reset()
+        counters.clear()
+        for m in (eager, model):
+            routing = Routing()
+            m(ids, None, routing).sum().backward()
+            aux[n_layers, m is model] = routing.aux_loss()
+            with torch.no_grad():
+                for causal in (False, True):
+                    m(ids, None, Routing(causal=causal))
+        graphs[n_layers] = counters["stats"]["unique_graphs"]
+        assert torch.equal(aux[n_layers, True], aux[n_layers, False]) and aux[n_layers, True] > 0
+    assert graphs[4] == graphs[8] > 0, graphs

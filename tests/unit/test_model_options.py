@@ -285,7 +285,7 @@ def test_mod_causal_eval_selects_by_sigmoid_and_attends_only_among_selected(rule
     rope = model.rotary(torch.arange(T))
     routing = Routing(causal=True, collect_stats=True)
     with torch.no_grad():
-        out, _ = block(x, rope, v1, routing)
+        out, aux = block(x, rope, v1, routing)
         r = (x @ block.router.weight.T).squeeze(-1)
         selected = block.causal_rule(x, r) > 0  # σ(logit) > 0.5
         assert torch.equal(changed_tokens(x, out), selected)
@@ -295,7 +295,7 @@ def test_mod_causal_eval_selects_by_sigmoid_and_attends_only_among_selected(rule
             y_ref, _ = block.run(x[b:b + 1, idx], model.rotary(idx), v1[b:b + 1, idx])
             expected = x[b, idx] + r[b, idx, None] * (y_ref[0] - x[b, idx])
             torch.testing.assert_close(out[b, idx], expected, rtol=0, atol=1e-5)
-    assert routing.aux == []
+    assert aux is None and routing.aux == []
     assert routing.stats["mod/block2/selected_frac"] == pytest.approx(selected.float().mean().item())
     assert set(routing.stats) == {f"mod/block2/{k}" for k in ("selected_frac", "causal_acc", "mean_pos")}
 
@@ -303,20 +303,19 @@ def test_mod_causal_eval_selects_by_sigmoid_and_attends_only_among_selected(rule
 def test_mod_causal_rule_loss_is_token_summed_bce_against_top_k():
     model, block, x, v1 = routed_setup()
     routing = Routing()
-    block(x, model.rotary(torch.arange(T)), v1, routing)
+    _, aux = block(x, model.rotary(torch.arange(T)), v1, routing)
     r = (x @ block.router.weight.T).squeeze(-1)
     target = torch.zeros(B, T).scatter(1, r.topk(4, -1).indices, 1.0)
     expected = F.binary_cross_entropy_with_logits(r, target, reduction="sum")
-    assert len(routing.aux) == 1
-    torch.testing.assert_close(routing.aux[0], expected)
+    assert routing.aux == []  # the block returns it; Transformer.forward collects it
+    torch.testing.assert_close(aux, expected)
 
 
 def test_mod_predictor_trains_only_itself():
     model, block, x, v1 = routed_setup(causal="predictor")
     x.requires_grad_(True)
-    routing = Routing()
-    block(x, model.rotary(torch.arange(T)), v1, routing)
-    routing.aux[0].backward()
+    _, aux = block(x, model.rotary(torch.arange(T)), v1, Routing())
+    aux.backward()
     assert x.grad is None and block.router.weight.grad is None
     assert block.causal_rule.fc1.weight.grad.abs().sum() > 0
 

@@ -55,8 +55,9 @@ def test_ulysses_blocks_compile_with_graph_breaks_allowed(compiled_with):
 
 def test_routed_blocks_share_their_graphs_at_any_depth_and_keep_the_eager_aux_loss(compiled_with):
     """Dynamo specialises on what a block reads. A routed block that appended its aux loss to
-    the caller's list compiled once per routed block before it (the list's length), past the
-    recompile limit at 18+ routed blocks; it returns the loss instead (model.mod.Routing)."""
+    the caller's list compiled once per routed block before it (the list's length): at 8 layers
+    (4 routed blocks) training and both eval rules passed the recompile limit (8), an error under
+    fullgraph. It returns the loss instead (model.mod.Routing)."""
     from torch._dynamo.utils import counters
 
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -50,6 +50,24 @@ def short(corpus: str) -> str:
     return corpus[:12]
 
 
+def lr_at_1b(lf: dict) -> str:
+    """The best-LR fit's lr* at N = 1e9 for the report, or why it gives none."""
+    pts = sorted(lf["points"], key=lambda p: p["N"])
+    # an edge LR bounds the optimum, it does not place it; and a line through fewer than
+    # fit.MIN_SIZES sizes is no law to carry four decades on
+    if not all(p["bracketed"] for p in pts):
+        return "- (an edge)"
+    if len(pts) < fit.MIN_SIZES:
+        return f"- ({len(pts)} size{'s' if len(pts) > 1 else ''})"
+    out = f"{math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g}"
+    # a line through points that go up and down is mostly their scatter: say so beside the
+    # number (LNS by depth: 0.005, 0.026, 0.016 gave b = +0.85 and an lr* of 11 at 1e9)
+    lrs = [p["lr"] for p in pts]
+    if lrs != sorted(lrs) and lrs != sorted(lrs, reverse=True):
+        out += " (lr* not monotone in N)"
+    return out
+
+
 def _fmt(x, spec=".4f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -344,12 +362,7 @@ def markdown(rep: dict, plots: dict) -> str:
                 "|---|---:|---|---:|"]
         for a, lf in s["lr_fit"].items():
             pts = "; ".join(f"{p['N']:.3g}: {p['lr']:.3g}{'' if p['bracketed'] else ' (edge)'}" for p in lf["points"])
-            # an edge LR bounds the optimum, it does not place it; and a line through fewer than
-            # fit.MIN_SIZES sizes is no law to carry four decades on
-            at_1b = ("- (an edge)" if not all(p["bracketed"] for p in lf["points"]) else
-                     f"- ({len(lf['points'])} size{'s' if len(lf['points']) > 1 else ''})"
-                     if len(lf["points"]) < fit.MIN_SIZES else f"{math.exp(lf['a'] + lf['b'] * math.log(1e9)):.3g}")
-            out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {at_1b} |")
+            out.append(f"| {a} | {lf['b']:+.3f} | {pts} | {lr_at_1b(lf)} |")
         if s["extras"]:
             out += ["", "### Beside val loss (at each arm's best val-loss LR, mean over seeds)", "",
                     "| arm | N | OOD loss | induction | loss, first ¼ of positions | loss, last ¼ |",

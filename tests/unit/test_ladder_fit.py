@@ -182,3 +182,20 @@ def test_a_slope_through_an_unbracketed_best_lr_gets_no_verdict():
     pair = fit.judge_slopes(out["pairs"])[0]
     assert pair["edges"] == [n] and pair["verdict"] == "undecided"
     assert pair["slope_lo"] > 0 and pair["p_holm"] < 0.05  # it would have been "grows"
+
+
+def test_lr_at_1b_says_when_the_best_lr_fit_cannot_place_it():
+    """The report's lr* at 1e9: none from an edge or too few sizes; flagged when the per-size
+    best LRs go up and down (the line is then mostly their scatter), plain when monotone."""
+    from benchmarks.ladder.report import lr_at_1b
+
+    def lf(lrs, bracketed=True):
+        ns = [1e5 * 2 ** i for i in range(len(lrs))]
+        b, a = np.polyfit(np.log(ns), np.log(lrs), 1)
+        return {"a": a, "b": b, "points": [{"N": n, "lr": lr, "bracketed": bracketed} for n, lr in zip(ns, lrs)]}
+
+    assert lr_at_1b(lf([0.004, 0.008, 0.016], bracketed=False)) == "- (an edge)"
+    assert lr_at_1b(lf([0.004, 0.008])) == "- (2 sizes)"
+    falling = lr_at_1b(lf([0.016, 0.008, 0.004]))
+    assert "monotone" not in falling and math.isclose(float(falling), 0.016 * (1e9 / 1e5) ** -1, rel_tol=1e-2)
+    assert lr_at_1b(lf([0.005, 0.026, 0.016])).endswith(" (lr* not monotone in N)")

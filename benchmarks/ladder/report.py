@@ -259,6 +259,11 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
             for lr, v in lrs.items():
                 ax.scatter([lr] * len(v), v, s=6, color=line.get_color(), alpha=0.5)
         ax.set(xscale="log", xlabel="LR", ylabel="val loss", title=arm)
+        # ticks at the LRs run, written plainly: a grid under a decade wide gets log-scale minor
+        # labels ("2×10⁻³") that run into each other
+        grid = sorted({lr for lrs in cells[arm].values() for lr in lrs})
+        ax.set_xticks(grid, [f"{lr:g}" for lr in grid], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(arms):]:

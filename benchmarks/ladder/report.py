@@ -229,8 +229,9 @@ def plot(section: dict, cells: dict, out: Path) -> list[str]:
     written.append(_save(fig, out / f"{stem_}_loss.png"))
 
     if section["fit"]["pairs"]:
-        # one panel per reference, and one for the options against their own controls
-        panels = [*REFS, *(["control"] if any(p["ref"] not in REFS for p in section["fit"]["pairs"]) else [])]
+        # one panel per reference this setting runs (depth has no pre_ln_embed_norm), and one
+        # for the options against their own controls
+        panels = [*(r for r in REFS if r in cells), *(["control"] if any(p["ref"] not in REFS for p in section["fit"]["pairs"]) else [])]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
         for ax, ref in zip(axes[0], panels):
             for p in (p for p in section["fit"]["pairs"] if p["ref"] == ref or (ref == "control" and p["ref"] not in REFS)):
